@@ -1,0 +1,135 @@
+"""The adapter folder: the method's own files, the head, and a metadata file with everything
+needed to rebuild the model without the study (base model identity, method and its config,
+categories, prompts, pre-processing) and a sha256 of every file.
+
+Layout:
+    hpo_peft_adapter.json      metadata + checksums
+    head.safetensors           the trained class weights (C x D)
+    peft_adapter/              LoRA: HF peft's save_pretrained folder
+    encoder_parameters.safetensors   selective methods: the trained encoder parameters
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+import hpo_peft
+from hpo_peft.errors import UserError
+from hpo_peft.methods import get_method, method_config
+from hpo_peft.model import BaseModel, ImageClassifier, build_classifier
+
+METADATA_FILE = "hpo_peft_adapter.json"
+HEAD_FILE = "head.safetensors"
+FORMAT_VERSION = 1
+
+
+def base_fingerprint(base: BaseModel) -> str:
+    """A cheap identity of the base weights: two models differ here if their projections differ."""
+    digest = hashlib.sha256()
+    for tensor in (base.clip.visual_projection.weight, base.clip.logit_scale):
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def base_identity(base: BaseModel) -> dict[str, Any]:
+    return {"name_or_path": base.name_or_path, "revision": base.revision, "fingerprint": base_fingerprint(base)}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _checksums(folder: Path) -> dict[str, str]:
+    return {
+        str(path.relative_to(folder)): _sha256(path)
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and path.name != METADATA_FILE
+    }
+
+
+def save_adapter(
+    folder: Path,
+    classifier: ImageClassifier,
+    base: BaseModel,
+    method_name: str,
+    method_options: dict[str, Any],
+    categories: list[str],
+    prompts: dict[str, Any],
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    get_method(method_name).save(classifier, folder)
+    save_file({"weight": classifier.head.weight.detach().float().contiguous().cpu()}, folder / HEAD_FILE)
+    metadata = {
+        "format_version": FORMAT_VERSION,
+        "hpo_peft_version": hpo_peft.__version__,
+        "base_model": base_identity(base),
+        "method": {"name": method_name, "config": method_options},
+        "categories": list(categories),
+        "prompts": prompts,
+        "preprocessing": asdict(base.preprocessing),
+        "logit_scale": float(base.logit_scale),
+        "files": _checksums(folder),
+        **(extra or {}),
+    }
+    (folder / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
+    return folder
+
+
+def read_metadata(folder: Path) -> dict[str, Any]:
+    path = folder / METADATA_FILE
+    if not path.is_file():
+        raise UserError(f"{path}: not an hpo-peft adapter (metadata file missing)")
+    try:
+        metadata = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}: metadata is not valid JSON ({err})") from None
+    for key in ("base_model", "method", "categories", "files"):
+        if key not in metadata:
+            raise UserError(f"{path}: metadata has no {key!r}")
+    return metadata
+
+
+def verify_files(folder: Path, metadata: dict[str, Any]) -> None:
+    """Refuse a truncated, altered or incomplete adapter."""
+    actual = _checksums(folder)
+    for name, expected in metadata["files"].items():
+        if name not in actual:
+            raise UserError(f"{folder / name}: adapter file missing")
+        if actual[name] != expected:
+            raise UserError(f"{folder / name}: checksum mismatch; the adapter was altered or truncated")
+
+
+def load_adapter(
+    folder: Path, base: BaseModel, categories: list[str] | None = None
+) -> tuple[ImageClassifier, dict[str, Any]]:
+    """Rebuild the trained classifier on `base` from the adapter folder alone."""
+    folder = Path(folder)
+    metadata = read_metadata(folder)
+    verify_files(folder, metadata)
+    built_for = metadata["base_model"]
+    if built_for.get("fingerprint") != base_fingerprint(base):
+        raise UserError(
+            f"{folder}: adapter was built for base model {built_for.get('name_or_path')!r} "
+            f"(fingerprint {built_for.get('fingerprint')}), not for {base.name_or_path!r}"
+        )
+    if categories is not None and list(categories) != metadata["categories"]:
+        raise UserError(f"{folder}: adapter categories {metadata['categories']} differ from the config's {categories}")
+    method_name = metadata["method"]["name"]
+    config = method_config(method_name, metadata["method"]["config"])
+    head = load_file(folder / HEAD_FILE)["weight"]
+    classifier = build_classifier(base, torch.zeros_like(head))
+    classifier = get_method(method_name).load(classifier, config, folder)
+    classifier.head.weight.data.copy_(head)
+    return classifier.eval(), metadata

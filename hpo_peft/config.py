@@ -1,0 +1,178 @@
+"""Typed study configuration read from `studies/*.yaml`.
+
+Every check of a bad key, type or range lives here, so a typo fails before any model is loaded.
+Method-specific options stay plain dicts here and are checked by the method registry, which owns
+each method's config class (this module must not import torch).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from hpo_peft.errors import UserError
+
+COURSE_TEMPLATES = [
+    "a histopathology slide showing [CLS]",
+    "histopathology image of [CLS]",
+    "pathology tissue showing [CLS]",
+    "presence of [CLS] tissue on image",
+]
+COURSE_DESCRIPTIONS = {
+    "NC": ["benign glands"],
+    "G3": ["atrophic dense glands"],
+    "G4": ["cribriform ill-formed fused papillary patterns"],
+    "G5": ["isolated nest cells without lumen roseting patterns"],
+}
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Strict):
+    root: Path
+    images_dir: str = "images"
+    train_table: str = "partition/Test/Train.xlsx"
+    test_table: str = "partition/Test/Test.xlsx"
+    image_column: str = "image_name"
+    categories: list[str] = Field(default_factory=lambda: ["NC", "G3", "G4", "G5"], min_length=2)
+    shots: int = Field(16, ge=1)
+    val_shots: int = Field(16, ge=1)
+    seed: int = 1
+
+    @field_validator("categories")
+    @classmethod
+    def _unique(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"categories must be unique, got {value}")
+        return value
+
+
+class ModelConfig(Strict):
+    name_or_path: str = "vinid/plip"
+    revision: str | None = None
+
+
+class PromptConfig(Strict):
+    templates: list[str] = Field(default_factory=lambda: list(COURSE_TEMPLATES), min_length=1)
+    descriptions: dict[str, list[str]] = Field(default_factory=lambda: dict(COURSE_DESCRIPTIONS))
+
+    @field_validator("templates")
+    @classmethod
+    def _has_placeholder(cls, value: list[str]) -> list[str]:
+        for template in value:
+            if "[CLS]" not in template:
+                raise ValueError(f"template {template!r} has no [CLS] placeholder")
+        return value
+
+
+class TrainConfig(Strict):
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    learning_rate: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    batch_size: int = Field(32, ge=1)
+    max_epochs: int = Field(20, ge=1)
+    patience: int | None = Field(5, ge=1)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    device: str = "auto"
+    eval_batch_size: int = Field(256, ge=1)
+
+
+class MethodChoice(Strict):
+    name: str = "lora"
+
+
+class TrackingConfig(Strict):
+    uri: str | None = None
+    experiment: str | None = None
+
+
+class SearchConfig(Strict):
+    """The Optuna search space as data: `params` maps a train key or `method` to a distribution;
+    `methods` maps a method name to distributions over its own options (sampled only for it)."""
+
+    n_trials: int = Field(20, ge=1)
+    timeout: float | None = Field(None, gt=0)
+    sampler: dict[str, Any] = Field(default_factory=lambda: {"name": "tpe"})
+    pruner: dict[str, Any] = Field(default_factory=lambda: {"name": "median"})
+    params: dict[str, Any] = Field(default_factory=dict)
+    methods: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+
+class StudyConfig(Strict):
+    name: str = "study"
+    demo_kit: Path | None = None
+    data: DataConfig
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    prompts: PromptConfig = Field(default_factory=PromptConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    method: MethodChoice = Field(default_factory=MethodChoice)
+    methods: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    search: SearchConfig = Field(default_factory=SearchConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="after")
+    def _prompts_cover_categories(self) -> "StudyConfig":
+        missing = [c for c in self.data.categories if c not in self.prompts.descriptions]
+        if missing:
+            raise ValueError(f"prompts.descriptions has no entry for categories {missing}")
+        extra = [c for c in self.prompts.descriptions if c not in self.data.categories]
+        if extra:
+            raise ValueError(f"prompts.descriptions names categories not in data.categories: {extra}")
+        return self
+
+
+def _parse_scalar(text: str) -> Any:
+    return yaml.safe_load(text)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `dotted.key=value` overrides (value parsed as YAML) to a raw config dict."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"override {item!r} is not of the form key.path=value")
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise UserError(f"override {item!r}: {part!r} is not a section")
+            node = child
+        node[parts[-1]] = _parse_scalar(value)
+    return raw
+
+
+def _format_error(path: Path, error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "unknown key"
+        lines.append(f"{key}: {message}")
+    return f"{path}: invalid config: " + "; ".join(lines)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> StudyConfig:
+    """Read and validate a study YAML. Relative data/model/kit paths are taken from the working
+    directory, like every other path the user types."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise UserError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: the top level must be a mapping of keys")
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        return StudyConfig.model_validate(raw)
+    except ValidationError as err:
+        raise UserError(_format_error(path, err)) from None

@@ -1,0 +1,179 @@
+"""SICAPv2-format tables, the few-shot sampler and images decoded once per process.
+
+A table row is used only if exactly one configured category column is 1; its label is that
+column's position in the configured category order. Extra columns (e.g. SICAPv2's `G4C`) are
+ignored. Images are decoded and resized once and kept as uint8 tensors: few-shot sets are tiny,
+and re-decoding 512x512 JPEGs every epoch is what made the course loop slow.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image, UnidentifiedImageError
+from tqdm.auto import tqdm
+
+from hpo_peft.config import DataConfig
+from hpo_peft.errors import UserError
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """What the model's processor does to an image, stated explicitly so the cached uint8 tensors
+    and the metadata saved with an adapter describe the same thing."""
+
+    height: int
+    width: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    resample: int = Image.Resampling.BICUBIC
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, 3, H, W) -> float pixel values, rescaled to [0, 1] then standardised."""
+        mean = torch.tensor(self.mean, device=images.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=images.device).view(1, 3, 1, 1)
+        return (images.float() / 255.0 - mean) / std
+
+
+@dataclass(frozen=True)
+class LabelledImages:
+    names: list[str]
+    labels: torch.Tensor  # int64 (N,)
+    images: torch.Tensor  # uint8 (N, 3, H, W)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+@dataclass(frozen=True)
+class FewShotSplit:
+    train: LabelledImages
+    val: LabelledImages
+
+
+def read_table(path: Path, image_column: str, categories: list[str]) -> pd.DataFrame:
+    """Rows with exactly one label, as columns `image_name`, `label`, `row` (the spreadsheet row)."""
+    if not path.is_file():
+        raise UserError(f"{path}: partition table not found")
+    try:
+        table = pd.read_excel(path)
+    except Exception as err:  # openpyxl raises many types for a damaged file
+        raise UserError(f"{path}: cannot read the table ({type(err).__name__}: {err})") from None
+    missing = [c for c in [image_column, *categories] if c not in table.columns]
+    if missing:
+        raise UserError(f"{path}: missing column(s) {missing}; found {list(table.columns)}")
+    flags = table[categories]
+    for column in categories:
+        bad = ~flags[column].isin([0, 1])
+        if bad.any():
+            first = int(np.flatnonzero(bad.to_numpy())[0])
+            raise UserError(
+                f"{path}: row {first + 2}, column {column!r}: expected 0 or 1, "
+                f"got {flags[column].iloc[first]!r}"
+            )
+    flags = flags.astype(int).to_numpy()
+    single = flags.sum(axis=1) == 1
+    names = table[image_column]
+    if names[single].isna().any():
+        first = int(np.flatnonzero((names.isna() & single).to_numpy())[0])
+        raise UserError(f"{path}: row {first + 2}: empty {image_column!r}")
+    return pd.DataFrame(
+        {
+            "image_name": names[single].astype(str).to_numpy(),
+            "label": flags[single].argmax(axis=1),
+            "row": np.flatnonzero(single) + 2,  # header is spreadsheet row 1
+        }
+    )
+
+
+def sample_few_shot(
+    table: pd.DataFrame, categories: list[str], shots: int, val_shots: int, seed: int, source: Path
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """K training and K_val validation rows per class, disjoint, deterministic for a seed."""
+    rng = np.random.default_rng(seed)
+    train_parts, val_parts = [], []
+    for label, category in enumerate(categories):
+        rows = table[table["label"] == label]
+        needed = shots + val_shots
+        if len(rows) < needed:
+            raise UserError(
+                f"{source}: class {category!r} has {len(rows)} usable rows, but shots + val_shots "
+                f"= {shots} + {val_shots} = {needed} are needed"
+            )
+        order = rng.permutation(len(rows))
+        train_parts.append(rows.iloc[order[:shots]])
+        val_parts.append(rows.iloc[order[shots:needed]])
+    return pd.concat(train_parts, ignore_index=True), pd.concat(val_parts, ignore_index=True)
+
+
+_IMAGE_CACHE: dict[tuple[str, int, int, int], torch.Tensor] = {}
+
+
+def load_image(path: Path, prep: Preprocessing, source: str = "") -> torch.Tensor:
+    """Decode and resize one image to uint8 (3, H, W), once per process."""
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        raise UserError(f"{path}: image not found{source}") from None
+    key = (str(path), stat.st_mtime_ns, prep.height, prep.width)
+    if key not in _IMAGE_CACHE:
+        try:
+            with Image.open(path) as image:
+                image = image.convert("RGB").resize((prep.width, prep.height), prep.resample)
+        except (UnidentifiedImageError, OSError) as err:
+            raise UserError(f"{path}: cannot decode image{source} ({err})") from None
+        array = np.asarray(image, dtype=np.uint8)
+        _IMAGE_CACHE[key] = torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+    return _IMAGE_CACHE[key]
+
+
+def load_images(rows: pd.DataFrame, image_dir: Path, prep: Preprocessing, table: Path, desc: str) -> LabelledImages:
+    names = list(rows["image_name"])
+    iterator = zip(names, rows["row"])
+    images = [
+        load_image(image_dir / name, prep, f" (row {row} of {table})")
+        for name, row in tqdm(iterator, total=len(names), desc=desc, leave=False, disable=len(names) < 64)
+    ]
+    return LabelledImages(
+        names=names,
+        labels=torch.tensor(rows["label"].to_numpy(), dtype=torch.long),
+        images=torch.stack(images) if images else torch.empty(0, 3, prep.height, prep.width, dtype=torch.uint8),
+    )
+
+
+def check_root(config: DataConfig) -> None:
+    if not config.root.is_dir():
+        raise UserError(f"{config.root}: dataset root not found (data.root)")
+    if not (config.root / config.images_dir).is_dir():
+        raise UserError(f"{config.root / config.images_dir}: image folder not found (data.images_dir)")
+
+
+def few_shot_rows(config: DataConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Read the training table and draw the shots, without decoding any image."""
+    check_root(config)
+    path = config.root / config.train_table
+    table = read_table(path, config.image_column, config.categories)
+    return sample_few_shot(table, config.categories, config.shots, config.val_shots, config.seed, path)
+
+
+def load_few_shot(config: DataConfig, prep: Preprocessing) -> FewShotSplit:
+    """The few-shot training and validation sets from the training table only."""
+    train_rows, val_rows = few_shot_rows(config)
+    path = config.root / config.train_table
+    image_dir = config.root / config.images_dir
+    return FewShotSplit(
+        train=load_images(train_rows, image_dir, prep, path, "train images"),
+        val=load_images(val_rows, image_dir, prep, path, "validation images"),
+    )
+
+
+def load_test(config: DataConfig, prep: Preprocessing) -> LabelledImages:
+    """The test split: read by final evaluation only, never by a study."""
+    check_root(config)
+    path = config.root / config.test_table
+    rows = read_table(path, config.image_column, config.categories)
+    return load_images(rows, config.root / config.images_dir, prep, path, "test images")

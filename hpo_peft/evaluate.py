@@ -1,0 +1,105 @@
+"""Predictions, balanced accuracy (ACA), per-class recall, confusion matrix and its figure."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from sklearn.metrics import balanced_accuracy_score, confusion_matrix, recall_score
+from torch import nn
+from torch.nn import functional as F
+
+from hpo_peft.data import LabelledImages, Preprocessing
+
+
+@dataclass
+class Metrics:
+    balanced_accuracy: float  # percent
+    loss: float
+    per_class_recall: dict[str, float]  # percent
+    confusion: list[list[int]]  # rows: true class, columns: predicted class
+    categories: list[str]
+
+    def as_dict(self) -> dict:
+        return {
+            "balanced_accuracy": self.balanced_accuracy,
+            "loss": self.loss,
+            "per_class_recall": self.per_class_recall,
+            "confusion_matrix": self.confusion,
+            "categories": self.categories,
+        }
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+@torch.inference_mode()
+def predict_logits(
+    model: nn.Module,
+    images: torch.Tensor,
+    prep: Preprocessing,
+    batch_size: int = 256,
+    amp_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Logits (N, C) as float32 on the CPU; uint8 images are normalised batch by batch."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    outputs = []
+    for start in range(0, len(images), batch_size):
+        batch = prep.normalize(images[start : start + batch_size].to(device, non_blocking=True))
+        with autocast(device, amp_dtype):
+            outputs.append(model(batch).float().cpu())
+    model.train(was_training)
+    return torch.cat(outputs) if outputs else torch.empty(0)
+
+
+def compute_metrics(logits: torch.Tensor, labels: torch.Tensor, categories: list[str]) -> Metrics:
+    y_true = labels.numpy()
+    y_pred = logits.argmax(dim=1).numpy()
+    classes = list(range(len(categories)))
+    recall = recall_score(y_true, y_pred, labels=classes, average=None, zero_division=0)
+    return Metrics(
+        balanced_accuracy=100.0 * float(balanced_accuracy_score(y_true, y_pred)),
+        loss=float(F.cross_entropy(logits, labels)),
+        per_class_recall={c: 100.0 * float(r) for c, r in zip(categories, recall)},
+        confusion=confusion_matrix(y_true, y_pred, labels=classes).tolist(),
+        categories=list(categories),
+    )
+
+
+def evaluate(
+    model: nn.Module,
+    data: LabelledImages,
+    prep: Preprocessing,
+    categories: list[str],
+    batch_size: int = 256,
+    amp_dtype: torch.dtype | None = None,
+) -> Metrics:
+    return compute_metrics(predict_logits(model, data.images, prep, batch_size, amp_dtype), data.labels, categories)
+
+
+def confusion_figure(metrics: Metrics, title: str):
+    """A matplotlib figure of the confusion matrix with class names and counts."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    matrix = np.array(metrics.confusion)
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    ax.imshow(matrix, cmap="Blues")
+    ticks = range(len(metrics.categories))
+    ax.set_xticks(ticks, metrics.categories)
+    ax.set_yticks(ticks, metrics.categories)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"{title}\nbalanced accuracy {metrics.balanced_accuracy:.1f}%")
+    threshold = matrix.max() / 2 if matrix.size else 0
+    for (i, j), count in np.ndenumerate(matrix):
+        ax.text(j, i, str(count), ha="center", va="center", color="white" if count > threshold else "black")
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,46 @@
+"""The method registry: one entry per method. Adding a method = one file + one line here."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import ValidationError
+
+from hpo_peft.errors import UserError
+from hpo_peft.methods.affine_ln import AffineLN
+from hpo_peft.methods.base import Method, MethodConfig
+from hpo_peft.methods.bias import Bias
+from hpo_peft.methods.full import Full
+from hpo_peft.methods.lora import LoRA
+from hpo_peft.methods.zero_shot import ZeroShot
+
+METHODS: dict[str, Method] = {
+    method.name: method
+    for method in (
+        ZeroShot(),
+        AffineLN(),
+        Bias(),
+        LoRA(),
+        Full(),
+    )
+}
+
+
+def get_method(name: str, key: str = "method.name") -> Method:
+    if name not in METHODS:
+        raise UserError(f"{key}: unknown method {name!r}; known methods: {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def method_config(name: str, options: dict[str, Any] | None, key: str = "methods") -> MethodConfig:
+    """Validate one method's options; errors name the config key, e.g. `methods.lora.rank`."""
+    method = get_method(name, key)
+    try:
+        return method.Config.model_validate(options or {})
+    except ValidationError as err:
+        problems = []
+        for item in err.errors():
+            where = ".".join([key, name, *(str(p) for p in item["loc"])])
+            message = "unknown key" if item["type"] == "extra_forbidden" else item["msg"]
+            problems.append(f"{where}: {message}")
+        raise UserError("; ".join(problems)) from None

@@ -1,0 +1,77 @@
+"""What every method shares: which parameters train, and how the trained encoder parameters are
+saved and loaded. The head is saved by `artifacts`, the same way for every method.
+
+A method never trains the base model in place: it gets a fresh `ImageClassifier` copy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from safetensors.torch import load_file, save_file
+
+from hpo_peft.errors import UserError
+from hpo_peft.model import ImageClassifier
+
+WEIGHTS_FILE = "encoder_parameters.safetensors"
+
+
+class MethodConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Method:
+    name: ClassVar[str]
+    Config: ClassVar[type[MethodConfig]] = MethodConfig
+    trains: ClassVar[bool] = True
+
+    def prepare(self, classifier: ImageClassifier, config: MethodConfig) -> ImageClassifier:
+        """Mark what trains (and wrap modules where the method adds any). The head always trains."""
+        classifier.requires_grad_(False)
+        if self.trains:
+            classifier.head.weight.requires_grad_(True)
+        return classifier
+
+    def save(self, classifier: ImageClassifier, folder: Path) -> list[str]:
+        """Write the trained encoder parameters; returns the file names written."""
+        state = {n: p.detach().contiguous().cpu() for n, p in classifier.encoder.named_parameters() if p.requires_grad}
+        if not state:
+            return []
+        save_file(state, folder / WEIGHTS_FILE)
+        return [WEIGHTS_FILE]
+
+    def load(self, classifier: ImageClassifier, config: MethodConfig, folder: Path) -> ImageClassifier:
+        classifier = self.prepare(classifier, config)
+        expected = {n: p for n, p in classifier.encoder.named_parameters() if p.requires_grad}
+        if expected:
+            path = folder / WEIGHTS_FILE
+            if not path.is_file():
+                raise UserError(f"{path}: adapter weights missing")
+            state = load_file(path)
+            if set(state) != set(expected):
+                raise UserError(
+                    f"{path}: adapter does not fit method {self.name!r} on this model "
+                    f"({len(set(state) ^ set(expected))} parameter names differ)"
+                )
+            with torch.no_grad():
+                for name, value in state.items():
+                    if expected[name].shape != value.shape:
+                        raise UserError(f"{path}: {name} has shape {tuple(value.shape)}, model has {tuple(expected[name].shape)}")
+                    expected[name].copy_(value)
+        return classifier.requires_grad_(False)
+
+
+class SelectiveMethod(Method):
+    """Tunes an existing subset of the image encoder, chosen by parameter name."""
+
+    def selects(self, name: str, config: MethodConfig) -> bool:
+        raise NotImplementedError
+
+    def prepare(self, classifier: ImageClassifier, config: MethodConfig) -> ImageClassifier:
+        classifier = super().prepare(classifier, config)
+        for name, param in classifier.encoder.named_parameters():
+            if self.selects(name, config):
+                param.requires_grad_(True)
+        return classifier

@@ -1,0 +1,61 @@
+"""LoRA through HF peft on the attention projections: out = W x + (alpha / r) B(A x).
+
+Defaults follow the course: q/k/v of every attention block, scale 1 (`lora_alpha = r`), no
+dropout, B = 0 so the adapted model starts equal to the base model. `b_init: random` keeps
+peft's `init_lora_weights=False`, i.e. PyTorch's default `nn.Linear` init for both matrices:
+A, B ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (fan_in 768 for A, r for B), so the model starts
+perturbed. The adapter is saved in peft's own format (`PeftModel.from_pretrained` loads it).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from peft import LoraConfig, PeftModel, get_peft_model
+from pydantic import Field
+
+from hpo_peft.errors import UserError
+from hpo_peft.methods.base import Method, MethodConfig
+from hpo_peft.model import ImageClassifier
+
+PEFT_FOLDER = "peft_adapter"
+
+
+class LoRAConfig(MethodConfig):
+    rank: int = Field(4, ge=1)
+    b_init: Literal["zeros", "random"] = "zeros"
+    alpha: float | None = Field(None, gt=0)  # None: alpha = rank, i.e. scale 1
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj"], min_length=1)
+
+
+def peft_config(config: LoRAConfig) -> LoraConfig:
+    return LoraConfig(
+        r=config.rank,
+        lora_alpha=config.alpha if config.alpha is not None else config.rank,
+        lora_dropout=config.dropout,
+        target_modules=list(config.target_modules),
+        init_lora_weights=config.b_init == "zeros",
+        bias="none",
+    )
+
+
+class LoRA(Method):
+    name = "lora"
+    Config = LoRAConfig
+
+    def prepare(self, classifier: ImageClassifier, config: LoRAConfig) -> ImageClassifier:
+        classifier = super().prepare(classifier, config)
+        classifier.encoder = get_peft_model(classifier.encoder, peft_config(config))
+        return classifier
+
+    def save(self, classifier: ImageClassifier, folder: Path) -> list[str]:
+        classifier.encoder.save_pretrained(folder / PEFT_FOLDER)
+        return [PEFT_FOLDER]
+
+    def load(self, classifier: ImageClassifier, config: LoRAConfig, folder: Path) -> ImageClassifier:
+        if not (folder / PEFT_FOLDER / "adapter_config.json").is_file():
+            raise UserError(f"{folder / PEFT_FOLDER}: peft adapter missing")
+        classifier.encoder = PeftModel.from_pretrained(classifier.encoder, folder / PEFT_FOLDER)
+        return classifier.requires_grad_(False)

@@ -1,0 +1,140 @@
+"""The training loop: epochs over the few-shot set, early stopping on the few-shot validation set
+(validation balanced accuracy, ties broken by validation loss), and the best epoch's weights restored.
+
+`on_epoch(metrics)` is the only way out: the study reports and prunes through it.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from hpo_peft.config import TrainConfig
+from hpo_peft.data import FewShotSplit, Preprocessing
+from hpo_peft.evaluate import autocast, evaluate
+from hpo_peft.model import ImageClassifier
+
+
+class NonFiniteLoss(RuntimeError):
+    """Training diverged (loss is NaN or infinite)."""
+
+
+@dataclass
+class EpochMetrics:
+    epoch: int
+    train_loss: float
+    val_loss: float
+    val_balanced_accuracy: float
+
+
+@dataclass
+class TrainResult:
+    best: EpochMetrics | None
+    history: list[EpochMetrics] = field(default_factory=list)
+    stopped_early: bool = False
+
+    def as_dict(self) -> dict:
+        return {"best": asdict(self.best) if self.best else None, "history": [asdict(m) for m in self.history]}
+
+
+def set_seeds(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on CUDA by default; on CPU only when asked for (see benchmarks/README.md)."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def make_optimizer(params: list[torch.nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.learning_rate, momentum=config.momentum, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+    return optimizer(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+
+
+def _is_better(current: EpochMetrics, best: EpochMetrics | None) -> bool:
+    if best is None:
+        return True
+    if current.val_balanced_accuracy != best.val_balanced_accuracy:
+        return current.val_balanced_accuracy > best.val_balanced_accuracy
+    return current.val_loss < best.val_loss
+
+
+def train(
+    classifier: ImageClassifier,
+    data: FewShotSplit,
+    prep: Preprocessing,
+    categories: list[str],
+    config: TrainConfig,
+    seed: int,
+    on_epoch: Callable[[EpochMetrics], None] | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    set_seeds(seed)
+    device = resolve_device(config.device)
+    dtype = amp_dtype(config.precision, device)
+    classifier.to(device)
+    params = [p for p in classifier.parameters() if p.requires_grad]
+    named = [(n, p) for n, p in classifier.named_parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, config)
+    images = data.train.images.to(device)
+    labels = data.train.labels.to(device)
+    order_rng = torch.Generator().manual_seed(seed)
+
+    result = TrainResult(best=None)
+    best_state: dict[str, torch.Tensor] = {}
+    bar = tqdm(range(1, config.max_epochs + 1), desc="epochs", leave=False, disable=not progress)
+    for epoch in bar:
+        classifier.train()
+        losses = []
+        for batch in torch.randperm(len(images), generator=order_rng).split(config.batch_size):
+            batch = batch.to(device)
+            with autocast(device, dtype):
+                logits = classifier(prep.normalize(images[batch]))
+            loss = F.cross_entropy(logits.float(), labels[batch])
+            if not torch.isfinite(loss):
+                raise NonFiniteLoss(f"non-finite training loss at epoch {epoch}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+
+        val = evaluate(classifier, data.val, prep, categories, config.eval_batch_size, dtype)
+        metrics = EpochMetrics(epoch, float(np.mean(losses)), val.loss, val.balanced_accuracy)
+        result.history.append(metrics)
+        if _is_better(metrics, result.best):
+            result.best = metrics
+            best_state = {n: p.detach().clone() for n, p in named}
+        bar.set_postfix(loss=f"{metrics.train_loss:.3f}", val_bacc=f"{metrics.val_balanced_accuracy:.1f}")
+        if on_epoch is not None:
+            on_epoch(metrics)
+        if config.patience is not None and epoch - result.best.epoch >= config.patience:
+            result.stopped_early = True
+            break
+
+    with torch.no_grad():
+        for name, param in named:
+            param.copy_(best_state[name])
+    classifier.eval()
+    return result

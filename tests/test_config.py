@@ -1,0 +1,72 @@
+import pytest
+import yaml
+
+from hpo_peft.commands import prepare_config
+from hpo_peft.config import apply_overrides, load_config
+from hpo_peft.errors import UserError
+
+
+def write(tmp_path, raw):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+BASE = {"data": {"root": "somewhere"}}
+
+
+def test_defaults_are_the_course_settings(tmp_path):
+    config = load_config(write(tmp_path, BASE))
+    assert config.model.name_or_path == "vinid/plip"
+    assert config.data.categories == ["NC", "G3", "G4", "G5"]
+    assert (config.data.shots, config.data.seed) == (16, 1)
+    assert (config.train.optimizer, config.train.learning_rate, config.train.batch_size) == ("adam", 1e-3, 32)
+    assert config.prompts.descriptions["G3"] == ["atrophic dense glands"]
+    assert len(config.prompts.templates) == 4
+
+
+@pytest.mark.parametrize(
+    "raw, key",
+    [
+        ({**BASE, "trian": {}}, "trian: unknown key"),
+        ({"data": {"root": "x", "shot": 4}}, "data.shot: unknown key"),
+        ({"data": {"root": "x", "shots": "many"}}, "data.shots"),
+        ({"data": {"root": "x", "shots": 0}}, "data.shots"),
+        ({**BASE, "train": {"learning_rate": -1}}, "train.learning_rate"),
+        ({**BASE, "train": {"optimizer": "adamm"}}, "train.optimizer"),
+        ({}, "data: Field required"),
+        ({"data": {"root": "x", "categories": ["NC", "G3"]}}, "prompts.descriptions"),
+    ],
+)
+def test_bad_config_names_the_key(tmp_path, raw, key):
+    with pytest.raises(UserError) as err:
+        load_config(write(tmp_path, raw))
+    assert key in str(err.value)
+    assert str(tmp_path / "c.yaml") in str(err.value)
+
+
+def test_unknown_method_and_method_option(tmp_path):
+    with pytest.raises(UserError, match=r"method.name: unknown method 'loar'"):
+        prepare_config(write(tmp_path, {**BASE, "method": {"name": "loar"}}), [])
+    with pytest.raises(UserError, match=r"methods.lora.rnak: unknown key"):
+        prepare_config(write(tmp_path, {**BASE, "methods": {"lora": {"rnak": 4}}}), [])
+    with pytest.raises(UserError, match=r"methods.lora.rank"):
+        prepare_config(write(tmp_path, {**BASE, "methods": {"lora": {"rank": 0}}}), [])
+
+
+def test_overrides_are_typed_and_checked(tmp_path):
+    config = load_config(write(tmp_path, BASE), ["train.learning_rate=0.01", "data.shots=4"])
+    assert config.train.learning_rate == 0.01 and config.data.shots == 4
+    with pytest.raises(UserError, match="not of the form"):
+        apply_overrides({}, ["train.learning_rate"])
+    with pytest.raises(UserError, match="train.max_epoch: unknown key"):
+        load_config(write(tmp_path, BASE), ["train.max_epoch=3"])
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(UserError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: [unclosed")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_config(bad)
