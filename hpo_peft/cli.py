@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -19,7 +18,10 @@ def _add_config(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hpo-peft", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="hpo-peft",
+        description="Find the best way to adapt a CLIP-format vision-language model (PLIP) to a few-shot task.",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     kit = commands.add_parser("demo-kit", help="write the offline demo dataset and model")
@@ -31,7 +33,35 @@ def build_parser() -> argparse.ArgumentParser:
     trial.add_argument("--method", default=None, help="method name (default: the config's method.name)")
     trial.add_argument("--save", type=Path, default=None, help="write the trained adapter to this folder")
     trial.add_argument("--json", action="store_true", help="print the results as JSON")
+
+    study = commands.add_parser("study", help="hyper-parameter studies").add_subparsers(dest="study_command", required=True)
+    run = study.add_parser("run", help="run (or continue) a study")
+    _add_config(run)
+    _add_study_options(run)
+    run.add_argument("--n-trials", type=int, default=None, help="trials to run in this session (default: search.n_trials)")
+    run.add_argument("--timeout", type=float, default=None, help="stop starting new trials after this many seconds")
+    best = study.add_parser("best", help="the best trial so far")
+    _add_config(best)
+    _add_study_options(best)
+    best.add_argument("--json", action="store_true")
+
+    evaluate = commands.add_parser("evaluate", help="evaluate the best (or a given) trial's adapter on the test split")
+    _add_config(evaluate)
+    _add_study_options(evaluate)
+    evaluate.add_argument("--run-id", default=None, help="MLflow run id of a trial (default: the study's best)")
+    evaluate.add_argument("--register", default=None, metavar="NAME", help="register the adapter in the MLflow model registry")
+    evaluate.add_argument("--json", action="store_true")
     return parser
+
+
+def _add_study_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--study-name", default=None, help="default: the config's name")
+    parser.add_argument("--storage", default=None, help="Optuna storage URL or .journal file (default: mlruns/optuna.journal)")
+    parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite:///mlruns/mlflow.db)")
+
+
+def _study_options(args: argparse.Namespace) -> dict:
+    return {"study_name": args.study_name, "storage": args.storage, "tracking_uri": args.tracking_uri}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,6 +75,18 @@ def main(argv: list[str] | None = None) -> int:
             from hpo_peft.commands import run_single_trial
 
             run_single_trial(args.config, args.overrides, args.method, args.save, args.json)
+        elif args.command == "study" and args.study_command == "run":
+            from hpo_peft.commands import run_study_command
+
+            run_study_command(args.config, args.overrides, _study_options(args), args.n_trials, args.timeout)
+        elif args.command == "study" and args.study_command == "best":
+            from hpo_peft.commands import best_command
+
+            best_command(args.config, args.overrides, _study_options(args), args.json)
+        elif args.command == "evaluate":
+            from hpo_peft.commands import evaluate_command
+
+            evaluate_command(args.config, args.overrides, _study_options(args), args.run_id, args.register, args.json)
     except UserError as err:
         print(f"hpo-peft: error: {err}", file=sys.stderr)
         return 2

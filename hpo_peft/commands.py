@@ -88,3 +88,98 @@ def run_single_trial(path: Path, overrides: list[str], method: str | None, save:
     print(format_confusion(test.confusion, config.data.categories))
     if save is not None:
         print(f"adapter saved to {save}")
+
+
+def prepare_study_config(path: Path, overrides: list[str]) -> StudyConfig:
+    from hpo_peft.search_space import check_space
+
+    config = prepare_config(path, overrides)
+    check_space(config)
+    return config
+
+
+def run_study_command(path: Path, overrides: list[str], options: dict, n_trials: int | None, timeout: float | None) -> None:
+    from hpo_peft.study import StudyOptions, run_study
+
+    config = prepare_study_config(path, overrides)
+    where = StudyOptions.of(config, **options)
+    study = run_study(config, where, n_trials, timeout)
+    states = {}
+    for trial in study.trials:
+        states[trial.state.name] = states.get(trial.state.name, 0) + 1
+    print(f"study {where.study_name!r}: {len(study.trials)} trials ({', '.join(f'{v} {k.lower()}' for k, v in sorted(states.items()))})")
+    try:
+        best = study.best_trial
+    except ValueError:
+        print("no completed trial yet")
+        return
+    print(f"best trial {best.number}: validation balanced accuracy {best.value:.2f}%  {best.params}")
+
+
+def best_command(path: Path, overrides: list[str], options: dict, as_json: bool) -> None:
+    from hpo_peft.study import RUN_ID_ATTR, StudyOptions, best_trial
+
+    config = load_config(path, overrides)
+    best = best_trial(StudyOptions.of(config, **options))
+    summary = {
+        "trial_number": best.number,
+        "params": best.params,
+        "val_balanced_accuracy": best.value,
+        "mlflow_run_id": best.user_attrs.get(RUN_ID_ATTR),
+    }
+    if as_json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(f"best trial {best.number}: validation balanced accuracy {best.value:.2f}%")
+        print(f"parameters: {best.params}")
+        print(f"MLflow run: {summary['mlflow_run_id']}")
+
+
+def evaluate_command(
+    path: Path, overrides: list[str], options: dict, run_id: str | None, register: str | None, as_json: bool
+) -> dict:
+    """Test-split evaluation of a trial's adapter, rebuilt from its MLflow artifacts alone."""
+    from hpo_peft.artifacts import load_adapter
+    from hpo_peft.data import load_test
+    from hpo_peft.evaluate import confusion_figure, evaluate
+    from hpo_peft.model import load_base_model
+    from hpo_peft.study import RUN_ID_ATTR, StudyOptions, best_trial
+    from hpo_peft.tracking import Tracker, temporary_folder
+    from hpo_peft.train import amp_dtype, resolve_device
+
+    config = prepare_config(path, overrides)
+    where = StudyOptions.of(config, **options)
+    if run_id is None:
+        run_id = best_trial(where).user_attrs.get(RUN_ID_ATTR)
+        if run_id is None:
+            raise UserError(f"the best trial of study {where.study_name!r} has no MLflow run")
+    tracker = Tracker(where.tracking_uri, experiment=where.study_name)
+    tracker.get_run(run_id)
+    base = load_base_model(config.model)
+    test = load_test(config.data, base.preprocessing)
+    with temporary_folder() as tmp:
+        classifier, metadata = load_adapter(tracker.download_adapter(run_id, Path(tmp)), base, config.data.categories)
+    device = resolve_device(config.train.device)
+    classifier.to(device)
+    metrics = evaluate(classifier, test, base.preprocessing, config.data.categories,
+                       config.train.eval_batch_size, amp_dtype(config.train.precision, device))
+    tracker.log_metrics(run_id, {
+        "test_balanced_accuracy": metrics.balanced_accuracy,
+        "test_loss": metrics.loss,
+        **{f"test_recall_{c}": r for c, r in metrics.per_class_recall.items()},
+    })
+    tracker.log_figure(run_id, confusion_figure(metrics, "test"), "test_confusion_matrix.png")
+    tracker.log_dict(run_id, metrics.as_dict(), "test_metrics.json")
+    result = {"mlflow_run_id": run_id, "method": metadata["method"], **metrics.as_dict()}
+    if register:
+        result["registered_version"] = tracker.register_adapter(run_id, register)
+        result["registered_model"] = register
+    if as_json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"run {run_id} ({metadata['method']['name']}): test balanced accuracy {metrics.balanced_accuracy:.2f}%")
+        print("per-class recall: " + ", ".join(f"{c} {r:.1f}%" for c, r in metrics.per_class_recall.items()))
+        print(format_confusion(metrics.confusion, config.data.categories))
+        if register:
+            print(f"registered as {register} version {result['registered_version']} (alias 'best')")
+    return result

@@ -92,16 +92,75 @@ class TrackingConfig(Strict):
     experiment: str | None = None
 
 
+class Choices(Strict):
+    """A categorical parameter: `{choices: [...]}`."""
+
+    choices: list[Any] = Field(min_length=1)
+
+
+class Range(Strict):
+    """A numeric parameter: `{low, high}` with optional `log: true` or `step`. Integer bounds
+    give an integer parameter."""
+
+    low: float | int
+    high: float | int
+    log: bool = False
+    step: float | int | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "Range":
+        if self.low > self.high:
+            raise ValueError(f"low ({self.low}) is above high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError("a log range needs low > 0")
+        if self.log and self.step is not None:
+            raise ValueError("a range is either log or stepped, not both")
+        return self
+
+    @property
+    def is_int(self) -> bool:
+        return isinstance(self.low, int) and isinstance(self.high, int) and not isinstance(self.step, float)
+
+
+Distribution = Choices | Range | bool | int | float | str  # a bare value is fixed, not searched
+
+SEARCHABLE_TRAIN_KEYS = ("learning_rate", "max_epochs", "patience", "batch_size", "weight_decay", "optimizer", "momentum")
+
+
 class SearchConfig(Strict):
-    """The Optuna search space as data: `params` maps a train key or `method` to a distribution;
-    `methods` maps a method name to distributions over its own options (sampled only for it)."""
+    """The Optuna search space as data. `params`: `method` and train keys; `methods`: per method,
+    distributions over its own options, sampled only when that method is drawn."""
 
     n_trials: int = Field(20, ge=1)
     timeout: float | None = Field(None, gt=0)
     sampler: dict[str, Any] = Field(default_factory=lambda: {"name": "tpe"})
     pruner: dict[str, Any] = Field(default_factory=lambda: {"name": "median"})
-    params: dict[str, Any] = Field(default_factory=dict)
-    methods: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    params: dict[str, Distribution] = Field(default_factory=dict)
+    methods: dict[str, dict[str, Distribution]] = Field(default_factory=dict)
+
+    @field_validator("params")
+    @classmethod
+    def _known_params(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for key in value:
+            if key != "method" and key not in SEARCHABLE_TRAIN_KEYS:
+                raise ValueError(f"unknown search parameter {key!r}; use 'method' or one of {list(SEARCHABLE_TRAIN_KEYS)}")
+        return value
+
+    @field_validator("sampler", "pruner")
+    @classmethod
+    def _named(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if not isinstance(value.get("name"), str):
+            raise ValueError("needs a 'name'")
+        return value
+
+    def search_values(self, key: str) -> list[Any]:
+        """The values that bound a parameter, for checking them before a study starts."""
+        spec = self.params.get(key)
+        if isinstance(spec, Choices):
+            return list(spec.choices)
+        if isinstance(spec, Range):
+            return [spec.low, spec.high]
+        return [] if spec is None else [spec]
 
 
 class StudyConfig(Strict):
@@ -124,6 +183,12 @@ class StudyConfig(Strict):
         extra = [c for c in self.prompts.descriptions if c not in self.data.categories]
         if extra:
             raise ValueError(f"prompts.descriptions names categories not in data.categories: {extra}")
+        for key in SEARCHABLE_TRAIN_KEYS:
+            for value in self.search.search_values(key):
+                try:
+                    TrainConfig.model_validate({**self.train.model_dump(), key: value})
+                except ValidationError as err:
+                    raise ValueError(f"search.params.{key}: value {value!r} is invalid: {err.errors()[0]['msg']}") from None
         return self
 
 
@@ -151,11 +216,11 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 def _format_error(path: Path, error: ValidationError) -> str:
     lines = []
     for item in error.errors():
-        key = ".".join(str(p) for p in item["loc"]) or "(top level)"
-        message = item["msg"]
+        key = ".".join(str(p) for p in item["loc"] if not str(p).startswith(("function-", "tagged-union")))
+        message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             message = "unknown key"
-        lines.append(f"{key}: {message}")
+        lines.append(f"{key}: {message}" if key else message)
     return f"{path}: invalid config: " + "; ".join(lines)
 
 

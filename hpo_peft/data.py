@@ -133,11 +133,12 @@ def load_image(path: Path, prep: Preprocessing, source: str = "") -> torch.Tenso
 
 def load_images(rows: pd.DataFrame, image_dir: Path, prep: Preprocessing, table: Path, desc: str) -> LabelledImages:
     names = list(rows["image_name"])
-    iterator = zip(names, rows["row"])
-    images = [
-        load_image(image_dir / name, prep, f" (row {row} of {table})")
-        for name, row in tqdm(iterator, total=len(names), desc=desc, leave=False, disable=len(names) < 64)
-    ]
+    images = []
+    # the context manager clears the bar before an error message is printed
+    with tqdm(total=len(names), desc=desc, leave=False, disable=len(names) < 64) as bar:
+        for name, row in zip(names, rows["row"]):
+            images.append(load_image(image_dir / name, prep, f" (row {row} of {table})"))
+            bar.update()
     return LabelledImages(
         names=names,
         labels=torch.tensor(rows["label"].to_numpy(), dtype=torch.long),
@@ -152,12 +153,21 @@ def check_root(config: DataConfig) -> None:
         raise UserError(f"{config.root / config.images_dir}: image folder not found (data.images_dir)")
 
 
+def check_files_exist(rows: pd.DataFrame, image_dir: Path, table: Path) -> None:
+    for name, row in zip(rows["image_name"], rows["row"]):
+        if not (image_dir / name).is_file():
+            raise UserError(f"{image_dir / name}: image not found (row {row} of {table})")
+
+
 def few_shot_rows(config: DataConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Read the training table and draw the shots, without decoding any image."""
+    """Read the training table and draw the shots; checks the images exist without decoding them."""
     check_root(config)
     path = config.root / config.train_table
     table = read_table(path, config.image_column, config.categories)
-    return sample_few_shot(table, config.categories, config.shots, config.val_shots, config.seed, path)
+    train, val = sample_few_shot(table, config.categories, config.shots, config.val_shots, config.seed, path)
+    for rows in (train, val):
+        check_files_exist(rows, config.root / config.images_dir, path)
+    return train, val
 
 
 def load_few_shot(config: DataConfig, prep: Preprocessing) -> FewShotSplit:

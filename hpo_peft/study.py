@@ -1,0 +1,239 @@
+"""The study: Optuna storage, sampler and pruner, the objective, and resume.
+
+Default storage (documented in the README): Optuna's journal file `mlruns/optuna.journal`, beside
+the MLflow store; any Optuna storage URL works too (e.g. `postgresql://...` for workers on several
+machines). The same study name and storage continue a study where it stopped.
+"""
+
+from __future__ import annotations
+
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from hpo_peft.artifacts import save_adapter
+from hpo_peft.config import StudyConfig
+from hpo_peft.errors import UserError
+from hpo_peft.evaluate import confusion_figure
+from hpo_peft.search_space import sample_plan
+from hpo_peft.tracking import DEFAULT_DIR, Tracker, temporary_folder
+from hpo_peft.train import EpochMetrics
+from hpo_peft.trial import TrialOutcome, Workspace, open_workspace, run_trial
+
+RUN_ID_ATTR = "mlflow_run_id"
+SAMPLERS = {
+    "tpe": "TPESampler",
+    "random": "RandomSampler",
+    "cmaes": "CmaEsSampler",
+    "gp": "GPSampler",
+    "qmc": "QMCSampler",
+    "nsgaii": "NSGAIISampler",
+    "bruteforce": "BruteForceSampler",
+}
+PRUNERS = {
+    "median": "MedianPruner",
+    "percentile": "PercentilePruner",
+    "successive_halving": "SuccessiveHalvingPruner",
+    "hyperband": "HyperbandPruner",
+    "threshold": "ThresholdPruner",
+    "patient": "PatientPruner",
+    "wilcoxon": "WilcoxonPruner",
+    "none": "NopPruner",
+}
+
+
+@dataclass
+class StudyOptions:
+    """Where a study lives: every command takes the same options with the same defaults."""
+
+    study_name: str
+    storage: str | None = None
+    tracking_uri: str | None = None
+
+    @classmethod
+    def of(cls, config: StudyConfig, study_name: str | None, storage: str | None, tracking_uri: str | None) -> "StudyOptions":
+        return cls(study_name or config.name, storage, tracking_uri or config.tracking.uri)
+
+
+def open_storage(url: str | None) -> optuna.storages.BaseStorage | str:
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    if url is None or url.endswith(".journal") or url.startswith("journal:"):
+        path = Path(url.removeprefix("journal:")) if url else DEFAULT_DIR / "optuna.journal"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(str(path)))
+    return url
+
+
+def _build(registry: dict[str, str], module, spec: dict[str, Any], key: str, **defaults):
+    name = spec["name"]
+    class_name = registry.get(name, name)
+    cls = getattr(module, class_name, None)
+    if cls is None or not isinstance(cls, type):
+        raise UserError(f"{key}.name: unknown {key.split('.')[-1]} {name!r}; known: {', '.join(registry)}")
+    kwargs = {**defaults, **{k: v for k, v in spec.items() if k != "name"}}
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise UserError(f"{key}: cannot build {class_name} with {kwargs}: {err}") from None
+
+
+def make_sampler(config: StudyConfig) -> optuna.samplers.BaseSampler:
+    spec = config.search.sampler
+    defaults = {"seed": config.data.seed}
+    if SAMPLERS.get(spec["name"], spec["name"]) == "TPESampler":
+        defaults |= {"multivariate": True, "group": True}
+    return _build(SAMPLERS, optuna.samplers, spec, "search.sampler", **defaults)
+
+
+def make_pruner(config: StudyConfig) -> optuna.pruners.BasePruner:
+    return _build(PRUNERS, optuna.pruners, config.search.pruner, "search.pruner")
+
+
+def create_study(config: StudyConfig, options: StudyOptions) -> optuna.Study:
+    return optuna.create_study(
+        study_name=options.study_name,
+        storage=open_storage(options.storage),
+        sampler=make_sampler(config),
+        pruner=make_pruner(config),
+        direction="maximize",
+        load_if_exists=True,
+    )
+
+
+def load_study(options: StudyOptions) -> optuna.Study:
+    try:
+        return optuna.load_study(study_name=options.study_name, storage=open_storage(options.storage))
+    except KeyError:
+        where = options.storage or DEFAULT_DIR / "optuna.journal"
+        raise UserError(f"no study named {options.study_name!r} in storage {where}") from None
+
+
+def log_outcome(tracker: Tracker, run_id: str, outcome: TrialOutcome, workspace: Workspace) -> None:
+    config = workspace.config
+    val = outcome.validation
+    best = outcome.training.best
+    tracker.log_metrics(run_id, {
+        "trainable_parameters": outcome.trainable_parameters,
+        "best_epoch": best.epoch if best else 0,
+        "final_val_balanced_accuracy": val.balanced_accuracy,
+        "final_val_loss": val.loss,
+        "wall_time_s": outcome.seconds,
+        **{f"final_val_recall_{c}": r for c, r in val.per_class_recall.items()},
+    })
+    tracker.log_figure(run_id, confusion_figure(val, "validation"), "validation_confusion_matrix.png")
+    tracker.log_dict(run_id, {**val.as_dict(), "training": outcome.training.as_dict()}, "validation_metrics.json")
+    with temporary_folder() as tmp:
+        folder = save_adapter(
+            Path(tmp) / "adapter", outcome.classifier, workspace.base, outcome.method, outcome.method_options,
+            config.data.categories, config.prompts.model_dump(),
+            extra={"train": outcome.train_config.model_dump(), "data": {"shots": config.data.shots, "seed": config.data.seed}},
+        )
+        tracker.log_adapter(run_id, folder)
+
+
+def make_objective(workspace: Workspace, tracker: Tracker, parent_id: str, study_name: str):
+    def objective(trial: optuna.Trial) -> float:
+        plan = sample_plan(trial, workspace.config)
+        run_id = tracker.start_trial(parent_id, study_name, trial.number, plan.params())
+        trial.set_user_attr(RUN_ID_ATTR, run_id)
+
+        def on_epoch(metrics: EpochMetrics) -> None:
+            tracker.log_metrics(run_id, {
+                "train_loss": metrics.train_loss,
+                "val_loss": metrics.val_loss,
+                "val_balanced_accuracy": metrics.val_balanced_accuracy,
+            }, step=metrics.epoch)
+            trial.report(metrics.val_balanced_accuracy, metrics.epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"pruned at epoch {metrics.epoch}")
+
+        try:
+            outcome = run_trial(workspace, plan.method, plan.method_options, plan.train, on_epoch, progress=False)
+            log_outcome(tracker, run_id, outcome, workspace)
+        except optuna.TrialPruned:
+            tracker.end_run(run_id, "FINISHED", state="PRUNED")
+            raise
+        except KeyboardInterrupt:
+            tracker.end_run(run_id, "KILLED", state="FAIL", error="interrupted (Ctrl-C)")
+            raise
+        except Exception as err:
+            trial.set_user_attr("fail_reason", f"{type(err).__name__}: {err}")
+            tracker.end_run(run_id, "FAILED", state="FAIL", error=traceback.format_exc())
+            raise
+        tracker.end_run(run_id, "FINISHED", state="COMPLETE")
+        return outcome.validation.balanced_accuracy
+
+    return objective
+
+
+def summarize(tracker: Tracker, parent_id: str, study: optuna.Study) -> None:
+    """Optuna's own plots and the best trial, on the session's parent run."""
+    import warnings
+
+    from optuna.visualization import matplotlib as plots
+
+    completed = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    tracker.log_metrics(parent_id, {
+        "n_trials": len(study.trials),
+        "n_complete": len(completed),
+        "n_pruned": sum(t.state == optuna.trial.TrialState.PRUNED for t in study.trials),
+        "n_failed": sum(t.state == optuna.trial.TrialState.FAIL for t in study.trials),
+    })
+    if not completed:
+        return
+    best = study.best_trial
+    tracker.log_params(parent_id, {f"best.{k}": v for k, v in best.params.items()})
+    tracker.log_metrics(parent_id, {"best_val_balanced_accuracy": best.value, "best_trial_number": best.number})
+    tracker.set_tags(parent_id, {"hpo_peft.best_run_id": best.user_attrs.get(RUN_ID_ATTR, "")})
+    figures = {
+        "optimization_history.png": plots.plot_optimization_history,
+        "param_importances.png": plots.plot_param_importances,
+        "parallel_coordinate.png": plots.plot_parallel_coordinate,
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for path, plot in figures.items():
+            try:
+                axes = plot(study)
+            except (ValueError, RuntimeError, ZeroDivisionError) as err:  # e.g. too few trials for importances
+                tracker.set_tags(parent_id, {f"hpo_peft.skipped.{path}": str(err)[:500]})
+                continue
+            figure = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
+            tracker.log_figure(parent_id, figure, path)
+
+
+def run_study(config: StudyConfig, options: StudyOptions, n_trials: int | None, timeout: float | None) -> optuna.Study:
+    study = create_study(config, options)  # sampler/pruner typos fail before the model loads
+    tracker = Tracker(options.tracking_uri, experiment=options.study_name)
+    workspace = open_workspace(config)
+    parent_id = tracker.start_parent(options.study_name, {"hpo_peft.storage": str(options.storage or "default")})
+    tracker.log_dict(parent_id, config.model_dump(mode="json"), "config.json")
+    status = "FINISHED"
+    try:
+        study.optimize(
+            make_objective(workspace, tracker, parent_id, options.study_name),
+            n_trials=n_trials if n_trials is not None else config.search.n_trials,
+            timeout=timeout if timeout is not None else config.search.timeout,
+            catch=(Exception,),
+            show_progress_bar=True,
+        )
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        summarize(tracker, parent_id, study)
+        tracker.end_run(parent_id, status)
+    return study
+
+
+def best_trial(options: StudyOptions) -> optuna.trial.FrozenTrial:
+    study = load_study(options)
+    try:
+        return study.best_trial
+    except ValueError:
+        raise UserError(f"study {options.study_name!r} has no completed trial yet") from None

@@ -1,0 +1,148 @@
+"""Everything MLflow: one experiment per study, a parent run per `study run` session, a nested
+child run per trial, per-epoch metrics, figures, adapters, test results, the model registry.
+
+Default store (documented in the README): MLflow 3's SQLite backend at `mlruns/mlflow.db`, with
+artifacts under `mlruns/artifacts/`. Open it with
+`mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db`.
+Works through `MlflowClient` with explicit run ids, so several workers never share a global
+"active run".
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+
+from hpo_peft.errors import UserError
+
+DEFAULT_DIR = Path("mlruns")
+ADAPTER_PATH = "adapter"
+TAG_STUDY = "hpo_peft.study"
+TAG_TRIAL = "hpo_peft.trial_number"
+TAG_STATE = "hpo_peft.trial_state"
+TAG_KIND = "hpo_peft.run_kind"
+TAG_ERROR = "hpo_peft.error"
+
+
+def default_tracking_uri() -> str:
+    return "sqlite:///" + str((DEFAULT_DIR / "mlflow.db").resolve())
+
+
+def _chunks(items: list, size: int) -> list[list]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+class Tracker:
+    def __init__(self, tracking_uri: str | None, experiment: str):
+        self.uri = tracking_uri or default_tracking_uri()
+        if tracking_uri is None:
+            DEFAULT_DIR.mkdir(exist_ok=True)
+        self.client = MlflowClient(self.uri)
+        self.experiment_id = self._experiment_id(experiment, own_store=tracking_uri is None)
+
+    def _experiment_id(self, name: str, own_store: bool) -> str:
+        found = self.client.get_experiment_by_name(name)
+        if found is not None:
+            return found.experiment_id
+        location = (DEFAULT_DIR / "artifacts").resolve().as_uri() if own_store else None
+        try:
+            return self.client.create_experiment(name, artifact_location=location)
+        except MlflowException:  # another worker created it first
+            return self.client.get_experiment_by_name(name).experiment_id
+
+    # runs -----------------------------------------------------------------------------------
+    def start_parent(self, study: str, tags: dict[str, str]) -> str:
+        run = self.client.create_run(
+            self.experiment_id, run_name=f"{study} session", tags={TAG_STUDY: study, TAG_KIND: "study_session", **tags}
+        )
+        return run.info.run_id
+
+    def start_trial(self, parent_id: str, study: str, number: int, params: dict[str, Any]) -> str:
+        run = self.client.create_run(
+            self.experiment_id,
+            run_name=f"trial {number}",
+            tags={
+                "mlflow.parentRunId": parent_id,
+                TAG_STUDY: study,
+                TAG_TRIAL: str(number),
+                TAG_KIND: "trial",
+                TAG_STATE: "RUNNING",
+            },
+        )
+        self.log_params(run.info.run_id, params)
+        return run.info.run_id
+
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        items = [Param(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v)) for k, v in params.items()]
+        for chunk in _chunks(items, 100):
+            self.client.log_batch(run_id, params=chunk)
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+        import time
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        for chunk in _chunks(items, 500):
+            self.client.log_batch(run_id, metrics=chunk)
+
+    def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def end_run(self, run_id: str, status: str, state: str | None = None, error: str | None = None) -> None:
+        """status: MLflow's FINISHED / FAILED / KILLED; state: Optuna's trial state, as a tag."""
+        tags = {}
+        if state:
+            tags[TAG_STATE] = state
+        if error:
+            tags[TAG_ERROR] = error[:5000]
+        if tags:
+            self.set_tags(run_id, tags)
+        self.client.set_terminated(run_id, status)
+
+    # artifacts ------------------------------------------------------------------------------
+    def log_figure(self, run_id: str, figure, path: str) -> None:
+        import matplotlib.pyplot as plt
+
+        self.client.log_figure(run_id, figure, path)
+        plt.close(figure)
+
+    def log_dict(self, run_id: str, data: dict, path: str) -> None:
+        self.client.log_dict(run_id, data, path)
+
+    def log_adapter(self, run_id: str, folder: Path) -> None:
+        self.client.log_artifacts(run_id, str(folder), ADAPTER_PATH)
+
+    def download_adapter(self, run_id: str, destination: Path) -> Path:
+        try:
+            path = self.client.download_artifacts(run_id, ADAPTER_PATH, str(destination))
+        except (MlflowException, OSError) as err:
+            raise UserError(f"run {run_id}: no adapter artifact could be downloaded ({err})") from None
+        return Path(path)
+
+    def get_run(self, run_id: str):
+        try:
+            return self.client.get_run(run_id)
+        except MlflowException as err:
+            raise UserError(f"MLflow run {run_id!r} not found in {self.uri} ({err.message})") from None
+
+    # registry -------------------------------------------------------------------------------
+    def register_adapter(self, run_id: str, name: str, alias: str = "best") -> int:
+        """Register the run's adapter folder as a model version and point `alias` at it."""
+        try:
+            self.client.get_registered_model(name)
+        except MlflowException:
+            self.client.create_registered_model(name, description="hpo-peft adapter (see hpo_peft_adapter.json)")
+        source = f"{self.client.get_run(run_id).info.artifact_uri}/{ADAPTER_PATH}"
+        version = self.client.create_model_version(name, source, run_id=run_id)
+        self.client.set_registered_model_alias(name, alias, version.version)
+        return int(version.version)
+
+
+def temporary_folder() -> tempfile.TemporaryDirectory:
+    return tempfile.TemporaryDirectory(prefix="hpo_peft_")

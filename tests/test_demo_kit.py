@@ -1,0 +1,230 @@
+"""Tests for the offline demo kit (generated SICAPv2-layout data + tiny CLIP-format model).
+
+The kit is built once per module (about 15 s on two CPU cores)."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from hpo_peft import demo_kit
+from hpo_peft.demo_kit import DEFAULT_DIR, KIT_VERSION, build_demo_kit
+
+CLASSES = ["NC", "G3", "G4", "G5"]
+COLUMNS = ["image_name", "NC", "G3", "G4", "G5", "G4C"]
+NAME_RE = re.compile(r"^\d{2}B\d{7}_Block_Region_\d+_\d+_\d+_xini_\d+_yini_\d+\.jpg$")
+TEMPLATES = [
+    "a histopathology slide showing [CLS]",
+    "histopathology image of [CLS]",
+    "pathology tissue showing [CLS]",
+    "presence of [CLS] tissue on image",
+]
+DESCRIPTIONS = {
+    "NC": "benign glands",
+    "G3": "atrophic dense glands",
+    "G4": "cribriform ill-formed fused papillary patterns",
+    "G5": "isolated nest cells without lumen roseting patterns",
+}
+
+
+@pytest.fixture(scope="module")
+def kit(demo_kit) -> Path:
+    """The session's kit (tests/conftest.py), built once for the whole suite."""
+    return demo_kit
+
+
+@pytest.fixture(scope="module")
+def tables(kit) -> dict[str, pd.DataFrame]:
+    part = kit / "sicapv2" / "partition" / "Test"
+    return {split: pd.read_excel(part / f"{split}.xlsx") for split in ("Train", "Test")}
+
+
+def test_public_api():
+    assert DEFAULT_DIR == Path("local_data/demo")
+    assert isinstance(KIT_VERSION, int)
+
+
+def test_layout(kit):
+    assert (kit / "kit.json").is_file()
+    assert (kit / "sicapv2" / "images").is_dir()
+    for split in ("Train", "Test"):
+        assert (kit / "sicapv2" / "partition" / "Test" / f"{split}.xlsx").is_file()
+    for name in ("config.json", "model.safetensors", "vocab.json", "merges.txt"):
+        assert (kit / "model" / name).is_file(), name
+    # no temporary build folder left next to the kit
+    assert [p.name for p in kit.parent.iterdir()] == ["demo"]
+
+
+def test_columns_and_values(tables):
+    for df in tables.values():
+        assert list(df.columns) == COLUMNS
+        labels = df[CLASSES + ["G4C"]]
+        assert all(pd.api.types.is_integer_dtype(t) for t in labels.dtypes)
+        assert set(np.unique(labels.to_numpy())) <= {0, 1}
+
+
+def test_images_exist_unique_and_rgb_512(kit, tables):
+    images = kit / "sicapv2" / "images"
+    train, test = (set(tables[s]["image_name"]) for s in ("Train", "Test"))
+    assert len(train) == len(tables["Train"]) and len(test) == len(tables["Test"])
+    assert not train & test, "Train and Test must use different images"
+    on_disk = {p.name for p in images.iterdir()}
+    assert on_disk == train | test
+    for name in sorted(train | test):
+        assert NAME_RE.match(name), name
+        with Image.open(images / name) as img:
+            assert img.format == "JPEG"
+            assert img.mode == "RGB"
+            assert img.size == (512, 512)
+
+
+def test_row_counts(tables):
+    for split, per_class in (("Train", 48), ("Test", 24)):
+        labels = tables[split][CLASSES].to_numpy()
+        single = labels[labels.sum(axis=1) == 1]
+        assert single.sum(axis=0).tolist() == [per_class] * 4, split
+    train = tables["Train"][CLASSES].to_numpy().sum(axis=1)
+    assert (train == 2).sum() == 5
+    assert (train == 0).sum() == 5
+    assert (tables["Test"][CLASSES].to_numpy().sum(axis=1) == 1).all()
+    # shuffled: the classes are not in blocks
+    first = tables["Train"][CLASSES].to_numpy()[:48].argmax(axis=1)
+    assert len(set(first.tolist())) > 1
+
+
+def test_g4c(tables):
+    for df in tables.values():
+        assert df["G4C"].sum() > 0
+        assert (df.loc[df["G4C"] == 1, "G4"] == 1).all()
+
+
+def test_idempotent(kit):
+    meta = kit / "kit.json"
+    before = meta.stat().st_mtime_ns
+    t0 = time.perf_counter()
+    assert build_demo_kit(kit, progress=False) == kit
+    assert time.perf_counter() - t0 < 1.0
+    assert meta.stat().st_mtime_ns == before
+    assert f'"kit_version": {KIT_VERSION}' in meta.read_text()
+
+
+def test_incomplete_or_old_kit_is_not_complete(tmp_path, kit):
+    assert demo_kit._is_complete(kit)
+    fake = tmp_path / "old"
+    (fake / "sicapv2").mkdir(parents=True)
+    (fake / "model").mkdir()
+    (fake / "kit.json").write_text('{"kit_version": %d}' % (KIT_VERSION - 1))
+    assert not demo_kit._is_complete(fake)
+    (fake / "kit.json").unlink()
+    assert not demo_kit._is_complete(fake)
+
+
+def test_interrupted_build_leaves_nothing_that_looks_complete(tmp_path, monkeypatch):
+    real_draw, calls = demo_kit._draw_patch, []
+
+    def draw_then_interrupt(*args, **kwargs):  # interrupted while writing the images
+        calls.append(1)
+        if len(calls) > 3:
+            raise KeyboardInterrupt
+        return real_draw(*args, **kwargs)
+
+    monkeypatch.setattr(demo_kit, "_draw_patch", draw_then_interrupt)
+    out = tmp_path / "demo"
+    with pytest.raises(KeyboardInterrupt):
+        build_demo_kit(out, progress=False)
+    assert not (out / "kit.json").exists()
+    assert list(tmp_path.iterdir()) == []  # the temporary build folder is cleaned up
+
+
+def test_generation_is_deterministic(tmp_path):
+    a = demo_kit._draw_patch(demo_kit._rng("test", 3), "G4", 128)
+    b = demo_kit._draw_patch(demo_kit._rng("test", 3), "G4", 128)
+    assert np.array_equal(a, b)
+    rows = [["x.jpg", 1, 0, 0, 0, 0]]
+    demo_kit._deterministic_xlsx(tmp_path / "a.xlsx", rows)
+    time.sleep(1.1)  # zip entries would otherwise carry a different timestamp
+    demo_kit._deterministic_xlsx(tmp_path / "b.xlsx", rows)
+    assert (tmp_path / "a.xlsx").read_bytes() == (tmp_path / "b.xlsx").read_bytes()
+
+
+def test_tokenizer_words_are_single_tokens():
+    vocab, merges = demo_kit._tokenizer_vocab()
+    assert {"<|startoftext|>", "<|endoftext|>", "a</w>", "z</w>", "0</w>", "9</w>", "-</w>"} <= set(vocab)
+    assert sorted(vocab.values()) == list(range(len(vocab)))
+    for word in ("histopathology", "cribriform", "roseting", "gleason", "cancerous", "non"):
+        assert word + "</w>" in vocab
+
+
+@pytest.fixture(scope="module")
+def model_and_processor(kit):
+    from transformers import AutoModel, AutoProcessor
+
+    model = AutoModel.from_pretrained(kit / "model").eval()
+    processor = AutoProcessor.from_pretrained(kit / "model")
+    return model, processor
+
+
+def test_model_loads_as_clip_with_plip_module_names(model_and_processor):
+    from transformers import CLIPModel
+
+    model, _ = model_and_processor
+    assert isinstance(model, CLIPModel)
+    names = dict(model.vision_model.named_modules())
+    for name in ("encoder.layers.0.self_attn.q_proj", "encoder.layers.1.self_attn.v_proj",
+                 "encoder.layers.0.layer_norm1", "encoder.layers.0.mlp.fc1"):
+        assert name in names, name
+    assert model.config.vision_config.image_size == 64
+    assert model.config.projection_dim == 32
+    assert model.logit_scale.exp().item() == pytest.approx(1 / 0.07, rel=1e-3)
+
+
+def test_processor_tokenises_prompts(model_and_processor):
+    model, processor = model_and_processor
+    tok = processor.tokenizer
+    enc = tok(["histopathology image of benign glands"], padding=True, truncation=True,
+              max_length=77, return_tensors="pt")
+    ids = enc["input_ids"][0].tolist()
+    assert len(ids) == 7  # <sot> + 5 words + <eot>
+    assert ids[0] == tok.bos_token_id == model.config.text_config.bos_token_id
+    assert ids[-1] == tok.eos_token_id == model.config.text_config.eos_token_id
+    assert tok.pad_token_id == tok.eos_token_id
+    prompts = [t.replace("[CLS]", d) for d in DESCRIPTIONS.values() for t in TEMPLATES]
+    enc = tok(prompts, padding=True, truncation=True, max_length=77, return_tensors="pt")
+    assert enc["input_ids"].shape[1] <= 16
+    assert (enc["input_ids"] != tok.unk_token_id).sum() > 0
+    # unknown words fall back to characters, not to <unk>
+    out = tok(["zebra xylophone"], add_special_tokens=False)["input_ids"][0]
+    assert len(out) > 2 and tok.unk_token_id not in out
+
+
+@torch.no_grad()
+def test_zero_shot_above_chance(kit, tables, model_and_processor):
+    model, processor = model_and_processor
+    df = tables["Test"]
+    images = []
+    for name in df["image_name"]:
+        with Image.open(kit / "sicapv2" / "images" / name) as im:
+            images.append(im.convert("RGB"))
+    pixels = processor.image_processor(
+        images=images, size={"height": 64, "width": 64}, do_center_crop=False, return_tensors="pt"
+    )["pixel_values"]
+    assert pixels.shape == (len(df), 3, 64, 64)
+    img = F.normalize(model.visual_projection(model.vision_model(pixel_values=pixels).pooler_output), dim=-1)
+    protos = []
+    for cls in CLASSES:
+        prompts = [t.replace("[CLS]", DESCRIPTIONS[cls]) for t in TEMPLATES]
+        enc = processor.tokenizer(prompts, padding=True, truncation=True, max_length=77, return_tensors="pt")
+        txt = model.text_projection(model.text_model(**enc).pooler_output)
+        protos.append(F.normalize(F.normalize(txt, dim=-1).mean(dim=0), dim=-1))
+    pred = (img @ torch.stack(protos).T).argmax(dim=1).numpy()
+    true = df[CLASSES].to_numpy().argmax(axis=1)
+    bacc = float(np.mean([np.mean(pred[true == k] == k) for k in range(4)]))
+    assert 0.3 < bacc < 0.95, bacc

@@ -1,0 +1,200 @@
+"""The study end to end on the demo kit, with a temporary Optuna storage and MLflow store."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import optuna
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from hpo_peft.cli import main
+from hpo_peft.commands import prepare_study_config
+from hpo_peft.study import RUN_ID_ATTR, StudyOptions, load_study, run_study
+
+SEARCH = {
+    "n_trials": 6,
+    "sampler": {"name": "random", "seed": 3},
+    # prunes a trial as soon as it falls below the best earlier trial at the same epoch
+    "pruner": {"name": "percentile", "percentile": 90.0, "n_startup_trials": 1, "n_warmup_steps": 0},
+    "params": {
+        "method": {"choices": ["bias", "lora"]},
+        "learning_rate": {"low": 0.002, "high": 0.01, "log": True},
+        "max_epochs": {"choices": [4, 6]},
+        "patience": 3,
+    },
+    "methods": {"lora": {"rank": {"choices": [1, 2, 4]}, "b_init": {"choices": ["zeros", "random"]}}},
+}
+
+
+@pytest.fixture(scope="module")
+def finished_study(tmp_path_factory, demo_kit):
+    """A 6-trial study, then a second session of 2 more trials on the same storage."""
+    from conftest import demo_config_dict
+    import yaml
+
+    tmp = tmp_path_factory.mktemp("study")
+    shutil.copytree(demo_kit / "sicapv2", tmp / "sicapv2")
+    raw = demo_config_dict(demo_kit)
+    raw["data"]["root"] = str(tmp / "sicapv2")
+    raw["search"] = SEARCH
+    path = tmp / "study.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    # the study never needs the test table: make it unreadable for the whole study
+    test_table = tmp / "sicapv2/partition/Test/Test.xlsx"
+    saved = test_table.read_bytes()
+    test_table.write_bytes(b"garbage, not a spreadsheet")
+    options = StudyOptions("s", storage=str(tmp / "optuna.journal"), tracking_uri="sqlite:///" + str(tmp / "mlflow.db"))
+    config = prepare_study_config(path, [])
+    first = run_study(config, options, n_trials=6, timeout=None)
+    first_numbers = [t.number for t in first.trials]
+    run_study(config, options, n_trials=2, timeout=None)
+    return {"path": path, "options": options, "tmp": tmp, "first_numbers": first_numbers,
+            "test_table": test_table, "test_bytes": saved}
+
+
+def cli_options(s):
+    o = s["options"]
+    return ["--study-name", o.study_name, "--storage", o.storage, "--tracking-uri", o.tracking_uri]
+
+
+def child_runs(s):
+    client = MlflowClient(s["options"].tracking_uri)
+    experiment = client.get_experiment_by_name("s")
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("hpo_peft.run_kind") == "study_session"]
+    children = [r for r in runs if r.data.tags.get("hpo_peft.run_kind") == "trial"]
+    return client, parents, children
+
+
+def test_resume_continues_numbering_without_duplicates(finished_study):
+    study = load_study(finished_study["options"])
+    assert finished_study["first_numbers"] == list(range(6))
+    assert [t.number for t in study.trials] == list(range(8))
+    client, parents, children = child_runs(finished_study)
+    assert len(parents) == 2
+    assert sorted(int(r.data.tags["hpo_peft.trial_number"]) for r in children) == list(range(8))
+    for child in children:
+        assert child.data.tags["mlflow.parentRunId"] in {p.info.run_id for p in parents}
+    assert {r.info.status for r in parents + children} <= {"FINISHED"}
+
+
+def test_trials_log_params_metrics_and_artifacts(finished_study):
+    study = load_study(finished_study["options"])
+    client, _, children = child_runs(finished_study)
+    by_number = {int(r.data.tags["hpo_peft.trial_number"]): r for r in children}
+    states = {t.state for t in study.trials}
+    assert optuna.trial.TrialState.PRUNED in states and optuna.trial.TrialState.COMPLETE in states
+    methods = set()
+    for trial in study.trials:
+        run = by_number[trial.number]
+        assert trial.user_attrs[RUN_ID_ATTR] == run.info.run_id
+        assert run.data.tags["hpo_peft.trial_state"] == trial.state.name
+        params = run.data.params
+        methods.add(params["method"])
+        assert params["train.learning_rate"] == str(trial.params["learning_rate"])
+        assert params["train.patience"] == "3"
+        if params["method"] == "lora":
+            assert {"lora.rank", "lora.b_init"} <= set(trial.params)
+            assert params["lora.rank"] == str(trial.params["lora.rank"])
+        else:
+            assert not any(k.startswith("lora.") for k in trial.params)
+            assert not any(k.startswith("lora.") for k in params)
+        history = client.get_metric_history(run.info.run_id, "val_balanced_accuracy")
+        assert [m.step for m in history] == list(range(1, len(history) + 1)) and history
+        assert len(client.get_metric_history(run.info.run_id, "train_loss")) == len(history)
+        if trial.state == optuna.trial.TrialState.COMPLETE:
+            metrics = run.data.metrics
+            assert metrics["final_val_balanced_accuracy"] == pytest.approx(trial.value)
+            assert metrics["trainable_parameters"] > 0 and metrics["best_epoch"] >= 1 and metrics["wall_time_s"] > 0
+            files = {a.path for a in client.list_artifacts(run.info.run_id)}
+            assert {"validation_confusion_matrix.png", "validation_metrics.json", "adapter"} <= files
+            adapter = {a.path for a in client.list_artifacts(run.info.run_id, "adapter")}
+            assert {"adapter/hpo_peft_adapter.json", "adapter/head.safetensors"} <= adapter
+            confusion = json.loads(open(client.download_artifacts(run.info.run_id, "validation_metrics.json")).read())
+            assert sum(map(sum, confusion["confusion_matrix"])) == 4 * 16
+        else:
+            assert "adapter" not in {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert methods == {"bias", "lora"}
+
+
+def test_parent_run_has_study_plots_and_best(finished_study):
+    client, parents, _ = child_runs(finished_study)
+    study = load_study(finished_study["options"])
+    last = max(parents, key=lambda r: r.info.start_time)
+    files = {a.path for a in client.list_artifacts(last.info.run_id)}
+    assert {"optimization_history.png", "parallel_coordinate.png", "config.json"} <= files
+    assert last.data.metrics["best_val_balanced_accuracy"] == pytest.approx(study.best_value)
+    assert last.data.tags["hpo_peft.best_run_id"] == study.best_trial.user_attrs[RUN_ID_ATTR]
+
+
+def test_best_command_prints_the_best_trial(finished_study, capsys):
+    assert main(["study", "best", str(finished_study["path"]), *cli_options(finished_study), "--json"]) == 0
+    best = json.loads(capsys.readouterr().out)
+    study = load_study(finished_study["options"])
+    assert best["trial_number"] == study.best_trial.number
+    assert best["val_balanced_accuracy"] == study.best_value
+
+
+def test_evaluate_needs_a_readable_test_table(finished_study, capsys):
+    code = main(["evaluate", str(finished_study["path"]), *cli_options(finished_study)])
+    assert code == 2
+    assert "Test.xlsx: cannot read the table" in capsys.readouterr().err
+
+
+def test_evaluate_in_fresh_process_reproduces_in_memory_best(finished_study, demo_workspace):
+    finished_study["test_table"].write_bytes(finished_study["test_bytes"])
+    out = subprocess.run(
+        [sys.executable, "-m", "hpo_peft.cli", "evaluate", str(finished_study["path"]), *cli_options(finished_study),
+         "--json", "--register", "demo-best"],
+        capture_output=True, text=True, check=True,
+    )
+    fresh = json.loads(out.stdout)
+    study = load_study(finished_study["options"])
+    best = study.best_trial
+    assert fresh["mlflow_run_id"] == best.user_attrs[RUN_ID_ATTR]
+
+    # the same trial retrained in memory (training is deterministic for a seed) and evaluated here
+    from hpo_peft.config import TrainConfig
+    from hpo_peft.data import load_test
+    from hpo_peft.evaluate import evaluate
+    from hpo_peft.trial import run_trial
+
+    config = prepare_study_config(finished_study["path"], [])
+    params = {k: v for k, v in best.params.items()}
+    method = params.pop("method")
+    options = {k.split(".", 1)[1]: params.pop(k) for k in list(params) if k.startswith(method + ".")}
+    train = TrainConfig.model_validate({**config.train.model_dump(), **params, "patience": 3})
+    outcome = run_trial(demo_workspace, method, options, train, progress=False)
+    assert outcome.validation.balanced_accuracy == pytest.approx(best.value)
+    test = evaluate(outcome.classifier, load_test(config.data, demo_workspace.base.preprocessing),
+                    demo_workspace.base.preprocessing, config.data.categories)
+    assert fresh["balanced_accuracy"] == pytest.approx(test.balanced_accuracy, abs=1e-9)
+
+    client, _, _ = child_runs(finished_study)
+    run = client.get_run(fresh["mlflow_run_id"])
+    assert run.data.metrics["test_balanced_accuracy"] == pytest.approx(fresh["balanced_accuracy"])
+    assert "test_confusion_matrix.png" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    version = client.get_model_version_by_alias("demo-best", "best")
+    assert version.run_id == run.info.run_id
+
+
+def test_peft_loads_a_lora_artifact(finished_study, demo_workspace, tmp_path):
+    from peft import PeftModel
+
+    study = load_study(finished_study["options"])
+    lora = [t for t in study.trials if t.state.name == "COMPLETE" and t.params["method"] == "lora"]
+    assert lora, "the study drew no completed LoRA trial"
+    client = MlflowClient(finished_study["options"].tracking_uri)
+    folder = client.download_artifacts(lora[0].user_attrs[RUN_ID_ATTR], "adapter/peft_adapter", str(tmp_path))
+    encoder = demo_workspace.base.image_encoder()
+    import copy
+
+    model = PeftModel.from_pretrained(copy.deepcopy(encoder), folder)
+    names = [n for n, _ in model.named_parameters() if "lora_A" in n]
+    assert len(names) == 3 * 2  # q, k, v in each of the demo model's 2 layers
+    assert model.peft_config["default"].r == lora[0].params["lora.rank"]
+    pixels = torch.zeros(1, 3, 64, 64)
+    assert model(pixels).shape == encoder(pixels).shape

@@ -1,0 +1,44 @@
+"""Training on the demo kit: every trainable method learns, early stopping restores the best epoch."""
+
+import pytest
+
+from hpo_peft.config import TrainConfig
+from hpo_peft.train import EpochMetrics, _is_better
+from hpo_peft.trial import run_trial
+
+DEMO_TRAIN = dict(learning_rate=0.003, max_epochs=15, patience=5, batch_size=32)
+
+
+@pytest.mark.parametrize("method, options", [("affine_ln", {}), ("bias", {}), ("lora", {"rank": 4}), ("full", {})])
+def test_every_trainable_method_beats_chance(demo_workspace, method, options):
+    outcome = run_trial(demo_workspace, method, options, TrainConfig(**DEMO_TRAIN), progress=False)
+    assert outcome.validation.balanced_accuracy > 25.0 + 15.0  # chance is 25% for 4 classes
+    first = outcome.training.history[0].train_loss
+    assert outcome.training.best.train_loss < first
+
+
+def test_early_stopping_restores_the_best_epoch(demo_workspace):
+    seen = []
+    config = TrainConfig(learning_rate=0.05, max_epochs=25, patience=3)  # a rate high enough to overshoot
+    outcome = run_trial(demo_workspace, "bias", {}, config, on_epoch=seen.append, progress=False)
+    best = outcome.training.best
+    assert seen == outcome.training.history
+    assert best == max(seen, key=lambda m: (m.val_balanced_accuracy, -m.val_loss))
+    # the weights in hand are the best epoch's: re-evaluating them gives its validation figures
+    assert outcome.validation.balanced_accuracy == pytest.approx(best.val_balanced_accuracy)
+    assert outcome.validation.loss == pytest.approx(best.val_loss, rel=1e-5)
+    if outcome.training.stopped_early:
+        assert len(seen) == best.epoch + 3
+
+
+def test_ties_in_accuracy_are_broken_by_validation_loss():
+    best = EpochMetrics(1, 1.0, 0.8, 50.0)
+    assert _is_better(EpochMetrics(2, 1.0, 0.7, 50.0), best)
+    assert not _is_better(EpochMetrics(2, 1.0, 0.9, 50.0), best)
+    assert _is_better(EpochMetrics(2, 1.0, 2.0, 51.0), best)
+
+
+def test_zero_shot_trains_nothing(demo_workspace):
+    outcome = run_trial(demo_workspace, "zero_shot", {}, TrainConfig(), progress=False)
+    assert outcome.trainable_parameters == 0 and outcome.training.history == []
+    assert 0 <= outcome.validation.balanced_accuracy <= 100
