@@ -204,6 +204,8 @@ def summarize(tracker: Tracker, parent_id: str, study: optuna.Study) -> None:
                 tracker.set_tags(parent_id, {f"hpo_peft.skipped.{path}": str(err)[:500]})
                 continue
             figure = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
+            figure.set_size_inches(11, 6)
+            figure.tight_layout()
             tracker.log_figure(parent_id, figure, path)
 
 
@@ -220,7 +222,7 @@ def run_study(config: StudyConfig, options: StudyOptions, n_trials: int | None, 
             n_trials=n_trials if n_trials is not None else config.search.n_trials,
             timeout=timeout if timeout is not None else config.search.timeout,
             catch=(Exception,),
-            show_progress_bar=True,
+            show_progress_bar=False,  # Optuna logs one line per trial instead
         )
     except KeyboardInterrupt:
         status = "KILLED"
