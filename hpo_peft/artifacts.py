@@ -30,16 +30,8 @@ HEAD_FILE = "head.safetensors"
 FORMAT_VERSION = 1
 
 
-def base_fingerprint(base: BaseModel) -> str:
-    """A cheap identity of the base weights: two models differ here if their projections differ."""
-    digest = hashlib.sha256()
-    for tensor in (base.clip.visual_projection.weight, base.clip.logit_scale):
-        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
 def base_identity(base: BaseModel) -> dict[str, Any]:
-    return {"name_or_path": base.name_or_path, "revision": base.revision, "fingerprint": base_fingerprint(base)}
+    return {"name_or_path": base.name_or_path, "revision": base.revision, "fingerprint": base.fingerprint()}
 
 
 def _sha256(path: Path) -> str:
@@ -70,7 +62,8 @@ def save_adapter(
 ) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     get_method(method_name).save(classifier, folder)
-    save_file({"weight": classifier.head.weight.detach().float().contiguous().cpu()}, folder / HEAD_FILE)
+    head_state = {k: v.detach().float().contiguous().cpu() for k, v in classifier.head.state_dict().items()}
+    save_file(head_state, folder / HEAD_FILE)
     metadata = {
         "format_version": FORMAT_VERSION,
         "hpo_peft_version": hpo_peft.__version__,
@@ -119,7 +112,7 @@ def load_adapter(
     metadata = read_metadata(folder)
     verify_files(folder, metadata)
     built_for = metadata["base_model"]
-    if built_for.get("fingerprint") != base_fingerprint(base):
+    if built_for.get("fingerprint") != base.fingerprint():
         raise UserError(
             f"{folder}: adapter was built for base model {built_for.get('name_or_path')!r} "
             f"(fingerprint {built_for.get('fingerprint')}), not for {base.name_or_path!r}"
@@ -128,8 +121,13 @@ def load_adapter(
         raise UserError(f"{folder}: adapter categories {metadata['categories']} differ from the config's {categories}")
     method_name = metadata["method"]["name"]
     config = method_config(method_name, metadata["method"]["config"])
-    head = load_file(folder / HEAD_FILE)["weight"]
-    classifier = build_classifier(base, torch.zeros_like(head))
+    head_state = load_file(folder / HEAD_FILE)
+    if "weight" not in head_state:
+        raise UserError(f"{folder / HEAD_FILE}: no head weight")
+    classifier = build_classifier(base, torch.zeros_like(head_state["weight"]))
     classifier = get_method(method_name).load(classifier, config, folder)
-    classifier.head.weight.data.copy_(head)
+    try:
+        classifier.head.load_state_dict(head_state)
+    except RuntimeError as err:
+        raise UserError(f"{folder / HEAD_FILE}: head does not fit method {method_name!r} on this model ({err})") from None
     return classifier.eval(), metadata

@@ -40,17 +40,20 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 def predict_logits(
     model: nn.Module,
     images: torch.Tensor,
-    prep: Preprocessing,
+    prep: Preprocessing | None,
     batch_size: int = 256,
     amp_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Logits (N, C) as float32 on the CPU; uint8 images are normalised batch by batch."""
+    """Outputs (N, C) as float32 on the CPU. uint8 images are normalised batch by batch with
+    `prep`; with `prep=None` the inputs (e.g. cached features) go to the model as they are."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     outputs = []
     for start in range(0, len(images), batch_size):
-        batch = prep.normalize(images[start : start + batch_size].to(device, non_blocking=True))
+        batch = images[start : start + batch_size].to(device, non_blocking=True)
+        if prep is not None:
+            batch = prep.normalize(batch)
         with autocast(device, amp_dtype):
             outputs.append(model(batch).float().cpu())
     model.train(was_training)

@@ -8,6 +8,7 @@ which of its parameters train; this module does not know which.
 from __future__ import annotations
 
 import copy
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -73,6 +74,13 @@ class BaseModel:
     def logit_scale(self) -> torch.Tensor:
         return self.clip.logit_scale.detach()
 
+    def fingerprint(self) -> str:
+        """A cheap identity of the weights: two models differ here if their projections differ."""
+        digest = hashlib.sha256()
+        for tensor in (self.clip.visual_projection.weight, self.clip.logit_scale):
+            digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()[:16]
+
 
 def load_base_model(config: ModelConfig) -> BaseModel:
     """Load model and processor by hub id or local folder, through `AutoModel`/`AutoProcessor`."""
@@ -126,13 +134,13 @@ def text_prototypes(base: BaseModel, prompts: PromptConfig, categories: list[str
     clip, tokenizer = base.clip, base.processor.tokenizer
     rows = []
     for texts in prompt_texts(prompts, categories).values():
-        tokens = tokenizer(texts, max_length=77, padding=True, truncation=True, return_tensors="pt")
+        tokens = tokenizer(texts, max_length=77, padding=True, truncation=True, return_tensors="pt").to(clip.device)
         pooled = clip.text_model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]).pooler_output
         embeddings = clip.text_projection(pooled)
         embeddings = embeddings / embeddings.norm(dim=-1, keepdim=True)
         mean = embeddings.mean(0)
         rows.append(mean / mean.norm())
-    return torch.stack(rows)
+    return torch.stack(rows).float().cpu()
 
 
 def build_classifier(base: BaseModel, prototypes: torch.Tensor) -> ImageClassifier:
@@ -140,6 +148,11 @@ def build_classifier(base: BaseModel, prototypes: torch.Tensor) -> ImageClassifi
     encoder = copy.deepcopy(base.image_encoder())
     classifier = ImageClassifier(encoder, ZeroShotHead(prototypes, base.logit_scale))
     return classifier.requires_grad_(False).eval()
+
+
+def encoder_is_frozen(classifier: ImageClassifier) -> bool:
+    """True when only the head trains: its inputs are then fixed features that can be cached."""
+    return not any(p.requires_grad for p in classifier.encoder.parameters())
 
 
 def count_trainable(module: nn.Module) -> int:

@@ -16,9 +16,9 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from hpo_peft.config import TrainConfig
-from hpo_peft.data import FewShotSplit, Preprocessing
-from hpo_peft.evaluate import autocast, evaluate
-from hpo_peft.model import ImageClassifier
+from hpo_peft.data import FewShotSplit, LabelledImages, Preprocessing
+from hpo_peft.evaluate import autocast, compute_metrics, predict_logits
+from hpo_peft.model import ImageClassifier, encoder_is_frozen
 
 
 class NonFiniteLoss(RuntimeError):
@@ -90,29 +90,43 @@ def train(
     seed: int,
     on_epoch: Callable[[EpochMetrics], None] | None = None,
     progress: bool = True,
+    features: Callable[[LabelledImages], torch.Tensor] | None = None,
 ) -> TrainResult:
+    """With a frozen encoder only the head trains, on features computed once (by `features`, a
+    shared cache, when given); otherwise the whole classifier runs on the uint8 images."""
     set_seeds(seed)
     device = resolve_device(config.device)
     dtype = amp_dtype(config.precision, device)
     classifier.to(device)
-    params = [p for p in classifier.parameters() if p.requires_grad]
     named = [(n, p) for n, p in classifier.named_parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, config)
-    images = data.train.images.to(device)
+    optimizer = make_optimizer([p for _, p in named], config)
     labels = data.train.labels.to(device)
+    if not encoder_is_frozen(classifier):
+        model, prep_inputs = classifier, prep
+        train_inputs, val_inputs = data.train.images.to(device), data.val.images
+    else:
+        encode = features or (lambda split: predict_logits(classifier.encoder, split.images, prep, config.eval_batch_size, dtype))
+        model, prep_inputs = classifier.head, None
+        train_inputs, val_inputs = encode(data.train).to(device), encode(data.val)
+        if hasattr(model, "initialize_from_shots"):
+            model.initialize_from_shots(train_inputs, labels)
+    penalty = getattr(model, "penalty", None)
     order_rng = torch.Generator().manual_seed(seed)
 
     result = TrainResult(best=None)
     best_state: dict[str, torch.Tensor] = {}
     bar = tqdm(range(1, config.max_epochs + 1), desc="epochs", leave=False, disable=not progress)
     for epoch in bar:
-        classifier.train()
+        model.train()
         losses = []
-        for batch in torch.randperm(len(images), generator=order_rng).split(config.batch_size):
+        for batch in torch.randperm(len(train_inputs), generator=order_rng).split(config.batch_size):
             batch = batch.to(device)
+            inputs = train_inputs[batch] if prep_inputs is None else prep_inputs.normalize(train_inputs[batch])
             with autocast(device, dtype):
-                logits = classifier(prep.normalize(images[batch]))
+                logits = model(inputs)
             loss = F.cross_entropy(logits.float(), labels[batch])
+            if penalty is not None:
+                loss = loss + penalty()
             if not torch.isfinite(loss):
                 raise NonFiniteLoss(f"non-finite training loss at epoch {epoch}")
             optimizer.zero_grad(set_to_none=True)
@@ -120,7 +134,8 @@ def train(
             optimizer.step()
             losses.append(loss.item())
 
-        val = evaluate(classifier, data.val, prep, categories, config.eval_batch_size, dtype)
+        val_logits = predict_logits(model, val_inputs, prep_inputs, config.eval_batch_size, dtype)
+        val = compute_metrics(val_logits, data.val.labels, categories)
         metrics = EpochMetrics(epoch, float(np.mean(losses)), val.loss, val.balanced_accuracy)
         result.history.append(metrics)
         if _is_better(metrics, result.best):

@@ -11,10 +11,26 @@ import torch
 
 from hpo_peft.config import StudyConfig, TrainConfig
 from hpo_peft.data import FewShotSplit, few_shot_rows, load_few_shot
-from hpo_peft.evaluate import Metrics, evaluate
+from hpo_peft.evaluate import Metrics, compute_metrics, evaluate, predict_logits
+from hpo_peft.features import FeatureCache
 from hpo_peft.methods import get_method, method_config
-from hpo_peft.model import BaseModel, ImageClassifier, build_classifier, count_trainable, load_base_model, text_prototypes
-from hpo_peft.train import EpochMetrics, TrainResult, amp_dtype, resolve_device, train
+from hpo_peft.model import (
+    BaseModel,
+    ImageClassifier,
+    build_classifier,
+    count_trainable,
+    encoder_is_frozen,
+    load_base_model,
+    text_prototypes,
+)
+from hpo_peft.train import (
+    EpochMetrics,
+    TrainResult,
+    amp_dtype,
+    resolve_device,
+    set_seeds,
+    train,
+)
 
 
 @dataclass
@@ -25,14 +41,23 @@ class Workspace:
     base: BaseModel
     prototypes: torch.Tensor
     data: FewShotSplit
+    features: FeatureCache
 
 
-def open_workspace(config: StudyConfig) -> Workspace:
+def open_workspace(config: StudyConfig, base: BaseModel | None = None) -> Workspace:
+    """Everything a trial needs; `base` may be shared by several workspaces (e.g. per shot count)."""
     few_shot_rows(config.data)  # bad tables fail before the (slow) model load
-    base = load_base_model(config.model)
+    if base is None:
+        base = load_base_model(config.model)
     prototypes = text_prototypes(base, config.prompts, config.data.categories)
+    device = resolve_device(config.train.device)
+    base.clip.to(device)
     data = load_few_shot(config.data, base.preprocessing)
-    return Workspace(config, base, prototypes, data)
+    features = FeatureCache(
+        base.image_encoder(), base.fingerprint(), base.preprocessing,
+        config.train.eval_batch_size, amp_dtype(config.train.precision, device),
+    )
+    return Workspace(config, base, prototypes.to(device), data, features)
 
 
 @dataclass
@@ -56,6 +81,7 @@ def run_trial(
     progress: bool = True,
 ) -> TrialOutcome:
     started = time.perf_counter()
+    set_seeds(workspace.config.data.seed)  # the same initialisation (e.g. a linear probe's) every run
     method = get_method(method_name)
     options = method_config(method_name, method_options)
     classifier = method.prepare(build_classifier(workspace.base, workspace.prototypes), options)
@@ -63,12 +89,19 @@ def run_trial(
     categories = workspace.config.data.categories
     prep = workspace.base.preprocessing
     if method.trains:
-        result = train(classifier, workspace.data, prep, categories, train_config, workspace.config.data.seed, on_epoch, progress)
+        result = train(
+            classifier, workspace.data, prep, categories, train_config, workspace.config.data.seed,
+            on_epoch, progress, features=workspace.features,
+        )
     else:
         classifier.to(resolve_device(train_config.device))
         result = TrainResult(best=None)
     dtype = amp_dtype(train_config.precision, next(classifier.parameters()).device)
-    validation = evaluate(classifier, workspace.data.val, prep, categories, train_config.eval_batch_size, dtype)
+    if encoder_is_frozen(classifier):  # the head alone, on the cached features
+        logits = predict_logits(classifier.head, workspace.features(workspace.data.val), None, train_config.eval_batch_size, dtype)
+        validation = compute_metrics(logits, workspace.data.val.labels, categories)
+    else:
+        validation = evaluate(classifier, workspace.data.val, prep, categories, train_config.eval_batch_size, dtype)
     return TrialOutcome(
         classifier=classifier,
         method=method_name,

@@ -4,7 +4,13 @@ import pytest
 from PIL import Image
 
 from hpo_peft.config import DataConfig
-from hpo_peft.data import Preprocessing, few_shot_rows, load_few_shot, load_test, read_table
+from hpo_peft.data import (
+    Preprocessing,
+    few_shot_rows,
+    load_few_shot,
+    load_test,
+    read_table,
+)
 from hpo_peft.errors import UserError
 
 CATS = ["NC", "G3", "G4", "G5"]

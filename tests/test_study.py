@@ -32,8 +32,8 @@ SEARCH = {
 @pytest.fixture(scope="module")
 def finished_study(tmp_path_factory, demo_kit):
     """A 6-trial study, then a second session of 2 more trials on the same storage."""
-    from conftest import demo_config_dict
     import yaml
+    from conftest import demo_config_dict
 
     tmp = tmp_path_factory.mktemp("study")
     shutil.copytree(demo_kit / "sicapv2", tmp / "sicapv2")

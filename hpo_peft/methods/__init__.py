@@ -10,6 +10,12 @@ from hpo_peft.errors import UserError
 from hpo_peft.methods.affine_ln import AffineLN
 from hpo_peft.methods.base import Method, MethodConfig
 from hpo_peft.methods.bias import Bias
+from hpo_peft.methods.black_box import (
+    CLAP,
+    CLIPAdapter,
+    LinearProbe,
+    ZeroShotLinearProbe,
+)
 from hpo_peft.methods.full import Full
 from hpo_peft.methods.lora import LoRA
 from hpo_peft.methods.zero_shot import ZeroShot
@@ -22,6 +28,10 @@ METHODS: dict[str, Method] = {
         Bias(),
         LoRA(),
         Full(),
+        LinearProbe(),
+        ZeroShotLinearProbe(),
+        CLIPAdapter(),
+        CLAP(),
     )
 }
 
