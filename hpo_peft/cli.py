@@ -51,6 +51,15 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--run-id", default=None, help="MLflow run id of a trial (default: the study's best)")
     evaluate.add_argument("--register", default=None, metavar="NAME", help="register the adapter in the MLflow model registry")
     evaluate.add_argument("--json", action="store_true")
+
+    compare = commands.add_parser("compare", help="methods x shots x seeds: select on validation, score on test")
+    _add_config(compare)
+    _add_study_options(compare)
+    compare.add_argument("--shots", type=int, nargs="+", default=None, help="e.g. 1 2 4 8 16")
+    compare.add_argument("--seeds", type=int, nargs="+", default=None, help="sampling seeds, e.g. 1 2 3")
+    compare.add_argument("--methods", nargs="+", default=None, help="default: compare.methods in the config")
+    compare.add_argument("--trials-per-method", type=int, default=None)
+    compare.add_argument("--out", type=Path, default=None, help="folder for the CSV tables and plot (default results/NAME-compare)")
     return parser
 
 
@@ -83,6 +92,11 @@ def main(argv: list[str] | None = None) -> int:
             from hpo_peft.commands import best_command
 
             best_command(args.config, args.overrides, _study_options(args), args.json)
+        elif args.command == "compare":
+            from hpo_peft.commands import compare_command
+
+            compare_command(args.config, args.overrides, _study_options(args), args.shots, args.seeds,
+                            args.methods, args.trials_per_method, args.out)
         elif args.command == "evaluate":
             from hpo_peft.commands import evaluate_command
 

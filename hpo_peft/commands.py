@@ -20,6 +20,8 @@ def prepare_config(path: Path, overrides: list[str], method: str | None = None) 
     get_method(config.method.name, key="method.name")
     for name, options in config.methods.items():
         method_config(name, options, key="methods")
+    for name in [*config.method_train, *config.compare.methods]:
+        get_method(name, key="method_train" if name in config.method_train else "compare.methods")
     if config.demo_kit is not None:
         from hpo_peft.demo_kit import build_demo_kit
 
@@ -57,7 +59,7 @@ def run_single_trial(path: Path, overrides: list[str], method: str | None, save:
                 f"val balanced acc {epoch.val_balanced_accuracy:.2f}%"
             )
 
-    outcome = run_trial(workspace, name, config.methods.get(name, {}), config.train, on_epoch=report)
+    outcome = run_trial(workspace, name, config.methods.get(name, {}), config.train_for(name), on_epoch=report)
     device = next(outcome.classifier.parameters()).device
     test = evaluate(
         outcome.classifier, load_test(config.data, workspace.base.preprocessing), workspace.base.preprocessing,
@@ -139,13 +141,10 @@ def evaluate_command(
     path: Path, overrides: list[str], options: dict, run_id: str | None, register: str | None, as_json: bool
 ) -> dict:
     """Test-split evaluation of a trial's adapter, rebuilt from its MLflow artifacts alone."""
-    from hpo_peft.artifacts import load_adapter
     from hpo_peft.data import load_test
-    from hpo_peft.evaluate import confusion_figure, evaluate
     from hpo_peft.model import load_base_model
-    from hpo_peft.study import RUN_ID_ATTR, StudyOptions, best_trial
-    from hpo_peft.tracking import Tracker, temporary_folder
-    from hpo_peft.train import amp_dtype, resolve_device
+    from hpo_peft.study import RUN_ID_ATTR, StudyOptions, best_trial, evaluate_run
+    from hpo_peft.tracking import Tracker
 
     config = prepare_config(path, overrides)
     where = StudyOptions.of(config, **options)
@@ -157,19 +156,7 @@ def evaluate_command(
     tracker.get_run(run_id)
     base = load_base_model(config.model)
     test = load_test(config.data, base.preprocessing)
-    with temporary_folder() as tmp:
-        classifier, metadata = load_adapter(tracker.download_adapter(run_id, Path(tmp)), base, config.data.categories)
-    device = resolve_device(config.train.device)
-    classifier.to(device)
-    metrics = evaluate(classifier, test, base.preprocessing, config.data.categories,
-                       config.train.eval_batch_size, amp_dtype(config.train.precision, device))
-    tracker.log_metrics(run_id, {
-        "test_balanced_accuracy": metrics.balanced_accuracy,
-        "test_loss": metrics.loss,
-        **{f"test_recall_{c}": r for c, r in metrics.per_class_recall.items()},
-    })
-    tracker.log_figure(run_id, confusion_figure(metrics, "test"), "test_confusion_matrix.png")
-    tracker.log_dict(run_id, metrics.as_dict(), "test_metrics.json")
+    metrics, metadata = evaluate_run(tracker, run_id, base, test, config)
     result = {"mlflow_run_id": run_id, "method": metadata["method"], **metrics.as_dict()}
     if register:
         result["registered_version"] = tracker.register_adapter(run_id, register)
@@ -183,3 +170,22 @@ def evaluate_command(
         if register:
             print(f"registered as {register} version {result['registered_version']} (alias 'best')")
     return result
+
+
+def compare_command(path: Path, overrides: list[str], options: dict, shots: list[int] | None, seeds: list[int] | None,
+                    methods: list[str] | None, trials_per_method: int | None, out: Path | None) -> None:
+    from hpo_peft.compare import run_compare
+    from hpo_peft.study import StudyOptions
+
+    given = {"shots": shots, "seeds": seeds, "methods": methods, "trials_per_method": trials_per_method}
+    extra = [f"compare.{k}={json.dumps(v)}" for k, v in given.items() if v is not None]
+    config = prepare_study_config(path, [*overrides, *extra])
+    from hpo_peft.data import few_shot_rows
+
+    for shots_per_class in config.compare.shots:  # every grid point has enough data, before any training
+        few_shot_rows(config.data.model_copy(update={"shots": shots_per_class}))
+    where = StudyOptions.of(config, **options)
+    out = out or Path("results") / f"{where.study_name}-compare"
+    table = run_compare(config, where, out)
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+    print(f"table, per-run CSV and plot in {out}")

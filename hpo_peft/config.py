@@ -170,6 +170,22 @@ class SearchConfig(Strict):
         return [] if spec is None else [spec]
 
 
+class CompareConfig(Strict):
+    """`hpo-peft compare`: per shots x seed, a small study per method selects on validation."""
+
+    methods: list[str] = Field(default_factory=lambda: ["zero_shot", "linear_probe", "clap", "lora"], min_length=1)
+    shots: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16], min_length=1)
+    seeds: list[int] = Field(default_factory=lambda: [1, 2, 3], min_length=1)
+    trials_per_method: int = Field(4, ge=1)
+
+    @field_validator("shots")
+    @classmethod
+    def _positive(cls, value: list[int]) -> list[int]:
+        if any(k < 1 for k in value):
+            raise ValueError("shots must be >= 1")
+        return value
+
+
 class StudyConfig(Strict):
     name: str = "study"
     demo_kit: Path | None = None
@@ -179,8 +195,15 @@ class StudyConfig(Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     method: MethodChoice = Field(default_factory=MethodChoice)
     methods: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    # per-method training defaults over `train`, e.g. the course's SGD for black-box adapters
+    method_train: dict[str, dict[str, Any]] = Field(default_factory=dict)
     search: SearchConfig = Field(default_factory=SearchConfig)
+    compare: CompareConfig = Field(default_factory=CompareConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    def train_for(self, method: str, **values: Any) -> TrainConfig:
+        """`train`, then the method's own defaults, then `values` (e.g. sampled ones)."""
+        return TrainConfig.model_validate({**self.train.model_dump(), **self.method_train.get(method, {}), **values})
 
     @model_validator(mode="after")
     def _prompts_cover_categories(self) -> "StudyConfig":
@@ -190,6 +213,14 @@ class StudyConfig(Strict):
         extra = [c for c in self.prompts.descriptions if c not in self.data.categories]
         if extra:
             raise ValueError(f"prompts.descriptions names categories not in data.categories: {extra}")
+        for method, values in self.method_train.items():
+            try:
+                self.train_for(method)
+            except ValidationError as err:
+                item = err.errors()[0]
+                key = ".".join(str(p) for p in item["loc"])
+                message = "unknown key" if item["type"] == "extra_forbidden" else item["msg"]
+                raise ValueError(f"method_train.{method}.{key}: {message}") from None
         for key in SEARCHABLE_TRAIN_KEYS:
             for value in self.search.search_values(key):
                 try:

@@ -45,7 +45,7 @@ def sample_plan(trial: optuna.Trial, config: StudyConfig) -> TrialPlan:
     search = config.search
     method = suggest(trial, "method", search.params.get("method", config.method.name))
     train_values = {key: suggest(trial, key, spec) for key, spec in search.params.items() if key != "method"}
-    train = TrainConfig.model_validate({**config.train.model_dump(), **train_values})
+    train = config.train_for(method, **train_values)
     options = dict(config.methods.get(method, {}))
     for option, spec in search.methods.get(method, {}).items():
         options[option] = suggest(trial, f"{method}.{option}", spec)

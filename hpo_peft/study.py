@@ -8,19 +8,22 @@ machines). The same study name and storage continue a study where it stopped.
 from __future__ import annotations
 
 import traceback
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import optuna
 
-from hpo_peft.artifacts import save_adapter
+from hpo_peft.artifacts import load_adapter, save_adapter
 from hpo_peft.config import StudyConfig
+from hpo_peft.data import LabelledImages
 from hpo_peft.errors import UserError
-from hpo_peft.evaluate import confusion_figure
+from hpo_peft.evaluate import confusion_figure, evaluate
+from hpo_peft.model import BaseModel
 from hpo_peft.search_space import sample_plan
 from hpo_peft.tracking import DEFAULT_DIR, Tracker, temporary_folder
-from hpo_peft.train import EpochMetrics
+from hpo_peft.train import EpochMetrics, amp_dtype, resolve_device
 from hpo_peft.trial import TrialOutcome, Workspace, open_workspace, run_trial
 
 RUN_ID_ATTR = "mlflow_run_id"
@@ -77,7 +80,9 @@ def _build(registry: dict[str, str], module, spec: dict[str, Any], key: str, **d
         raise UserError(f"{key}.name: unknown {key.split('.')[-1]} {name!r}; known: {', '.join(registry)}")
     kwargs = {**defaults, **{k: v for k, v in spec.items() if k != "name"}}
     try:
-        return cls(**kwargs)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # TPE's multivariate/group
+            return cls(**kwargs)
     except (TypeError, ValueError) as err:
         raise UserError(f"{key}: cannot build {class_name} with {kwargs}: {err}") from None
 
@@ -173,8 +178,6 @@ def make_objective(workspace: Workspace, tracker: Tracker, parent_id: str, study
 
 def summarize(tracker: Tracker, parent_id: str, study: optuna.Study) -> None:
     """Optuna's own plots and the best trial, on the session's parent run."""
-    import warnings
-
     from optuna.visualization import matplotlib as plots
 
     completed = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
@@ -209,6 +212,17 @@ def summarize(tracker: Tracker, parent_id: str, study: optuna.Study) -> None:
             tracker.log_figure(parent_id, figure, path)
 
 
+def optimize(study: optuna.Study, workspace: Workspace, tracker: Tracker, parent_id: str,
+             n_trials: int | None, timeout: float | None) -> None:
+    study.optimize(
+        make_objective(workspace, tracker, parent_id, study.study_name),
+        n_trials=n_trials,
+        timeout=timeout,
+        catch=(Exception,),  # a failing trial is recorded as FAIL and the study goes on
+        show_progress_bar=False,  # Optuna logs one line per trial instead
+    )
+
+
 def run_study(config: StudyConfig, options: StudyOptions, n_trials: int | None, timeout: float | None) -> optuna.Study:
     study = create_study(config, options)  # sampler/pruner typos fail before the model loads
     tracker = Tracker(options.tracking_uri, experiment=options.study_name)
@@ -217,12 +231,10 @@ def run_study(config: StudyConfig, options: StudyOptions, n_trials: int | None, 
     tracker.log_dict(parent_id, config.model_dump(mode="json"), "config.json")
     status = "FINISHED"
     try:
-        study.optimize(
-            make_objective(workspace, tracker, parent_id, options.study_name),
-            n_trials=n_trials if n_trials is not None else config.search.n_trials,
-            timeout=timeout if timeout is not None else config.search.timeout,
-            catch=(Exception,),
-            show_progress_bar=False,  # Optuna logs one line per trial instead
+        optimize(
+            study, workspace, tracker, parent_id,
+            n_trials if n_trials is not None else config.search.n_trials,
+            timeout if timeout is not None else config.search.timeout,
         )
     except KeyboardInterrupt:
         status = "KILLED"
@@ -239,3 +251,22 @@ def best_trial(options: StudyOptions) -> optuna.trial.FrozenTrial:
         return study.best_trial
     except ValueError:
         raise UserError(f"study {options.study_name!r} has no completed trial yet") from None
+
+
+def evaluate_run(tracker: Tracker, run_id: str, base: BaseModel, test: LabelledImages, config: StudyConfig):
+    """Rebuild a trial's model from its MLflow adapter artifact alone (never from memory), score it
+    on the test split and log the result to that trial's run."""
+    with temporary_folder() as tmp:
+        classifier, metadata = load_adapter(tracker.download_adapter(run_id, Path(tmp)), base, config.data.categories)
+    device = resolve_device(config.train.device)
+    classifier.to(device)
+    metrics = evaluate(classifier, test, base.preprocessing, config.data.categories,
+                       config.train.eval_batch_size, amp_dtype(config.train.precision, device))
+    tracker.log_metrics(run_id, {
+        "test_balanced_accuracy": metrics.balanced_accuracy,
+        "test_loss": metrics.loss,
+        **{f"test_recall_{c}": r for c, r in metrics.per_class_recall.items()},
+    })
+    tracker.log_figure(run_id, confusion_figure(metrics, "test"), "test_confusion_matrix.png")
+    tracker.log_dict(run_id, metrics.as_dict(), "test_metrics.json")
+    return metrics, metadata

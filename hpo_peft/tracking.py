@@ -11,6 +11,7 @@ Works through `MlflowClient` with explicit run ids, so several workers never sha
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,8 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
 from hpo_peft.errors import UserError
+
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # adapters are small; keep output readable
 
 DEFAULT_DIR = Path("mlruns")
 ADAPTER_PATH = "adapter"
@@ -114,6 +117,9 @@ class Tracker:
 
     def log_dict(self, run_id: str, data: dict, path: str) -> None:
         self.client.log_dict(run_id, data, path)
+
+    def log_file(self, run_id: str, path: Path) -> None:
+        self.client.log_artifact(run_id, str(path))
 
     def log_adapter(self, run_id: str, folder: Path) -> None:
         self.client.log_artifacts(run_id, str(folder), ADAPTER_PATH)
