@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_study_options(run)
     run.add_argument("--n-trials", type=int, default=None, help="trials to run in this session (default: search.n_trials)")
     run.add_argument("--timeout", type=float, default=None, help="stop starting new trials after this many seconds")
+    run.add_argument("--jobs", type=int, default=1, help="worker processes on the same storage (default 1)")
     best = study.add_parser("best", help="the best trial so far")
     _add_config(best)
     _add_study_options(best)
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "study" and args.study_command == "run":
             from hpo_peft.commands import run_study_command
 
-            run_study_command(args.config, args.overrides, _study_options(args), args.n_trials, args.timeout)
+            run_study_command(args.config, args.overrides, _study_options(args), args.n_trials, args.timeout, args.jobs)
         elif args.command == "study" and args.study_command == "best":
             from hpo_peft.commands import best_command
 

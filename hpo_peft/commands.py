@@ -100,12 +100,17 @@ def prepare_study_config(path: Path, overrides: list[str]) -> StudyConfig:
     return config
 
 
-def run_study_command(path: Path, overrides: list[str], options: dict, n_trials: int | None, timeout: float | None) -> None:
+def run_study_command(path: Path, overrides: list[str], options: dict, n_trials: int | None, timeout: float | None,
+                      jobs: int = 1) -> None:
     from hpo_peft.study import StudyOptions, run_study
 
+    if jobs < 1:
+        raise UserError(f"--jobs must be at least 1, got {jobs}")
+    if n_trials is not None and n_trials < 1:
+        raise UserError(f"--n-trials must be at least 1, got {n_trials}")
     config = prepare_study_config(path, overrides)
     where = StudyOptions.of(config, **options)
-    study = run_study(config, where, n_trials, timeout)
+    study = run_study(config, where, n_trials, timeout, jobs)
     states = {}
     for trial in study.trials:
         states[trial.state.name] = states.get(trial.state.name, 0) + 1

@@ -17,7 +17,15 @@ from hpo_peft.config import Choices, StudyConfig
 from hpo_peft.data import load_test
 from hpo_peft.methods import get_method
 from hpo_peft.model import load_base_model
-from hpo_peft.study import RUN_ID_ATTR, StudyOptions, evaluate_run, make_pruner, make_sampler, open_storage, optimize
+from hpo_peft.study import (
+    RUN_ID_ATTR,
+    StudyOptions,
+    evaluate_run,
+    make_pruner,
+    make_sampler,
+    open_storage,
+    optimize,
+)
 from hpo_peft.tracking import Tracker
 from hpo_peft.trial import open_workspace
 

@@ -8,11 +8,12 @@ each method's config class (this module must not import torch).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -129,7 +130,24 @@ class Range(Strict):
         return isinstance(self.low, int) and isinstance(self.high, int) and not isinstance(self.step, float)
 
 
-Distribution = Choices | Range | bool | int | float | str  # a bare value is fixed, not searched
+def parse_distribution(value: Any) -> Choices | Range | bool | int | float | str | None:
+    """`{choices: [...]}`, `{low, high[, log][, step]}`, or a bare value (fixed, not searched)."""
+    if isinstance(value, (Choices, Range)) or value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, dict):
+        kind = Choices if "choices" in value else Range if {"low", "high"} & set(value) else None
+        if kind is not None:
+            try:
+                return kind.model_validate(value)
+            except ValidationError as err:
+                item = err.errors()[0]
+                where = ".".join(str(p) for p in item["loc"])
+                message = "unknown key" if item["type"] == "extra_forbidden" else item["msg"].removeprefix("Value error, ")
+                raise ValueError(f"{where}: {message}" if where else message) from None
+    raise ValueError(f"expected {{choices: [...]}}, {{low, high[, log][, step]}} or a fixed value, got {value!r}")
+
+
+Distribution = Annotated[Any, BeforeValidator(parse_distribution)]
 
 SEARCHABLE_TRAIN_KEYS = ("learning_rate", "max_epochs", "patience", "batch_size", "weight_decay", "optimizer", "momentum")
 
@@ -144,6 +162,9 @@ class SearchConfig(Strict):
     pruner: dict[str, Any] = Field(default_factory=lambda: {"name": "median"})
     params: dict[str, Distribution] = Field(default_factory=dict)
     methods: dict[str, dict[str, Distribution]] = Field(default_factory=dict)
+    # a worker marks itself alive this often; a RUNNING trial silent for grace_period is stale
+    heartbeat_interval: float = Field(20.0, gt=0)
+    grace_period: float = Field(120.0, gt=0)
 
     @field_validator("params")
     @classmethod
@@ -162,12 +183,14 @@ class SearchConfig(Strict):
 
     def search_values(self, key: str) -> list[Any]:
         """The values that bound a parameter, for checking them before a study starts."""
-        spec = self.params.get(key)
+        if key not in self.params:
+            return []
+        spec = self.params[key]
         if isinstance(spec, Choices):
             return list(spec.choices)
         if isinstance(spec, Range):
             return [spec.low, spec.high]
-        return [] if spec is None else [spec]
+        return [spec]
 
 
 class CompareConfig(Strict):

@@ -17,16 +17,22 @@ import optuna
 
 from hpo_peft.artifacts import load_adapter, save_adapter
 from hpo_peft.config import StudyConfig
-from hpo_peft.data import LabelledImages
+from hpo_peft.data import LabelledImages, few_shot_rows
 from hpo_peft.errors import UserError
 from hpo_peft.evaluate import confusion_figure, evaluate
 from hpo_peft.model import BaseModel
+from hpo_peft.recovery import (
+    RUN_ID_ATTR,
+    WORKER_ATTR,
+    Heartbeat,
+    recover_stale,
+    worker_identity,
+)
 from hpo_peft.search_space import sample_plan
 from hpo_peft.tracking import DEFAULT_DIR, Tracker, temporary_folder
 from hpo_peft.train import EpochMetrics, amp_dtype, resolve_device
 from hpo_peft.trial import TrialOutcome, Workspace, open_workspace, run_trial
 
-RUN_ID_ATTR = "mlflow_run_id"
 SAMPLERS = {
     "tpe": "TPESampler",
     "random": "RandomSampler",
@@ -69,7 +75,20 @@ def open_storage(url: str | None) -> optuna.storages.BaseStorage | str:
         path = Path(url.removeprefix("journal:")) if url else DEFAULT_DIR / "optuna.journal"
         path.parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(str(path)))
-    return url
+    return with_retries(lambda: optuna.storages.RDBStorage(url), f"Optuna storage {url}")
+
+
+def with_retries(make, what: str, attempts: int = 5):
+    """Workers that start together race to create a fresh database's tables; the loser retries."""
+    import time
+
+    for attempt in range(attempts):
+        try:
+            return make()
+        except Exception as err:
+            if attempt == attempts - 1:
+                raise UserError(f"{what}: cannot open ({type(err).__name__}: {err})") from None
+            time.sleep(0.5 * (attempt + 1))
 
 
 def _build(registry: dict[str, str], module, spec: dict[str, Any], key: str, **defaults):
@@ -141,11 +160,14 @@ def log_outcome(tracker: Tracker, run_id: str, outcome: TrialOutcome, workspace:
         tracker.log_adapter(run_id, folder)
 
 
-def make_objective(workspace: Workspace, tracker: Tracker, parent_id: str, study_name: str):
+def make_objective(workspace: Workspace, tracker: Tracker, parent_id: str, study_name: str, heartbeat: Heartbeat):
     def objective(trial: optuna.Trial) -> float:
+        trial.set_user_attr(WORKER_ATTR, worker_identity())
+        heartbeat.attach(trial, None)
         plan = sample_plan(trial, workspace.config)
         run_id = tracker.start_trial(parent_id, study_name, trial.number, plan.params())
         trial.set_user_attr(RUN_ID_ATTR, run_id)
+        heartbeat.attach(trial, run_id)
 
         def on_epoch(metrics: EpochMetrics) -> None:
             tracker.log_metrics(run_id, {
@@ -169,7 +191,10 @@ def make_objective(workspace: Workspace, tracker: Tracker, parent_id: str, study
         except Exception as err:
             trial.set_user_attr("fail_reason", f"{type(err).__name__}: {err}")
             tracker.end_run(run_id, "FAILED", state="FAIL", error=traceback.format_exc())
+            release_accelerator_memory()  # e.g. after CUDA out-of-memory, for the next trial
             raise
+        finally:
+            heartbeat.attach(None, None)
         tracker.end_run(run_id, "FINISHED", state="COMPLETE")
         return outcome.validation.balanced_accuracy
 
@@ -212,37 +237,104 @@ def summarize(tracker: Tracker, parent_id: str, study: optuna.Study) -> None:
             tracker.log_figure(parent_id, figure, path)
 
 
+def release_accelerator_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def optimize(study: optuna.Study, workspace: Workspace, tracker: Tracker, parent_id: str,
              n_trials: int | None, timeout: float | None) -> None:
-    study.optimize(
-        make_objective(workspace, tracker, parent_id, study.study_name),
-        n_trials=n_trials,
-        timeout=timeout,
-        catch=(Exception,),  # a failing trial is recorded as FAIL and the study goes on
-        show_progress_bar=False,  # Optuna logs one line per trial instead
-    )
+    search = workspace.config.search
+    with Heartbeat(tracker, None, search.heartbeat_interval) as heartbeat:
+        study.optimize(
+            make_objective(workspace, tracker, parent_id, study.study_name, heartbeat),
+            n_trials=n_trials,
+            timeout=timeout,
+            catch=(Exception,),  # a failing trial is recorded as FAIL and the study goes on
+            show_progress_bar=False,  # Optuna logs one line per trial instead
+        )
 
 
-def run_study(config: StudyConfig, options: StudyOptions, n_trials: int | None, timeout: float | None) -> optuna.Study:
-    study = create_study(config, options)  # sampler/pruner typos fail before the model loads
-    tracker = Tracker(options.tracking_uri, experiment=options.study_name)
+def check_before_writing(config: StudyConfig) -> None:
+    """The cheap checks a user's input can fail, before a storage, run or model is touched."""
+    make_sampler(config)
+    make_pruner(config)
+    few_shot_rows(config.data)
+
+
+def run_study(config: StudyConfig, options: StudyOptions, n_trials: int | None, timeout: float | None,
+              jobs: int = 1) -> optuna.Study:
+    check_before_writing(config)
+    # the model loads and every image decodes before anything is written (workers repeat it)
     workspace = open_workspace(config)
-    parent_id = tracker.start_parent(options.study_name, {"hpo_peft.storage": str(options.storage or "default")})
+    study = create_study(config, options)
+    tracker = with_retries(lambda: Tracker(options.tracking_uri, experiment=options.study_name), "MLflow store")
+    recovered = recover_stale(study, tracker, config.search.grace_period)
+    if recovered:
+        print(f"recovered stale trials {recovered}: marked FAIL, queued once more")
+    parent_id = tracker.start_parent(options.study_name, {"hpo_peft.storage": str(options.storage or "default"),
+                                                          "hpo_peft.jobs": str(jobs)})
     tracker.log_dict(parent_id, config.model_dump(mode="json"), "config.json")
+    n_trials = n_trials if n_trials is not None else config.search.n_trials
+    timeout = timeout if timeout is not None else config.search.timeout
     status = "FINISHED"
     try:
-        optimize(
-            study, workspace, tracker, parent_id,
-            n_trials if n_trials is not None else config.search.n_trials,
-            timeout if timeout is not None else config.search.timeout,
-        )
+        with Heartbeat(tracker, parent_id, config.search.heartbeat_interval):
+            if jobs == 1:
+                optimize(study, workspace, tracker, parent_id, n_trials, timeout)
+            else:
+                run_workers(config, options, parent_id, n_trials, timeout, jobs)
     except KeyboardInterrupt:
         status = "KILLED"
+        raise
+    except Exception:
+        status = "FAILED"
         raise
     finally:
         summarize(tracker, parent_id, study)
         tracker.end_run(parent_id, status)
     return study
+
+
+def _worker(config_json: str, options: StudyOptions, parent_id: str, n_trials: int, timeout: float | None) -> None:
+    config = StudyConfig.model_validate_json(config_json)
+    study = create_study(config, options)
+    tracker = with_retries(lambda: Tracker(options.tracking_uri, experiment=options.study_name), "MLflow store")
+    try:
+        optimize(study, open_workspace(config), tracker, parent_id, n_trials, timeout)
+    except KeyboardInterrupt:
+        pass  # the parent process reports the interruption
+
+
+def run_workers(config: StudyConfig, options: StudyOptions, parent_id: str, n_trials: int,
+                timeout: float | None, jobs: int) -> None:
+    """`jobs` worker processes on the same storage, splitting the trials between them."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")  # no forked torch/MLflow state
+    shares = [n_trials // jobs + (i < n_trials % jobs) for i in range(jobs)]
+    workers = [
+        context.Process(target=_worker, args=(config.model_dump_json(), options, parent_id, share, timeout),
+                        name=f"hpo-peft-worker-{i}")
+        for i, share in enumerate(shares) if share
+    ]
+    for worker in workers:
+        worker.start()
+    try:
+        for worker in workers:
+            worker.join()
+    except KeyboardInterrupt:  # Ctrl-C reaches the workers too: let them close their runs
+        for worker in workers:
+            worker.join(timeout=60)
+        raise
+    failed = [w.name for w in workers if w.exitcode not in (0, None)]
+    if failed:
+        print(f"workers ended abnormally: {failed} (their trials are recovered by the next `study run`)")
 
 
 def best_trial(options: StudyOptions) -> optuna.trial.FrozenTrial:

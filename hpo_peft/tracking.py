@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,13 @@ TAG_TRIAL = "hpo_peft.trial_number"
 TAG_STATE = "hpo_peft.trial_state"
 TAG_KIND = "hpo_peft.run_kind"
 TAG_ERROR = "hpo_peft.error"
+TAG_WORKER_HOST = "hpo_peft.worker_host"
+TAG_WORKER_PID = "hpo_peft.worker_pid"
+TAG_HEARTBEAT = "hpo_peft.heartbeat"
+
+
+def _worker_tags() -> dict[str, str]:
+    return {TAG_WORKER_HOST: socket.gethostname(), TAG_WORKER_PID: str(os.getpid()), TAG_HEARTBEAT: f"{time.time():.0f}"}
 
 
 def default_tracking_uri() -> str:
@@ -47,13 +56,20 @@ class Tracker:
         if tracking_uri is None:
             DEFAULT_DIR.mkdir(exist_ok=True)
         self.client = MlflowClient(self.uri)
-        self.experiment_id = self._experiment_id(experiment, own_store=tracking_uri is None)
+        self.experiment_id = self._experiment_id(experiment)
 
-    def _experiment_id(self, name: str, own_store: bool) -> str:
+    def _artifact_location(self) -> str | None:
+        """A local SQLite store keeps its artifacts beside it (`mlruns/artifacts` by default)
+        rather than wherever the process happens to run; servers choose their own."""
+        if self.uri.startswith("sqlite:///"):
+            return (Path(self.uri.removeprefix("sqlite:///")).resolve().parent / "artifacts").as_uri()
+        return None
+
+    def _experiment_id(self, name: str) -> str:
         found = self.client.get_experiment_by_name(name)
         if found is not None:
             return found.experiment_id
-        location = (DEFAULT_DIR / "artifacts").resolve().as_uri() if own_store else None
+        location = self._artifact_location()
         try:
             return self.client.create_experiment(name, artifact_location=location)
         except MlflowException:  # another worker created it first
@@ -62,7 +78,8 @@ class Tracker:
     # runs -----------------------------------------------------------------------------------
     def start_parent(self, study: str, tags: dict[str, str]) -> str:
         run = self.client.create_run(
-            self.experiment_id, run_name=f"{study} session", tags={TAG_STUDY: study, TAG_KIND: "study_session", **tags}
+            self.experiment_id, run_name=f"{study} session",
+            tags={TAG_STUDY: study, TAG_KIND: "study_session", **_worker_tags(), **tags},
         )
         return run.info.run_id
 
@@ -76,6 +93,7 @@ class Tracker:
                 TAG_TRIAL: str(number),
                 TAG_KIND: "trial",
                 TAG_STATE: "RUNNING",
+                **_worker_tags(),
             },
         )
         self.log_params(run.info.run_id, params)
@@ -87,8 +105,6 @@ class Tracker:
             self.client.log_batch(run_id, params=chunk)
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
-        import time
-
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
         for chunk in _chunks(items, 500):
@@ -107,6 +123,9 @@ class Tracker:
         if tags:
             self.set_tags(run_id, tags)
         self.client.set_terminated(run_id, status)
+
+    def running_runs(self) -> list:
+        return self.client.search_runs([self.experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=10_000)
 
     # artifacts ------------------------------------------------------------------------------
     def log_figure(self, run_id: str, figure, path: str) -> None:

@@ -50,3 +50,38 @@ def demo_workspace(demo_kit):
     from hpo_peft.trial import open_workspace
 
     return open_workspace(StudyConfig.model_validate(demo_config_dict(demo_kit)))
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A real PostgreSQL server (Debian's package) on loopback, for the whole session."""
+    import glob
+    import os
+    import shutil
+    import socket
+    import subprocess
+    import tempfile
+
+    binaries = [shutil.which("initdb"), *sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))]
+    initdb = next((b for b in binaries if b), None)
+    if initdb is None:
+        pytest.fail("PostgreSQL server not found; .ci/run installs Debian's postgresql package")
+    pg_ctl = str(Path(initdb).with_name("pg_ctl"))
+    data = Path(tempfile.mkdtemp(prefix="hpo_peft_pg_"))
+    as_postgres = []
+    if os.geteuid() == 0:  # the server refuses to run as root
+        shutil.chown(data, "postgres", "postgres")
+        as_postgres = ["runuser", "-u", "postgres", "--"]
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    subprocess.run([*as_postgres, initdb, "-D", str(data / "db"), "-A", "trust", "-U", "postgres"],
+                   check=True, capture_output=True)
+    options = f"-p {port} -k {data} -c listen_addresses=127.0.0.1"
+    subprocess.run([*as_postgres, pg_ctl, "-D", str(data / "db"), "-o", options, "-l", str(data / "log"), "-w", "start"],
+                   check=True, capture_output=True)
+    try:
+        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run([*as_postgres, pg_ctl, "-D", str(data / "db"), "-m", "fast", "-w", "stop"], capture_output=True)
+        shutil.rmtree(data, ignore_errors=True)

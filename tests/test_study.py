@@ -198,3 +198,20 @@ def test_peft_loads_a_lora_artifact(finished_study, demo_workspace, tmp_path):
     assert model.peft_config["default"].r == lora[0].params["lora.rank"]
     pixels = torch.zeros(1, 3, 64, 64)
     assert model(pixels).shape == encoder(pixels).shape
+
+
+def test_evaluate_refuses_a_tampered_adapter(finished_study, capsys):
+    """Runs last in this module: it damages the best trial's stored adapter."""
+    from urllib.parse import urlparse
+    from pathlib import Path
+
+    finished_study["test_table"].write_bytes(finished_study["test_bytes"])
+    study = load_study(finished_study["options"])
+    client = MlflowClient(finished_study["options"].tracking_uri)
+    run = client.get_run(study.best_trial.user_attrs[RUN_ID_ATTR])
+    folder = Path(urlparse(run.info.artifact_uri).path) / "adapter"
+    assert folder.is_relative_to(finished_study["tmp"])  # artifacts live beside the SQLite store
+    head = folder / "head.safetensors"
+    head.write_bytes(head.read_bytes()[:-8])
+    assert main(["evaluate", str(finished_study["path"]), *cli_options(finished_study)]) == 2
+    assert "head.safetensors: checksum mismatch" in capsys.readouterr().err
