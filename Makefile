@@ -16,8 +16,11 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
+# a small study on the demo kit (built on first use), then its best adapter on the test split;
+# running it again continues the same study
 demo: $(STAMP)
 	$(VENV)/bin/hpo-peft study run studies/demo.yaml
+	$(VENV)/bin/hpo-peft evaluate studies/demo.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -107,8 +107,8 @@ def build_model_folder(kit: Path, folder: Path, full_arch: bool) -> dict:
 
 
 class Children:
-    """Runs `_child` subprocesses one at a time, in a scratch folder (MLflow's default artifact
-    location is relative to the working directory)."""
+    """Runs `_child` subprocesses one at a time, in the run's scratch folder (their working
+    directory, so that nothing they write by a relative path lands in the repository)."""
 
     def __init__(self, tmp: Path):
         self.tmp = tmp
@@ -726,7 +726,7 @@ def report_markdown(results: dict) -> str:
     lines += [
         "## (a) One trial: the course's loop vs ours",
         "",
-        f"{sizes['epochs']} epochs, batch 32, Adam 1e-3, validation after every epoch and once at the end, on "
+        f"Epochs {sizes['epochs']}, batch 32, Adam 1e-3, validation after every epoch and once at the end, on "
         f"`{m['device']}`. Baseline: the notebook's loop (PIL decode + ToTensor/Normalize/Resize in every `__getitem__`, "
         "DataLoader, fp32). Ours: `run_trial` after `open_workspace`, which decodes every image once per process "
         "(column *workspace*: decoding + text prototypes, paid once per study process, not per trial). Each "
@@ -764,12 +764,13 @@ def report_markdown(results: dict) -> str:
 
     lines += ["## (b) Study throughput (`run_study`)", ""]
     names = {"demo": "demo kit (`studies/demo.yaml`, tiny model, fp32)",
-             "plip": f"PLIP architecture (`studies/sicapv2_plip.yaml` space, {sizes['epochs']} epochs, precision auto)"}
+             "plip": f"{'PLIP architecture' if sizes['full_arch'] else 'tiny CLIP'} (`studies/sicapv2_plip.yaml` space, "
+                     f"epochs {sizes['epochs']}, precision auto)"}
     lines += ["Trials/h counts every trial (pruned ones too) over the whole `run_study` call (model load, decoding, "
               "MLflow set-up included) and over the trials alone. Time to target: seconds from the call until a "
               "completed trial first reaches the no-pruning study's best validation balanced accuracy minus 2 points.",
               "",
-              "| study | pruner | trials (pruned) | wall s | set-up s | trials/h | trials/h, trials only | best val bacc | target | time to target s | peak RSS MiB |",
+              "| study | pruner | trials (pruned, failed) | wall s | set-up s | trials/h | trials/h, trials only | best val bacc | target | time to target s | peak RSS MiB |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
     for key, pair in results["studies"].items():
         if "error" in pair:
@@ -778,7 +779,7 @@ def report_markdown(results: dict) -> str:
         for label in ("none", "pruned"):
             s = pair[label]
             lines.append(
-                f"| {names[key]} | {'none' if label == 'none' else pair['pruner'].strip('{}')} | {s['n_trials']} ({s['n_pruned']}) | "
+                f"| {names[key]} | {'none' if label == 'none' else pair['pruner'].strip('{}')} | {s['n_trials']} ({s['n_pruned']}, {s['n_failed']}) | "
                 f"{fmt(s['wall_s'])} | {fmt(s['setup_s'])} | {fmt(s['trials_per_hour'], 0)} | "
                 f"{fmt(s['trials_per_hour_trials_only'], 0)} | {fmt(s['best'])} | {fmt(s['target'])} | "
                 f"{fmt(s['time_to_target_s'])} | {fmt(s['peak_rss_mib'], 0)} |")
@@ -806,7 +807,8 @@ def report_markdown(results: dict) -> str:
         lines += [f"failed: {g['error']}", ""]
     else:
         lines += [
-            f"Device {g['device_name']}. Measured bf16 matmul rate ({g['matmul_size']}^2 x {g['matmul_size']}^2): "
+            f"Device {g['device_name']}. Measured bf16 matmul rate ({g['matmul_size']}x{g['matmul_size']} @ "
+            f"{g['matmul_size']}x{g['matmul_size']}): "
             f"{g['matmul_tflops']:.1f} TFLOP/s. FLOPs per training image: {g['flops_per_image'] / 1e9:.2f} GFLOP, "
             "counted by `torch.utils.flop_counter.FlopCounterMode` over one whole LoRA training step (forward, "
             "backward, optimizer; matmuls, convolutions and attention only) divided by the batch size. "
@@ -820,7 +822,7 @@ def report_markdown(results: dict) -> str:
     acc = results["accuracy"]
     lines += ["## Demo-kit accuracy: fp32 vs bf16", "",
               f"`run_trial` on `studies/demo.yaml` (tiny demo model, lr {acc.get('learning_rate', '-')}), "
-              f"{sizes['accuracy_epochs']} epochs without early stopping (best epoch kept), validation balanced accuracy %.", "",
+              f"epochs {sizes['accuracy_epochs']} without early stopping (best epoch kept), validation balanced accuracy %.", "",
               "| method | fp32 | bf16 | bf16 - fp32 |", "|---|---|---|---|"]
     if "error" in acc:
         lines.append(f"| failed: {acc['error']} ||||")

@@ -1,5 +1,5 @@
 """Image features of the frozen base encoder, computed once per process for each
-(base model identity, image list, pre-processing) and shared by every black-box trial."""
+(base model identity, image list, pre-processing, autocast dtype) and shared by every black-box trial."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ class FeatureCache:
         """L2-normalised features (N, D), float32, on the encoder's device."""
         from hpo_peft.evaluate import predict_logits
 
-        key = (self.identity, tuple(data.names), self.prep)
+        key = (self.identity, tuple(data.names), self.prep, self.amp_dtype)
         if key not in _CACHE:
             _CACHE[key] = predict_logits(self.encoder, data.images, self.prep, self.batch_size, self.amp_dtype)
         device = next(self.encoder.parameters()).device

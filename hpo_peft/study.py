@@ -7,6 +7,7 @@ machines). The same study name and storage continue a study where it stopped.
 
 from __future__ import annotations
 
+import sys
 import traceback
 import warnings
 from dataclasses import dataclass
@@ -180,7 +181,8 @@ def make_objective(workspace: Workspace, tracker: Tracker, parent_id: str, study
                 raise optuna.TrialPruned(f"pruned at epoch {metrics.epoch}")
 
         try:
-            outcome = run_trial(workspace, plan.method, plan.method_options, plan.train, on_epoch, progress=False)
+            outcome = run_trial(workspace, plan.method, plan.method_options, plan.train, on_epoch,
+                                progress=sys.stderr.isatty())  # an epoch bar in a terminal, none in logs
             log_outcome(tracker, run_id, outcome, workspace)
         except optuna.TrialPruned:
             tracker.end_run(run_id, "FINISHED", state="PRUNED")

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from hpo_peft.config import TrainConfig
 from hpo_peft.data import FewShotSplit, LabelledImages, Preprocessing
-from hpo_peft.evaluate import autocast, compute_metrics, predict_logits
+from hpo_peft.evaluate import Metrics, autocast, compute_metrics, predict_logits
 from hpo_peft.model import ImageClassifier, encoder_is_frozen
 
 
@@ -38,6 +38,7 @@ class TrainResult:
     best: EpochMetrics | None
     history: list[EpochMetrics] = field(default_factory=list)
     stopped_early: bool = False
+    best_validation: Metrics | None = None  # the best epoch's full validation metrics
 
     def as_dict(self) -> dict:
         return {"best": asdict(self.best) if self.best else None, "history": [asdict(m) for m in self.history]}
@@ -148,7 +149,7 @@ def train(
         metrics = EpochMetrics(epoch, float(np.mean(losses)), val.loss, val.balanced_accuracy)
         result.history.append(metrics)
         if _is_better(metrics, result.best):
-            result.best = metrics
+            result.best, result.best_validation = metrics, val
             best_state = {n: p.detach().clone() for n, p in named}
         bar.set_postfix(loss=f"{metrics.train_loss:.3f}", val_bacc=f"{metrics.val_balanced_accuracy:.1f}")
         if on_epoch is not None:

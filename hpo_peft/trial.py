@@ -11,7 +11,7 @@ import torch
 
 from hpo_peft.config import StudyConfig, TrainConfig
 from hpo_peft.data import FewShotSplit, few_shot_rows, load_few_shot
-from hpo_peft.evaluate import Metrics, compute_metrics, evaluate, predict_logits
+from hpo_peft.evaluate import Metrics, compute_metrics, predict_logits
 from hpo_peft.features import FeatureCache
 from hpo_peft.methods import get_method, method_config
 from hpo_peft.model import (
@@ -19,7 +19,6 @@ from hpo_peft.model import (
     ImageClassifier,
     build_classifier,
     count_trainable,
-    encoder_is_frozen,
     load_base_model,
     text_prototypes,
 )
@@ -51,10 +50,10 @@ def open_workspace(config: StudyConfig, base: BaseModel | None = None) -> Worksp
         base = load_base_model(config.model)
     prototypes = text_prototypes(base, config.prompts, config.data.categories)
     device = resolve_device(config.train.device)
-    base.clip.to(device)
+    base.image_encoder().to(device)  # the text tower stays where it is: it is only used above
     data = load_few_shot(config.data, base.preprocessing)
     features = FeatureCache(
-        base.image_encoder(), base.fingerprint(), base.preprocessing,
+        base.image_encoder(), f"{base.name_or_path}@{base.revision}#{base.fingerprint()}", base.preprocessing,
         config.train.eval_batch_size, amp_dtype(config.train.precision, device),
     )
     return Workspace(config, base, prototypes.to(device), data, features)
@@ -96,12 +95,11 @@ def run_trial(
     else:
         classifier.to(resolve_device(train_config.device))
         result = TrainResult(best=None)
-    dtype = amp_dtype(train_config.precision, next(classifier.parameters()).device)
-    if encoder_is_frozen(classifier):  # the head alone, on the cached features
+    validation = result.best_validation  # the restored weights are the best epoch's: already scored
+    if validation is None:  # nothing trained
+        dtype = amp_dtype(train_config.precision, next(classifier.parameters()).device)
         logits = predict_logits(classifier.head, workspace.features(workspace.data.val), None, train_config.eval_batch_size, dtype)
         validation = compute_metrics(logits, workspace.data.val.labels, categories)
-    else:
-        validation = evaluate(classifier, workspace.data.val, prep, categories, train_config.eval_batch_size, dtype)
     return TrialOutcome(
         classifier=classifier,
         method=method_name,

@@ -3,6 +3,7 @@
 import pytest
 
 from hpo_peft.config import TrainConfig
+from hpo_peft.evaluate import evaluate
 from hpo_peft.train import EpochMetrics, _is_better
 from hpo_peft.trial import run_trial
 
@@ -25,8 +26,12 @@ def test_early_stopping_restores_the_best_epoch(demo_workspace):
     assert seen == outcome.training.history
     assert best == max(seen, key=lambda m: (m.val_balanced_accuracy, -m.val_loss))
     # the weights in hand are the best epoch's: re-evaluating them gives its validation figures
-    assert outcome.validation.balanced_accuracy == pytest.approx(best.val_balanced_accuracy)
-    assert outcome.validation.loss == pytest.approx(best.val_loss, rel=1e-5)
+    again = evaluate(outcome.classifier, demo_workspace.data.val, demo_workspace.base.preprocessing,
+                     demo_workspace.config.data.categories)
+    assert again.balanced_accuracy == pytest.approx(best.val_balanced_accuracy)
+    assert again.loss == pytest.approx(best.val_loss, rel=1e-5)
+    assert outcome.validation.balanced_accuracy == best.val_balanced_accuracy
+    assert len(seen) > best.epoch  # it did train past the best epoch, so restoring mattered
     if outcome.training.stopped_early:
         assert len(seen) == best.epoch + 3
 
