@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo-kit":
             from hpo_peft.demo_kit import DEFAULT_DIR, build_demo_kit
 
-            print(build_demo_kit(args.out or DEFAULT_DIR))
+            print(build_demo_kit(args.out or DEFAULT_DIR, force=args.force))
         elif args.command == "trial":
             from hpo_peft.commands import run_single_trial
 

@@ -89,8 +89,9 @@ def load_base_model(config: ModelConfig) -> BaseModel:
         processor = AutoProcessor.from_pretrained(source, revision=config.revision)
         clip = AutoModel.from_pretrained(source, revision=config.revision)
     except (OSError, ValueError) as err:
+        reason = " ".join(str(err).split())  # one line
         hint = (
-            f"model {source!r} (revision {config.revision or 'default'}) could not be loaded: {err}. "
+            f"model {source!r} (revision {config.revision or 'default'}) could not be loaded: {reason} "
             "Without internet, download it once elsewhere (e.g. `huggingface-cli download vinid/plip "
             "--local-dir DIR`) and set model.name_or_path to that folder."
         )

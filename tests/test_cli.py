@@ -82,3 +82,25 @@ def test_bad_input_fails_clearly_and_writes_nothing(write_config, broken_kit, tm
     assert len(message) == 1 and expected in message[0], repr(err[-600:])
     assert "Traceback" not in err
     assert not adapter.exists()
+
+
+def test_demo_kit_command_passes_its_options(monkeypatch, tmp_path, capsys):
+    from hpo_peft import demo_kit
+
+    calls = []
+    monkeypatch.setattr(demo_kit, "build_demo_kit", lambda out, force=False: calls.append((out, force)) or out)
+    assert main(["demo-kit", "--out", str(tmp_path / "kit"), "--force"]) == 0
+    assert main(["demo-kit"]) == 0
+    assert calls == [(tmp_path / "kit", True), (demo_kit.DEFAULT_DIR, False)]
+    assert str(tmp_path / "kit") in capsys.readouterr().out
+
+
+def test_a_model_that_cannot_be_loaded_says_how_to_point_at_a_local_copy(write_config, tmp_path, capsys):
+    empty = tmp_path / "not_a_model"
+    empty.mkdir()
+    code, _, err = run(capsys, "trial", write_config(model={"name_or_path": str(empty)}))
+    assert code == 2
+    message = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("hpo-peft: error: ")]
+    assert len(message) == 1
+    assert f"model '{empty}'" in message[0] and "could not be loaded" in message[0]
+    assert "set model.name_or_path to that folder" in message[0]

@@ -1,6 +1,6 @@
 """Tests for the offline demo kit (generated SICAPv2-layout data + tiny CLIP-format model).
 
-The kit is built once per module (about 15 s on two CPU cores)."""
+The kit is the session's (tests/conftest.py), built once for the whole suite."""
 
 from __future__ import annotations
 
@@ -16,23 +16,15 @@ import torch.nn.functional as F
 from PIL import Image
 
 from hpo_peft import demo_kit
+from hpo_peft.config import COURSE_DESCRIPTIONS, COURSE_TEMPLATES
 from hpo_peft.demo_kit import DEFAULT_DIR, KIT_VERSION, build_demo_kit
 
 CLASSES = ["NC", "G3", "G4", "G5"]
 COLUMNS = ["image_name", "NC", "G3", "G4", "G5", "G4C"]
 NAME_RE = re.compile(r"^\d{2}B\d{7}_Block_Region_\d+_\d+_\d+_xini_\d+_yini_\d+\.jpg$")
-TEMPLATES = [
-    "a histopathology slide showing [CLS]",
-    "histopathology image of [CLS]",
-    "pathology tissue showing [CLS]",
-    "presence of [CLS] tissue on image",
-]
-DESCRIPTIONS = {
-    "NC": "benign glands",
-    "G3": "atrophic dense glands",
-    "G4": "cribriform ill-formed fused papillary patterns",
-    "G5": "isolated nest cells without lumen roseting patterns",
-}
+# the config's default prompts (the course's): the kit must serve exactly these
+TEMPLATES = COURSE_TEMPLATES
+DESCRIPTIONS = {name: descriptions[0] for name, descriptions in COURSE_DESCRIPTIONS.items()}
 
 
 @pytest.fixture(scope="module")
