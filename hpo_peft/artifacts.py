@@ -61,7 +61,7 @@ def save_adapter(
     extra: dict[str, Any] | None = None,
 ) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    get_method(method_name).save(classifier, folder)
+    get_method(method_name).save(classifier, folder, base.name_or_path)
     head_state = {k: v.detach().float().contiguous().cpu() for k, v in classifier.head.state_dict().items()}
     save_file(head_state, folder / HEAD_FILE)
     metadata = {

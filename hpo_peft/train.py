@@ -125,38 +125,38 @@ def train(
 
     result = TrainResult(best=None)
     best_state: dict[str, torch.Tensor] = {}
-    bar = tqdm(range(1, config.max_epochs + 1), desc="epochs", leave=False, disable=not progress)
-    for epoch in bar:
-        model.train()
-        losses = []
-        for batch in torch.randperm(len(train_inputs), generator=order_rng).split(config.batch_size):
-            batch = batch.to(device)
-            inputs = train_inputs[batch] if prep_inputs is None else prep_inputs.normalize(train_inputs[batch])
-            with autocast(device, dtype):
-                logits = model(inputs)
-            loss = F.cross_entropy(logits.float(), labels[batch])
-            if penalty is not None:
-                loss = loss + penalty()
-            if not torch.isfinite(loss):
-                raise NonFiniteLoss(f"non-finite training loss at epoch {epoch}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
+    with tqdm(range(1, config.max_epochs + 1), desc="epochs", leave=False, disable=not progress) as bar:
+        for epoch in bar:
+            model.train()
+            losses = []
+            for batch in torch.randperm(len(train_inputs), generator=order_rng).split(config.batch_size):
+                batch = batch.to(device)
+                inputs = train_inputs[batch] if prep_inputs is None else prep_inputs.normalize(train_inputs[batch])
+                with autocast(device, dtype):
+                    logits = model(inputs)
+                loss = F.cross_entropy(logits.float(), labels[batch])
+                if penalty is not None:
+                    loss = loss + penalty()
+                if not torch.isfinite(loss):
+                    raise NonFiniteLoss(f"non-finite training loss at epoch {epoch}")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                losses.append(loss.item())
 
-        val_logits = predict_logits(model, val_inputs, prep_inputs, config.eval_batch_size, dtype)
-        val = compute_metrics(val_logits, data.val.labels, categories)
-        metrics = EpochMetrics(epoch, float(np.mean(losses)), val.loss, val.balanced_accuracy)
-        result.history.append(metrics)
-        if _is_better(metrics, result.best):
-            result.best, result.best_validation = metrics, val
-            best_state = {n: p.detach().clone() for n, p in named}
-        bar.set_postfix(loss=f"{metrics.train_loss:.3f}", val_bacc=f"{metrics.val_balanced_accuracy:.1f}")
-        if on_epoch is not None:
-            on_epoch(metrics)
-        if config.patience is not None and epoch - result.best.epoch >= config.patience:
-            result.stopped_early = True
-            break
+            val_logits = predict_logits(model, val_inputs, prep_inputs, config.eval_batch_size, dtype)
+            val = compute_metrics(val_logits, data.val.labels, categories)
+            metrics = EpochMetrics(epoch, float(np.mean(losses)), val.loss, val.balanced_accuracy)
+            result.history.append(metrics)
+            if _is_better(metrics, result.best):
+                result.best, result.best_validation = metrics, val
+                best_state = {n: p.detach().clone() for n, p in named}
+            bar.set_postfix(loss=f"{metrics.train_loss:.3f}", val_bacc=f"{metrics.val_balanced_accuracy:.1f}")
+            if on_epoch is not None:
+                on_epoch(metrics)
+            if config.patience is not None and epoch - result.best.epoch >= config.patience:
+                result.stopped_early = True
+                break
 
     with torch.no_grad():
         for name, param in named:

@@ -44,6 +44,10 @@ def test_round_trip_reproduces_the_trained_model(saved, demo_workspace, method):
     assert metadata["base_model"]["name_or_path"] == demo_workspace.base.name_or_path
     assert metadata["categories"] == ["NC", "G3", "G4", "G5"]
     assert metadata["preprocessing"]["height"] == 64 and set(metadata["files"])
+    if method == "lora":  # peft's own config names the base model too
+        peft_config = json.loads((saved[method] / "peft_adapter" / "adapter_config.json").read_text())
+        assert peft_config["base_model_name_or_path"] == demo_workspace.base.name_or_path
+        assert peft_config["r"] == 2 and peft_config["lora_alpha"] == 2
 
 
 def _truncate(folder):

@@ -34,7 +34,7 @@ class Method:
             classifier.head.weight.requires_grad_(True)
         return classifier
 
-    def save(self, classifier: ImageClassifier, folder: Path) -> list[str]:
+    def save(self, classifier: ImageClassifier, folder: Path, base_name: str | None = None) -> list[str]:
         """Write the trained encoder parameters; returns the file names written."""
         state = {n: p.detach().contiguous().cpu() for n, p in classifier.encoder.named_parameters() if p.requires_grad}
         if not state:

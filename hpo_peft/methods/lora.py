@@ -50,7 +50,9 @@ class LoRA(Method):
         classifier.encoder = get_peft_model(classifier.encoder, peft_config(config))
         return classifier
 
-    def save(self, classifier: ImageClassifier, folder: Path) -> list[str]:
+    def save(self, classifier: ImageClassifier, folder: Path, base_name: str | None = None) -> list[str]:
+        # adapter_config.json then names the base model, as peft's own adapters do
+        classifier.encoder.peft_config["default"].base_model_name_or_path = base_name
         classifier.encoder.save_pretrained(folder / PEFT_FOLDER)
         return [PEFT_FOLDER]
 
