@@ -212,6 +212,8 @@ class CompareConfig(Strict):
 class StudyConfig(Strict):
     name: str = "study"
     demo_kit: Path | None = None
+    # folder for black-box features, shared across processes; unset: in memory, once per process
+    feature_cache: Path | None = None
     data: DataConfig
     model: ModelConfig = Field(default_factory=ModelConfig)
     prompts: PromptConfig = Field(default_factory=PromptConfig)

@@ -54,7 +54,7 @@ def open_workspace(config: StudyConfig, base: BaseModel | None = None) -> Worksp
     data = load_few_shot(config.data, base.preprocessing)
     features = FeatureCache(
         base.image_encoder(), f"{base.name_or_path}@{base.revision}#{base.fingerprint()}", base.preprocessing,
-        config.train.eval_batch_size, amp_dtype(config.train.precision, device),
+        config.train.eval_batch_size, amp_dtype(config.train.precision, device), config.feature_cache,
     )
     return Workspace(config, base, prototypes.to(device), data, features)
 

@@ -82,3 +82,22 @@ def test_black_box_methods_learn_and_round_trip_through_the_adapter_folder(demo_
     with torch.no_grad():
         assert torch.allclose(loaded(pixels), outcome.classifier(pixels), atol=1e-5)
     assert metadata["method"]["name"] == name
+
+
+def test_feature_cache_on_disk_serves_a_later_process(demo_workspace, monkeypatch, tmp_path):
+    from hpo_peft import features
+
+    calls = []
+    original = ImageEncoder.forward
+    monkeypatch.setattr(ImageEncoder, "forward", lambda self, x: calls.append(len(x)) or original(self, x))
+
+    def fresh_cache():
+        monkeypatch.setattr(features, "_CACHE", {})  # as in a new process
+        return features.FeatureCache(demo_workspace.base.image_encoder(), "demo", demo_workspace.base.preprocessing,
+                                     directory=tmp_path / "cache")
+
+    first = fresh_cache()(demo_workspace.data.train)
+    assert calls == [64] and len(list((tmp_path / "cache").glob("*.pt"))) == 1
+    second = fresh_cache()(demo_workspace.data.train)
+    assert calls == [64]  # read from disk, no backbone forward
+    assert torch.equal(first, second)
