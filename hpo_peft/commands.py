@@ -10,9 +10,11 @@ from hpo_peft.config import StudyConfig, load_config
 from hpo_peft.errors import UserError
 
 
-def prepare_config(path: Path, overrides: list[str], method: str | None = None) -> StudyConfig:
-    """Load and fully validate a config (method names and options included) before any model loads."""
+def prepare_config(path: Path, overrides: list[str], method: str | None = None, study: bool = False) -> StudyConfig:
+    """Load and fully validate a config (method names and options, with `study` the search space
+    too) before anything is built or loaded; then make the demo kit if the config asks for it."""
     from hpo_peft.methods import get_method, method_config
+    from hpo_peft.search_space import check_space
 
     config = load_config(path, overrides)
     if method is not None:
@@ -22,6 +24,8 @@ def prepare_config(path: Path, overrides: list[str], method: str | None = None) 
         method_config(name, options, key="methods")
     for name in [*config.method_train, *config.compare.methods]:
         get_method(name, key="method_train" if name in config.method_train else "compare.methods")
+    if study:
+        check_space(config)
     if config.demo_kit is not None:
         from hpo_peft.demo_kit import build_demo_kit
 
@@ -93,11 +97,7 @@ def run_single_trial(path: Path, overrides: list[str], method: str | None, save:
 
 
 def prepare_study_config(path: Path, overrides: list[str]) -> StudyConfig:
-    from hpo_peft.search_space import check_space
-
-    config = prepare_config(path, overrides)
-    check_space(config)
-    return config
+    return prepare_config(path, overrides, study=True)
 
 
 def run_study_command(path: Path, overrides: list[str], options: dict, n_trials: int | None, timeout: float | None,
@@ -180,13 +180,12 @@ def evaluate_command(
 def compare_command(path: Path, overrides: list[str], options: dict, shots: list[int] | None, seeds: list[int] | None,
                     methods: list[str] | None, trials_per_method: int | None, out: Path | None) -> None:
     from hpo_peft.compare import run_compare
+    from hpo_peft.data import few_shot_rows
     from hpo_peft.study import StudyOptions
 
     given = {"shots": shots, "seeds": seeds, "methods": methods, "trials_per_method": trials_per_method}
     extra = [f"compare.{k}={json.dumps(v)}" for k, v in given.items() if v is not None]
     config = prepare_study_config(path, [*overrides, *extra])
-    from hpo_peft.data import few_shot_rows
-
     for shots_per_class in config.compare.shots:  # every grid point has enough data, before any training
         few_shot_rows(config.data.model_copy(update={"shots": shots_per_class}))
     where = StudyOptions.of(config, **options)

@@ -8,9 +8,9 @@ seeds, as a CSV table and a plot, on one MLflow parent run. Re-running continues
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
-import optuna
 import pandas as pd
 
 from hpo_peft.config import Choices, StudyConfig
@@ -20,10 +20,8 @@ from hpo_peft.model import load_base_model
 from hpo_peft.study import (
     RUN_ID_ATTR,
     StudyOptions,
+    create_study,
     evaluate_run,
-    make_pruner,
-    make_sampler,
-    open_storage,
     optimize,
 )
 from hpo_peft.tracking import Tracker
@@ -35,13 +33,6 @@ def config_for(config: StudyConfig, shots: int, seed: int, method: str) -> Study
     variant.data.shots, variant.data.seed = shots, seed
     variant.search.params["method"] = Choices(choices=[method])
     return variant
-
-
-def small_study(config: StudyConfig, options: StudyOptions, name: str) -> optuna.Study:
-    return optuna.create_study(
-        study_name=name, storage=open_storage(options.storage), sampler=make_sampler(config),
-        pruner=make_pruner(config), direction="maximize", load_if_exists=True,
-    )
 
 
 def summary_table(rows: pd.DataFrame) -> pd.DataFrame:
@@ -85,7 +76,7 @@ def run_compare(config: StudyConfig, options: StudyOptions, out: Path) -> pd.Dat
                     variant = config_for(config, shots, seed, method)
                     workspace.config = variant
                     name = f"{options.study_name}-compare-k{shots}-s{seed}-{method}"
-                    study = small_study(variant, options, name)
+                    study = create_study(variant, replace(options, study_name=name))
                     budget = compare.trials_per_method if get_method(method).trains else 1
                     done = sum(t.state.is_finished() for t in study.trials)
                     if done < budget:

@@ -84,6 +84,15 @@ def wait_for_running_trial(options, process, timeout=120):
     pytest.fail("no trial started")
 
 
+def two_trials_then_a_running_one(config, options):
+    """Two completed trials, then a second session in a subprocess that is mid-trial."""
+    run_study(prepare_study_config(config, []), options, n_trials=2, timeout=None)
+    before = completed(options)
+    process = subprocess.Popen(cli(config, options, "--n-trials", "1", *SLOW), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    return before, process, wait_for_running_trial(options, process)
+
+
 def test_a_raising_trial_fails_alone_and_the_study_goes_on(setup, monkeypatch):
     config, options = setup
     from hpo_peft import study as study_module
@@ -118,11 +127,7 @@ def test_a_diverging_trial_raises_non_finite_loss(demo_workspace):
 
 def test_ctrl_c_ends_the_run_killed_and_the_study_resumes(setup):
     config, options = setup
-    run_study(prepare_study_config(config, []), options, n_trials=2, timeout=None)
-    before = completed(options)
-    process = subprocess.Popen(cli(config, options, "--n-trials", "1", *SLOW), stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
-    trial = wait_for_running_trial(options, process)
+    before, process, trial = two_trials_then_a_running_one(config, options)
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=120)
     assert process.returncode == 130, err
@@ -139,11 +144,7 @@ def test_ctrl_c_ends_the_run_killed_and_the_study_resumes(setup):
 
 def test_a_sigkilled_worker_is_recovered_by_the_next_session(setup):
     config, options = setup
-    run_study(prepare_study_config(config, []), options, n_trials=2, timeout=None)
-    before = completed(options)
-    process = subprocess.Popen(cli(config, options, "--n-trials", "1", *SLOW), stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
-    trial = wait_for_running_trial(options, process)
+    before, process, trial = two_trials_then_a_running_one(config, options)
     process.kill()
     process.wait()
     assert any(r.info.status == "RUNNING" for r in all_runs(options))  # what the kill left behind
