@@ -135,7 +135,8 @@ def text_prototypes(base: BaseModel, prompts: PromptConfig, categories: list[str
     clip, tokenizer = base.clip, base.processor.tokenizer
     rows = []
     for texts in prompt_texts(prompts, categories).values():
-        tokens = tokenizer(texts, max_length=77, padding=True, truncation=True, return_tensors="pt").to(clip.device)
+        device = next(clip.text_model.parameters()).device  # the image side may live elsewhere
+        tokens = tokenizer(texts, max_length=77, padding=True, truncation=True, return_tensors="pt").to(device)
         pooled = clip.text_model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]).pooler_output
         embeddings = clip.text_projection(pooled)
         embeddings = embeddings / embeddings.norm(dim=-1, keepdim=True)
@@ -147,8 +148,8 @@ def text_prototypes(base: BaseModel, prompts: PromptConfig, categories: list[str
 def build_classifier(base: BaseModel, prototypes: torch.Tensor) -> ImageClassifier:
     """A fresh, independent copy of the image side with the zero-shot head, all frozen."""
     encoder = copy.deepcopy(base.image_encoder())
-    classifier = ImageClassifier(encoder, ZeroShotHead(prototypes, base.logit_scale))
-    return classifier.requires_grad_(False).eval()
+    head = ZeroShotHead(prototypes, base.logit_scale).to(next(encoder.parameters()).device)
+    return ImageClassifier(encoder, head).requires_grad_(False).eval()
 
 
 def encoder_is_frozen(classifier: ImageClassifier) -> bool:
