@@ -70,3 +70,18 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("data: [unclosed")
     with pytest.raises(UserError, match="not valid YAML"):
         load_config(bad)
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "sicapv2_plip.yaml"])
+def test_shipped_study_configs_are_valid(name, monkeypatch):
+    from pathlib import Path
+
+    from hpo_peft import demo_kit
+
+    monkeypatch.setattr(demo_kit, "build_demo_kit", lambda out, **kw: out)  # validation only
+    config = prepare_config(Path(__file__).resolve().parents[1] / "studies" / name, [], study=True)
+    assert config.data.shots == 16 and config.data.seed == 1
+    assert "lora" in config.search.params["method"].choices
+    if name == "sicapv2_plip.yaml":
+        assert config.model.name_or_path == "vinid/plip"
+        assert config.train_for("clap").optimizer == "sgd" and config.train_for("lora").optimizer == "adam"
