@@ -37,6 +37,18 @@ COURSE_DESCRIPTIONS = {
 }
 
 
+def describe_validation_errors(error: ValidationError, prefix: str = "") -> list[str]:
+    """One `dotted.key: message` per problem, the key prefixed with `prefix` (e.g. `methods.lora`)."""
+    lines = []
+    for item in error.errors():
+        parts = [prefix] if prefix else []
+        parts += [str(p) for p in item["loc"] if not str(p).startswith(("function-", "tagged-union"))]
+        message = "unknown key" if item["type"] == "extra_forbidden" else item["msg"].removeprefix("Value error, ")
+        key = ".".join(parts)
+        lines.append(f"{key}: {message}" if key else message)
+    return lines
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -140,10 +152,7 @@ def parse_distribution(value: Any) -> Choices | Range | bool | int | float | str
             try:
                 return kind.model_validate(value)
             except ValidationError as err:
-                item = err.errors()[0]
-                where = ".".join(str(p) for p in item["loc"])
-                message = "unknown key" if item["type"] == "extra_forbidden" else item["msg"].removeprefix("Value error, ")
-                raise ValueError(f"{where}: {message}" if where else message) from None
+                raise ValueError(describe_validation_errors(err)[0]) from None
     raise ValueError(f"expected {{choices: [...]}}, {{low, high[, log][, step]}} or a fixed value, got {value!r}")
 
 
@@ -242,10 +251,7 @@ class StudyConfig(Strict):
             try:
                 self.train_for(method)
             except ValidationError as err:
-                item = err.errors()[0]
-                key = ".".join(str(p) for p in item["loc"])
-                message = "unknown key" if item["type"] == "extra_forbidden" else item["msg"]
-                raise ValueError(f"method_train.{method}.{key}: {message}") from None
+                raise ValueError(describe_validation_errors(err, f"method_train.{method}")[0]) from None
         for key in SEARCHABLE_TRAIN_KEYS:
             for value in self.search.search_values(key):
                 try:
@@ -277,14 +283,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 
 def _format_error(path: Path, error: ValidationError) -> str:
-    lines = []
-    for item in error.errors():
-        key = ".".join(str(p) for p in item["loc"] if not str(p).startswith(("function-", "tagged-union")))
-        message = item["msg"].removeprefix("Value error, ")
-        if item["type"] == "extra_forbidden":
-            message = "unknown key"
-        lines.append(f"{key}: {message}" if key else message)
-    return f"{path}: invalid config: " + "; ".join(lines)
+    return f"{path}: invalid config: " + "; ".join(describe_validation_errors(error))
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> StudyConfig:

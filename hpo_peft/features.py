@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from hpo_peft.data import LabelledImages, Preprocessing
+from hpo_peft.evaluate import predict_logits
 
 _CACHE: dict[tuple, torch.Tensor] = {}
 
@@ -32,8 +33,6 @@ class FeatureCache:
         return self.directory / (hashlib.sha256(repr(key).encode()).hexdigest()[:32] + ".pt")
 
     def _compute(self, key: tuple, data: LabelledImages) -> torch.Tensor:
-        from hpo_peft.evaluate import predict_logits
-
         path = self._file(key)
         if path is not None and path.is_file():
             return torch.load(path, weights_only=True)

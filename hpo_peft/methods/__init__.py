@@ -6,6 +6,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from hpo_peft.config import describe_validation_errors
 from hpo_peft.errors import UserError
 from hpo_peft.methods.affine_ln import AffineLN
 from hpo_peft.methods.base import Method, MethodConfig
@@ -48,9 +49,4 @@ def method_config(name: str, options: dict[str, Any] | None, key: str = "methods
     try:
         return method.Config.model_validate(options or {})
     except ValidationError as err:
-        problems = []
-        for item in err.errors():
-            where = ".".join([key, name, *(str(p) for p in item["loc"])])
-            message = "unknown key" if item["type"] == "extra_forbidden" else item["msg"]
-            problems.append(f"{where}: {message}")
-        raise UserError("; ".join(problems)) from None
+        raise UserError("; ".join(describe_validation_errors(err, f"{key}.{name}"))) from None
