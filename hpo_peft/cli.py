@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from hpo_peft import interrupts
 from hpo_peft.errors import UserError
 
 
@@ -76,6 +77,11 @@ def _study_options(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    with interrupts.handled():  # SIGTERM and Ctrl-C end a command the same way
+        return _dispatch(args)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     try:
         if args.command == "demo-kit":
             from hpo_peft.demo_kit import DEFAULT_DIR, build_demo_kit
@@ -105,9 +111,13 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"hpo-peft: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("hpo-peft: interrupted", file=sys.stderr)
-        return 130
+    except PermissionError as err:  # e.g. a read-only folder the checks could not foresee
+        print(f"hpo-peft: error: {err.filename or ''}: permission denied ({err.strerror}); "
+              "run from a writable folder or point --storage/--tracking-uri elsewhere", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as err:
+        print(f"hpo-peft: {interrupts.reason(err)}; runs closed", file=sys.stderr)
+        return interrupts.exit_code(err)
     return 0
 
 

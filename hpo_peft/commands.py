@@ -16,9 +16,12 @@ def prepare_config(path: Path, overrides: list[str], method: str | None = None, 
     from hpo_peft.methods import get_method, method_config
     from hpo_peft.search_space import check_space
 
+    from hpo_peft.train import resolve_device
+
     config = load_config(path, overrides)
     if method is not None:
         config.method.name = method
+    resolve_device(config.train.device)  # e.g. cuda on a machine without it
     get_method(config.method.name, key="method.name")
     for name, options in config.methods.items():
         method_config(name, options, key="methods")
@@ -108,6 +111,8 @@ def run_study_command(path: Path, overrides: list[str], options: dict, n_trials:
         raise UserError(f"--jobs must be at least 1, got {jobs}")
     if n_trials is not None and n_trials < 1:
         raise UserError(f"--n-trials must be at least 1, got {n_trials}")
+    if timeout is not None and not timeout > 0:
+        raise UserError(f"--timeout must be a positive number of seconds, got {timeout:g}")
     config = prepare_study_config(path, overrides)
     where = StudyOptions.of(config, **options)
     study = run_study(config, where, n_trials, timeout, jobs)
@@ -157,8 +162,8 @@ def evaluate_command(
         run_id = best_trial(where).user_attrs.get(RUN_ID_ATTR)
         if run_id is None:
             raise UserError(f"the best trial of study {where.study_name!r} has no MLflow run")
-    tracker = Tracker(where.tracking_uri, experiment=where.study_name)
-    tracker.get_run(run_id)
+    tracker = Tracker(where.tracking_uri, experiment=where.study_name, create=False)
+    tracker.check_has_adapter(run_id)
     base = load_base_model(config.model)
     test = load_test(config.data, base.preprocessing)
     metrics, metadata = evaluate_run(tracker, run_id, base, test, config)

@@ -7,16 +7,17 @@ machines). The same study name and storage continue a study where it stopped.
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
-import traceback
-import warnings
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import optuna
 
-from hpo_peft.artifacts import load_adapter, save_adapter
+from hpo_peft import interrupts, stores
+from hpo_peft.artifacts import load_adapter
 from hpo_peft.config import StudyConfig
 from hpo_peft.data import LabelledImages, few_shot_rows
 from hpo_peft.errors import UserError
@@ -29,31 +30,12 @@ from hpo_peft.recovery import (
     recover_stale,
     worker_identity,
 )
+from hpo_peft.run_record import Pruned, log_outcome, summarize, trial_run
+from hpo_peft.samplers import make_pruner, make_sampler
 from hpo_peft.search_space import sample_plan
-from hpo_peft.tracking import DEFAULT_DIR, Tracker, temporary_folder
+from hpo_peft.tracking import TAG_ERROR, Tracker, temporary_folder
 from hpo_peft.train import EpochMetrics, amp_dtype, resolve_device
-from hpo_peft.trial import TrialOutcome, Workspace, open_workspace, run_trial
-
-SAMPLERS = {
-    "tpe": "TPESampler",
-    "random": "RandomSampler",
-    "cmaes": "CmaEsSampler",
-    "gp": "GPSampler",
-    "qmc": "QMCSampler",
-    "nsgaii": "NSGAIISampler",
-    "bruteforce": "BruteForceSampler",
-}
-PRUNERS = {
-    "median": "MedianPruner",
-    "percentile": "PercentilePruner",
-    "successive_halving": "SuccessiveHalvingPruner",
-    "hyperband": "HyperbandPruner",
-    "threshold": "ThresholdPruner",
-    "patient": "PatientPruner",
-    "wilcoxon": "WilcoxonPruner",
-    "none": "NopPruner",
-}
-
+from hpo_peft.trial import Workspace, open_workspace, run_trial
 
 @dataclass
 class StudyOptions:
@@ -68,61 +50,36 @@ class StudyOptions:
         return cls(study_name or config.name, storage, tracking_uri or config.tracking.uri)
 
 
-def open_storage(url: str | None) -> optuna.storages.BaseStorage | str:
+def open_storage(url: str | None, create: bool = True) -> optuna.storages.BaseStorage:
+    """A journal file (default `mlruns/optuna.journal`) or any Optuna storage URL. `create=False`
+    (commands that only read) refuses a journal or SQLite file that does not exist."""
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
-    if url is None or url.endswith(".journal") or url.startswith("journal:"):
-        path = Path(url.removeprefix("journal:")) if url else DEFAULT_DIR / "optuna.journal"
+    path = stores.journal_path(url)
+    if path is not None:
+        if not create:
+            stores.check_exists(path, "study storage")
+        stores.check_writable(path.parent, "the Optuna journal", "pass --storage WRITABLE/optuna.journal")
         path.parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(str(path)))
-    return with_retries(lambda: optuna.storages.RDBStorage(url), f"Optuna storage {url}")
-
-
-def with_retries(make, what: str, attempts: int = 5):
-    """Workers that start together race to create a fresh database's tables; the loser retries."""
-    import time
-
-    for attempt in range(attempts):
-        try:
-            return make()
-        except Exception as err:
-            if attempt == attempts - 1:
-                raise UserError(f"{what}: cannot open ({type(err).__name__}: {err})") from None
-            time.sleep(0.5 * (attempt + 1))
-
-
-def _build(registry: dict[str, str], module, spec: dict[str, Any], key: str, **defaults):
-    name = spec["name"]
-    class_name = registry.get(name, name)
-    cls = getattr(module, class_name, None)
-    if cls is None or not isinstance(cls, type):
-        raise UserError(f"{key}.name: unknown {key.split('.')[-1]} {name!r}; known: {', '.join(registry)}")
-    kwargs = {**defaults, **{k: v for k, v in spec.items() if k != "name"}}
+    url = stores.database_url(url)
+    db = stores.sqlite_path(url)
+    if db is not None and not create:
+        stores.check_exists(db, "study storage")
+    engine = {"connect_args": {"connect_timeout": 10}} if url.startswith("postgresql") else None
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # TPE's multivariate/group
-            return cls(**kwargs)
-    except (TypeError, ValueError) as err:
-        raise UserError(f"{key}: cannot build {class_name} with {kwargs}: {err}") from None
+        with stores.lock_for(url):  # processes starting together would race to create the tables
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine)
+    except Exception as err:
+        reason = " ".join(str(err).split())[:300]
+        raise UserError(f"Optuna storage {stores.redact(url)}: cannot open ({type(err).__name__}: {reason})") from None
 
 
-def make_sampler(config: StudyConfig) -> optuna.samplers.BaseSampler:
-    spec = config.search.sampler
-    defaults = {"seed": config.data.seed}
-    if SAMPLERS.get(spec["name"], spec["name"]) == "TPESampler":
-        defaults |= {"multivariate": True, "group": True}
-    return _build(SAMPLERS, optuna.samplers, spec, "search.sampler", **defaults)
-
-
-def make_pruner(config: StudyConfig) -> optuna.pruners.BasePruner:
-    return _build(PRUNERS, optuna.pruners, config.search.pruner, "search.pruner")
-
-
-def create_study(config: StudyConfig, options: StudyOptions) -> optuna.Study:
+def create_study(config: StudyConfig, options: StudyOptions, storage=None) -> optuna.Study:
     return optuna.create_study(
         study_name=options.study_name,
-        storage=open_storage(options.storage),
+        storage=storage or open_storage(options.storage),
         sampler=make_sampler(config),
         pruner=make_pruner(config),
         direction="maximize",
@@ -131,34 +88,12 @@ def create_study(config: StudyConfig, options: StudyOptions) -> optuna.Study:
 
 
 def load_study(options: StudyOptions) -> optuna.Study:
+    storage = open_storage(options.storage, create=False)
     try:
-        return optuna.load_study(study_name=options.study_name, storage=open_storage(options.storage))
+        return optuna.load_study(study_name=options.study_name, storage=storage)
     except KeyError:
-        where = options.storage or DEFAULT_DIR / "optuna.journal"
+        where = options.storage or stores.default_journal()
         raise UserError(f"no study named {options.study_name!r} in storage {where}") from None
-
-
-def log_outcome(tracker: Tracker, run_id: str, outcome: TrialOutcome, workspace: Workspace) -> None:
-    config = workspace.config
-    val = outcome.validation
-    best = outcome.training.best
-    tracker.log_metrics(run_id, {
-        "trainable_parameters": outcome.trainable_parameters,
-        "best_epoch": best.epoch if best else 0,
-        "final_val_balanced_accuracy": val.balanced_accuracy,
-        "final_val_loss": val.loss,
-        "wall_time_s": outcome.seconds,
-        **{f"final_val_recall_{c}": r for c, r in val.per_class_recall.items()},
-    })
-    tracker.log_figure(run_id, confusion_figure(val, "validation"), "validation_confusion_matrix.png")
-    tracker.log_dict(run_id, {**val.as_dict(), "training": outcome.training.as_dict()}, "validation_metrics.json")
-    with temporary_folder() as tmp:
-        folder = save_adapter(
-            Path(tmp) / "adapter", outcome.classifier, workspace.base, outcome.method, outcome.method_options,
-            config.data.categories, config.prompts.model_dump(),
-            extra={"train": outcome.train_config.model_dump(), "data": {"shots": config.data.shots, "seed": config.data.seed}},
-        )
-        tracker.log_adapter(run_id, folder)
 
 
 def make_objective(workspace: Workspace, tracker: Tracker, parent_id: str, study_name: str, heartbeat: Heartbeat):
@@ -166,77 +101,32 @@ def make_objective(workspace: Workspace, tracker: Tracker, parent_id: str, study
         trial.set_user_attr(WORKER_ATTR, worker_identity())
         heartbeat.attach(trial, None)
         plan = sample_plan(trial, workspace.config)
-        run_id = tracker.start_trial(parent_id, study_name, trial.number, plan.params())
-        trial.set_user_attr(RUN_ID_ATTR, run_id)
-        heartbeat.attach(trial, run_id)
 
-        def on_epoch(metrics: EpochMetrics) -> None:
-            tracker.log_metrics(run_id, {
-                "train_loss": metrics.train_loss,
-                "val_loss": metrics.val_loss,
-                "val_balanced_accuracy": metrics.val_balanced_accuracy,
-            }, step=metrics.epoch)
-            trial.report(metrics.val_balanced_accuracy, metrics.epoch)
-            if trial.should_prune():
-                raise optuna.TrialPruned(f"pruned at epoch {metrics.epoch}")
+        with trial_run(tracker, trial, parent_id, study_name, plan.params()) as run_id:
+            heartbeat.attach(trial, run_id)
 
-        try:
-            outcome = run_trial(workspace, plan.method, plan.method_options, plan.train, on_epoch,
-                                progress=sys.stderr.isatty())  # an epoch bar in a terminal, none in logs
-            log_outcome(tracker, run_id, outcome, workspace)
-        except optuna.TrialPruned:
-            tracker.end_run(run_id, "FINISHED", state="PRUNED")
-            raise
-        except KeyboardInterrupt:
-            tracker.end_run(run_id, "KILLED", state="FAIL", error="interrupted (Ctrl-C)")
-            raise
-        except Exception as err:
-            trial.set_user_attr("fail_reason", f"{type(err).__name__}: {err}")
-            tracker.end_run(run_id, "FAILED", state="FAIL", error=traceback.format_exc())
-            release_accelerator_memory()  # e.g. after CUDA out-of-memory, for the next trial
-            raise
-        finally:
-            heartbeat.attach(None, None)
-        tracker.end_run(run_id, "FINISHED", state="COMPLETE")
+            def on_epoch(metrics: EpochMetrics) -> None:
+                tracker.log_metrics(run_id, {
+                    "train_loss": metrics.train_loss,
+                    "val_loss": metrics.val_loss,
+                    "val_balanced_accuracy": metrics.val_balanced_accuracy,
+                }, step=metrics.epoch)
+                trial.report(metrics.val_balanced_accuracy, metrics.epoch)
+                if trial.should_prune():
+                    raise Pruned(metrics.epoch)
+
+            try:
+                outcome = run_trial(workspace, plan.method, plan.method_options, plan.train, on_epoch,
+                                    progress=sys.stderr.isatty())  # an epoch bar in a terminal, none in logs
+                log_outcome(tracker, run_id, outcome, workspace)
+            except Exception:
+                release_accelerator_memory()  # e.g. after CUDA out-of-memory, for the next trial
+                raise
+            finally:
+                heartbeat.attach(None, None)
         return outcome.validation.balanced_accuracy
 
     return objective
-
-
-def summarize(tracker: Tracker, parent_id: str, study: optuna.Study) -> None:
-    """Optuna's own plots and the best trial, on the session's parent run."""
-    from optuna.visualization import matplotlib as plots
-
-    completed = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    tracker.log_metrics(parent_id, {
-        "n_trials": len(study.trials),
-        "n_complete": len(completed),
-        "n_pruned": sum(t.state == optuna.trial.TrialState.PRUNED for t in study.trials),
-        "n_failed": sum(t.state == optuna.trial.TrialState.FAIL for t in study.trials),
-    })
-    if not completed:
-        return
-    best = study.best_trial
-    tracker.log_params(parent_id, {f"best.{k}": v for k, v in best.params.items()})
-    tracker.log_metrics(parent_id, {"best_val_balanced_accuracy": best.value, "best_trial_number": best.number})
-    tracker.set_tags(parent_id, {"hpo_peft.best_run_id": best.user_attrs.get(RUN_ID_ATTR, "")})
-    figures = {
-        "optimization_history.png": plots.plot_optimization_history,
-        "param_importances.png": plots.plot_param_importances,
-        "parallel_coordinate.png": plots.plot_parallel_coordinate,
-    }
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for path, plot in figures.items():
-            try:
-                axes = plot(study)
-            except (ValueError, RuntimeError, ZeroDivisionError) as err:  # e.g. too few trials for importances
-                tracker.set_tags(parent_id, {f"hpo_peft.skipped.{path}": str(err)[:500]})
-                continue
-            figure = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
-            figure.set_size_inches(11, 6)
-            figure.tight_layout()
-            tracker.log_figure(parent_id, figure, path)
 
 
 def release_accelerator_memory() -> None:
@@ -269,53 +159,65 @@ def check_before_writing(config: StudyConfig) -> None:
     few_shot_rows(config.data)
 
 
+def open_stores(config: StudyConfig, options: StudyOptions) -> tuple[optuna.Study, Tracker]:
+    """Both stores answer (or fail in seconds with one line) before either is written to."""
+    tracker = Tracker(options.tracking_uri, experiment=options.study_name)
+    storage = open_storage(options.storage)
+    return create_study(config, options, storage), tracker
+
+
 def run_study(config: StudyConfig, options: StudyOptions, n_trials: int | None, timeout: float | None,
               jobs: int = 1) -> optuna.Study:
     check_before_writing(config)
     # the model loads and every image decodes before anything is written (workers repeat it)
     workspace = open_workspace(config)
-    study = create_study(config, options)
-    tracker = with_retries(lambda: Tracker(options.tracking_uri, experiment=options.study_name), "MLflow store")
+    study, tracker = open_stores(config, options)
     recovered = recover_stale(study, tracker, config.search.grace_period)
     if recovered:
         print(f"recovered stale trials {recovered}: marked FAIL, queued once more")
-    parent_id = tracker.start_parent(options.study_name, {"hpo_peft.storage": str(options.storage or "default"),
-                                                          "hpo_peft.jobs": str(jobs)})
-    tracker.log_dict(parent_id, config.model_dump(mode="json"), "config.json")
+    with interrupts.deferred():  # the parent run is closed on every path from here on
+        parent_id = tracker.start_parent(options.study_name, {"hpo_peft.storage": str(options.storage or "default"),
+                                                              "hpo_peft.jobs": str(jobs)})
     n_trials = n_trials if n_trials is not None else config.search.n_trials
     timeout = timeout if timeout is not None else config.search.timeout
     status = "FINISHED"
     try:
+        tracker.log_dict(parent_id, config.model_dump(mode="json"), "config.json")
         with Heartbeat(tracker, parent_id, config.search.heartbeat_interval):
             if jobs == 1:
                 optimize(study, workspace, tracker, parent_id, n_trials, timeout)
             else:
                 run_workers(config, options, parent_id, n_trials, timeout, jobs)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         status = "KILLED"
+        tracker.set_tags(parent_id, {TAG_ERROR: interrupts.reason(err)})
         raise
-    except Exception:
+    except BaseException:
         status = "FAILED"
         raise
     finally:
-        summarize(tracker, parent_id, study)
-        tracker.end_run(parent_id, status)
+        try:
+            summarize(tracker, parent_id, study, figures=status == "FINISHED")
+        finally:
+            tracker.end_run(parent_id, status)
     return study
 
 
 def _worker(config_json: str, options: StudyOptions, parent_id: str, n_trials: int, timeout: float | None) -> None:
-    config = StudyConfig.model_validate_json(config_json)
-    study = create_study(config, options)
-    tracker = with_retries(lambda: Tracker(options.tracking_uri, experiment=options.study_name), "MLflow store")
-    try:
-        optimize(study, open_workspace(config), tracker, parent_id, n_trials, timeout)
-    except KeyboardInterrupt:
-        pass  # the parent process reports the interruption
+    interrupts.exit_with_parent()  # a worker never outlives its parent, however the parent ended
+    with interrupts.handled():
+        config = StudyConfig.model_validate_json(config_json)
+        try:
+            study, tracker = open_stores(config, options)
+            optimize(study, open_workspace(config), tracker, parent_id, n_trials, timeout)
+        except KeyboardInterrupt:
+            sys.exit(1)  # the trial and its run are closed; the parent reports the interruption
 
 
 def run_workers(config: StudyConfig, options: StudyOptions, parent_id: str, n_trials: int,
                 timeout: float | None, jobs: int) -> None:
-    """`jobs` worker processes on the same storage, splitting the trials between them."""
+    """`jobs` worker processes on the same storage, splitting the trials between them. Whatever
+    stops the parent stops them: a signal is passed on, and a dead parent is noticed."""
     import multiprocessing
 
     context = multiprocessing.get_context("spawn")  # no forked torch/MLflow state
@@ -330,9 +232,15 @@ def run_workers(config: StudyConfig, options: StudyOptions, parent_id: str, n_tr
     try:
         for worker in workers:
             worker.join()
-    except KeyboardInterrupt:  # Ctrl-C reaches the workers too: let them close their runs
+    except KeyboardInterrupt:  # let them close their trials and runs, then make sure they are gone
         for worker in workers:
-            worker.join(timeout=60)
+            if worker.is_alive():
+                os.kill(worker.pid, signal.SIGTERM)
+        deadline = time.monotonic() + interrupts.STOP_TIMEOUT * 0.75
+        for worker in workers:
+            worker.join(timeout=max(0.1, deadline - time.monotonic()))
+            if worker.is_alive():
+                worker.kill()
         raise
     failed = [w.name for w in workers if w.exitcode not in (0, None)]
     if failed:

@@ -2,7 +2,7 @@
 child run per trial, per-epoch metrics, figures, adapters, test results, the model registry.
 
 Default store (documented in the README): MLflow 3's SQLite backend at `mlruns/mlflow.db`, with
-artifacts under `mlruns/artifacts/`. Open it with
+artifacts under `mlruns/artifacts/` (see `stores`). Open it with
 `mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db`.
 Works through `MlflowClient` with explicit run ids, so several workers never share a global
 "active run".
@@ -15,6 +15,7 @@ import os
 import socket
 import tempfile
 import time
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +23,11 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
+from hpo_peft import stores
 from hpo_peft.errors import UserError
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # adapters are small; keep output readable
 
-DEFAULT_DIR = Path("mlruns")
 ADAPTER_PATH = "adapter"
 TAG_STUDY = "hpo_peft.study"
 TAG_TRIAL = "hpo_peft.trial_number"
@@ -42,36 +43,48 @@ def _worker_tags() -> dict[str, str]:
     return {TAG_WORKER_HOST: socket.gethostname(), TAG_WORKER_PID: str(os.getpid()), TAG_HEARTBEAT: f"{time.time():.0f}"}
 
 
-def default_tracking_uri() -> str:
-    return "sqlite:///" + str((DEFAULT_DIR / "mlflow.db").resolve())
-
-
 def _chunks(items: list, size: int) -> list[list]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 class Tracker:
-    def __init__(self, tracking_uri: str | None, experiment: str):
-        self.uri = tracking_uri or default_tracking_uri()
-        if tracking_uri is None:
-            DEFAULT_DIR.mkdir(exist_ok=True)
-        self.client = MlflowClient(self.uri)
-        self.experiment_id = self._experiment_id(experiment)
+    """The MLflow side of one study. Opening it checks that the store answers and can be written,
+    and writes nothing; the experiment is created on first use. `create=False` (commands that only
+    read) refuses a missing store or experiment instead of creating one."""
+
+    def __init__(self, tracking_uri: str | None, experiment: str, create: bool = True):
+        self.uri = stores.database_url(tracking_uri or stores.default_tracking_uri())
+        self.experiment_name, self.create = experiment, create
+        db = stores.sqlite_path(self.uri)
+        if self.uri.startswith(("http://", "https://")):
+            stores.probe_server(self.uri, "MLflow tracking server", "--tracking-uri")
+        elif db is not None and not create:
+            stores.check_exists(db, "MLflow store")
+        elif db is not None:
+            hint = "run from a writable folder or pass --tracking-uri sqlite:///WRITABLE/mlflow.db"
+            stores.check_writable(db.parent, "the MLflow store", hint)
+            stores.check_writable(db.resolve().parent / "artifacts", "MLflow artifacts", hint)
+        with stores.lock_for(self.uri):  # the first client of a new SQLite file creates its schema
+            self.client = MlflowClient(self.uri)
+            self.client.search_experiments(max_results=1)
 
     def _artifact_location(self) -> str | None:
         """A local SQLite store keeps its artifacts beside it (`mlruns/artifacts` by default)
         rather than wherever the process happens to run; servers choose their own."""
-        if self.uri.startswith("sqlite:///"):
-            return (Path(self.uri.removeprefix("sqlite:///")).resolve().parent / "artifacts").as_uri()
-        return None
+        db = stores.sqlite_path(self.uri)
+        return (db.resolve().parent / "artifacts").as_uri() if db is not None else None
 
-    def _experiment_id(self, name: str) -> str:
+    @cached_property
+    def experiment_id(self) -> str:
+        name = self.experiment_name
         found = self.client.get_experiment_by_name(name)
         if found is not None:
             return found.experiment_id
-        location = self._artifact_location()
+        if not self.create:
+            raise UserError(f"no MLflow experiment {name!r} in {stores.redact(self.uri)}; "
+                            "check --study-name and --tracking-uri")
         try:
-            return self.client.create_experiment(name, artifact_location=location)
+            return self.client.create_experiment(name, artifact_location=self._artifact_location())
         except MlflowException:  # another worker created it first
             return self.client.get_experiment_by_name(name).experiment_id
 
@@ -154,7 +167,21 @@ class Tracker:
         try:
             return self.client.get_run(run_id)
         except MlflowException as err:
-            raise UserError(f"MLflow run {run_id!r} not found in {self.uri} ({err.message})") from None
+            raise UserError(f"MLflow run {run_id!r} not found in {stores.redact(self.uri)} ({err.message})") from None
+
+    def check_has_adapter(self, run_id: str) -> None:
+        """Only a completed trial keeps an adapter: say why another one has none."""
+        tags = self.get_run(run_id).data.tags
+        state = tags.get(TAG_STATE)
+        if state in (None, "COMPLETE"):
+            return
+        trial = f"trial {tags[TAG_TRIAL]}" if TAG_TRIAL in tags else "its trial"
+        when = ""
+        if state == "PRUNED":
+            epochs = self.client.get_metric_history(run_id, "pruned_at_epoch")
+            when = f" at epoch {int(epochs[-1].value)}" if epochs else ""
+        raise UserError(f"MLflow run {run_id} is {trial}, which was {state.lower()}{when} and kept no adapter; "
+                        "evaluate a completed trial (`hpo-peft study best` names the best)")
 
     # registry -------------------------------------------------------------------------------
     def register_adapter(self, run_id: str, name: str, alias: str = "best") -> int:
