@@ -33,7 +33,7 @@ from hpo_peft.recovery import (
 from hpo_peft.run_record import Pruned, log_outcome, summarize, trial_run
 from hpo_peft.samplers import make_pruner, make_sampler
 from hpo_peft.search_space import sample_plan
-from hpo_peft.tracking import TAG_ERROR, Tracker, temporary_folder
+from hpo_peft.tracking import TAG_ERROR, Tracker, check_store, temporary_folder
 from hpo_peft.train import EpochMetrics, amp_dtype, resolve_device
 from hpo_peft.trial import Workspace, open_workspace, run_trial
 
@@ -161,8 +161,9 @@ def check_before_writing(config: StudyConfig) -> None:
 
 def open_stores(config: StudyConfig, options: StudyOptions) -> tuple[optuna.Study, Tracker]:
     """Both stores answer (or fail in seconds with one line) before either is written to."""
-    tracker = Tracker(options.tracking_uri, experiment=options.study_name)
+    check_store(stores.database_url(options.tracking_uri or stores.default_tracking_uri()))
     storage = open_storage(options.storage)
+    tracker = Tracker(options.tracking_uri, experiment=options.study_name)
     return create_study(config, options, storage), tracker
 
 

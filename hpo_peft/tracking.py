@@ -47,6 +47,19 @@ def _chunks(items: list, size: int) -> list[list]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
+def check_store(uri: str, create: bool = True) -> None:
+    """The store answers and can be written (a server within seconds), without writing to it."""
+    db = stores.sqlite_path(uri)
+    if uri.startswith(("http://", "https://")):
+        stores.probe_server(uri, "MLflow tracking server", "--tracking-uri")
+    elif db is not None and not create:
+        stores.check_exists(db, "MLflow store")
+    elif db is not None:
+        hint = "run from a writable folder or pass --tracking-uri sqlite:///WRITABLE/mlflow.db"
+        stores.check_writable(db.parent, "the MLflow store", hint)
+        stores.check_writable(db.resolve().parent / "artifacts", "MLflow artifacts", hint)
+
+
 class Tracker:
     """The MLflow side of one study. Opening it checks that the store answers and can be written,
     and writes nothing; the experiment is created on first use. `create=False` (commands that only
@@ -55,15 +68,7 @@ class Tracker:
     def __init__(self, tracking_uri: str | None, experiment: str, create: bool = True):
         self.uri = stores.database_url(tracking_uri or stores.default_tracking_uri())
         self.experiment_name, self.create = experiment, create
-        db = stores.sqlite_path(self.uri)
-        if self.uri.startswith(("http://", "https://")):
-            stores.probe_server(self.uri, "MLflow tracking server", "--tracking-uri")
-        elif db is not None and not create:
-            stores.check_exists(db, "MLflow store")
-        elif db is not None:
-            hint = "run from a writable folder or pass --tracking-uri sqlite:///WRITABLE/mlflow.db"
-            stores.check_writable(db.parent, "the MLflow store", hint)
-            stores.check_writable(db.resolve().parent / "artifacts", "MLflow artifacts", hint)
+        check_store(self.uri, create)
         with stores.lock_for(self.uri):  # the first client of a new SQLite file creates its schema
             self.client = MlflowClient(self.uri)
             self.client.search_experiments(max_results=1)
