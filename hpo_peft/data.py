@@ -75,7 +75,10 @@ def _not_a_workbook(path: Path) -> str | None:
 
 
 def _open_workbook(path: Path) -> pd.ExcelFile:
-    reason = _not_a_workbook(path)
+    try:
+        reason = _not_a_workbook(path)
+    except OSError as err:
+        raise UserError(f"{path}: cannot read the table ({err.strerror or err})") from None
     if reason is not None:
         raise UserError(f"{path}: cannot read the table: not an Excel .xlsx workbook ({reason}); save it as .xlsx")
     try:
