@@ -7,6 +7,7 @@ each method's config class (this module must not import torch).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -90,6 +91,10 @@ class PromptConfig(Strict):
         return value
 
 
+DEVICE_FORMATS = "auto, cpu, cuda, cuda:N, mps, xpu, xpu:N"
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|(cuda|xpu)(:[0-9]+)?")
+
+
 class TrainConfig(Strict):
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     learning_rate: float = Field(1e-3, gt=0)
@@ -101,6 +106,14 @@ class TrainConfig(Strict):
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     device: str = "auto"
     eval_batch_size: int = Field(256, ge=1)
+
+    @field_validator("device")
+    @classmethod
+    def _device_format(cls, value: str) -> str:
+        # the format only: whether the machine has such a device is checked where it is used
+        if not DEVICE_PATTERN.fullmatch(value):
+            raise ValueError(f"unknown device {value!r}; use one of {DEVICE_FORMATS} (N a GPU index, e.g. cuda:0)")
+        return value
 
 
 class MethodChoice(Strict):
@@ -261,8 +274,54 @@ class StudyConfig(Strict):
         return self
 
 
-def _parse_scalar(text: str) -> Any:
-    return yaml.safe_load(text)
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml's safe loader, but a key written twice in one mapping is an error: plain yaml keeps
+    the last one and silently drops the first (a whole section, for a top-level key)."""
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, yaml.Mark] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` may be overridden
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.setdefault(key, key_node.start_mark)
+                except TypeError:  # an unhashable key: the base class reports it
+                    continue
+                if first is not key_node.start_mark:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} appears twice (first at line {first.line + 1}); keep one",
+                        key_node.start_mark,
+                    )
+        return super().construct_mapping(node, deep=deep)
+
+
+def parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=UniqueKeyLoader)
+
+
+def describe_yaml_error(error: yaml.YAMLError) -> str:
+    """One line: `line L, column C: problem (context at line ...)`, from yaml's marks."""
+    if not isinstance(error, yaml.MarkedYAMLError) or error.problem_mark is None:
+        return " ".join(str(error).split())
+    mark = error.problem_mark
+    text = f"line {mark.line + 1}, column {mark.column + 1}: {error.problem}"
+    if error.context:
+        context = error.context
+        where = error.context_mark
+        if where is not None and (where.line, where.column) != (mark.line, mark.column):
+            context += f" that starts at line {where.line + 1}, column {where.column + 1}"
+        text += f" ({context})"
+    return text
+
+
+def _parse_scalar(text: str, item: str) -> Any:
+    try:
+        return parse_yaml(text)
+    except yaml.YAMLError as err:
+        problem = describe_yaml_error(err).replace("line 1, ", "", 1)
+        raise UserError(f"override {item!r}: the value is not valid YAML ({problem}); quote it or fix it") from None
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -278,7 +337,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             if not isinstance(child, dict):
                 raise UserError(f"override {item!r}: {part!r} is not a section")
             node = child
-        node[parts[-1]] = _parse_scalar(value)
+        node[parts[-1]] = _parse_scalar(value, item)
     return raw
 
 
@@ -293,9 +352,15 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> StudyCo
     if not path.is_file():
         raise UserError(f"{path}: config file not found")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not UTF-8 text (byte {err.start}); save the config as UTF-8") from None
+    except OSError as err:
+        raise UserError(f"{path}: cannot read the config ({err.strerror or err})") from None
+    try:
+        raw = parse_yaml(text) or {}
     except yaml.YAMLError as err:
-        raise UserError(f"{path}: not valid YAML: {err}") from None
+        raise UserError(f"{path}: not valid YAML: {describe_yaml_error(err)}") from None
     if not isinstance(raw, dict):
         raise UserError(f"{path}: the top level must be a mapping of keys")
     raw = apply_overrides(raw, overrides or [])

@@ -55,38 +55,122 @@ class FewShotSplit:
     val: LabelledImages
 
 
+def _not_a_workbook(path: Path) -> str | None:
+    """Why the file cannot be an .xlsx workbook, judged from its first bytes; None if it may be one."""
+    with path.open("rb") as file:
+        head = file.read(4096)
+    if not head:
+        return "it is empty"
+    if head.startswith(b"PK"):  # a zip archive, as every .xlsx is
+        return None
+    if head.startswith(b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"):
+        return "it looks like an old Excel .xls workbook"
+    if b"\0" in head:
+        return "its content is not a spreadsheet"
+    text = head.decode("utf-8", errors="replace").lstrip("\ufeff \t\r\n")
+    if text[:15].lower().startswith(("<!doctype", "<html")):
+        return "it looks like an HTML page"
+    first_line = text.splitlines()[0] if text else ""
+    return "it looks like CSV text" if any(sep in first_line for sep in ",;\t") else "it looks like plain text"
+
+
+def _open_workbook(path: Path) -> pd.ExcelFile:
+    try:
+        reason = _not_a_workbook(path)
+    except OSError as err:
+        raise UserError(f"{path}: cannot read the table ({err.strerror or err})") from None
+    if reason is not None:
+        raise UserError(f"{path}: cannot read the table: not an Excel .xlsx workbook ({reason}); save it as .xlsx")
+    try:
+        return pd.ExcelFile(path, engine="openpyxl")
+    except Exception as err:  # zipfile and openpyxl raise many types for a damaged file
+        raise UserError(f"{path}: cannot read the table: not a readable .xlsx workbook ({type(err).__name__}: {err})") from None
+
+
+def _read_first_sheet(path: Path, required: list[str]) -> pd.DataFrame:
+    """The first sheet (the one the package reads); if it lacks columns, says which sheet was read
+    and which other sheet, if any, has them."""
+    with _open_workbook(path) as book:
+        try:
+            sheets = book.sheet_names
+            table = pd.read_excel(book, sheet_name=sheets[0])
+        except Exception as err:  # a damaged sheet inside a valid zip
+            raise UserError(f"{path}: cannot read the table: not a readable .xlsx workbook ({type(err).__name__}: {err})") from None
+        missing = [c for c in required if c not in table.columns]
+        if not missing:
+            return table
+        message = (f"{path}: missing column(s) {missing} in sheet {sheets[0]!r}, the first sheet (the only one read); "
+                   f"found {[_plain(c) for c in table.columns]}")
+        for other in sheets[1:]:
+            try:
+                header = pd.read_excel(book, sheet_name=other, nrows=0)
+            except Exception:
+                continue
+            if all(c in header.columns for c in required):
+                message += f"; sheet {other!r} has them: move it to be the first sheet"
+                break
+    raise UserError(message)
+
+
+def _plain(value: object) -> object:
+    """A cell value as the user typed it: numpy scalars as Python values, 2.0 as 2."""
+    value = value.item() if isinstance(value, np.generic) else value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def _describe_cell(value: object) -> str:
+    return "an empty cell" if pd.isna(value) else repr(_plain(value))
+
+
 def read_table(path: Path, image_column: str, categories: list[str]) -> pd.DataFrame:
-    """Rows with exactly one label, as columns `image_name`, `label`, `row` (the spreadsheet row)."""
+    """Rows with exactly one label, as columns `image_name`, `label`, `row` (the spreadsheet row).
+
+    Image names must be unique among all rows, used or skipped: a name listed twice could put
+    one image in both the training and the validation shots, or under two labels."""
     if not path.is_file():
         raise UserError(f"{path}: partition table not found")
-    try:
-        table = pd.read_excel(path)
-    except Exception as err:  # openpyxl raises many types for a damaged file
-        raise UserError(f"{path}: cannot read the table ({type(err).__name__}: {err})") from None
-    missing = [c for c in [image_column, *categories] if c not in table.columns]
-    if missing:
-        raise UserError(f"{path}: missing column(s) {missing}; found {list(table.columns)}")
+    table = _read_first_sheet(path, [image_column, *categories])
     flags = table[categories]
-    for column in categories:
-        bad = ~flags[column].isin([0, 1])
-        if bad.any():
-            first = int(np.flatnonzero(bad.to_numpy())[0])
-            raise UserError(
-                f"{path}: row {first + 2}, column {column!r}: expected 0 or 1, "
-                f"got {flags[column].iloc[first]!r}"
-            )
+    bad = ~flags.isin([0, 1]).to_numpy()
+    if bad.any():
+        row, col = np.argwhere(bad)[0]  # the first bad cell, in reading order
+        more = int(bad.sum()) - 1
+        raise UserError(
+            f"{path}: row {row + 2}, column {categories[col]!r}: expected 0 or 1, "
+            f"got {_describe_cell(flags.iloc[row, col])}" + (f" ({more} more such cell{'s' * (more > 1)})" if more else "")
+        )
     flags = flags.astype(int).to_numpy()
     single = flags.sum(axis=1) == 1
     names = table[image_column]
     if names[single].isna().any():
         first = int(np.flatnonzero((names.isna() & single).to_numpy())[0])
         raise UserError(f"{path}: row {first + 2}: empty {image_column!r}")
+    _check_unique_names(path, names, image_column)
     return pd.DataFrame(
         {
             "image_name": names[single].astype(str).to_numpy(),
             "label": flags[single].argmax(axis=1),
             "row": np.flatnonzero(single) + 2,  # header is spreadsheet row 1
         }
+    )
+
+
+def _check_unique_names(path: Path, names: pd.Series, image_column: str) -> None:
+    given = names.notna().to_numpy()
+    text = names.astype(str).to_numpy()
+    repeated = pd.Series(text[given]).duplicated(keep=False).to_numpy()
+    if not repeated.any():
+        return
+    rows = np.flatnonzero(given)[repeated] + 2  # header is spreadsheet row 1
+    first = text[rows[0] - 2]
+    same = [str(r) for r in rows if text[r - 2] == first]
+    others = len({text[r - 2] for r in rows}) - 1
+    raise UserError(
+        f"{path}: {image_column} {first!r} appears in rows {', '.join(same[:-1])} and {same[-1]}; image names must "
+        f"be unique in a table (all rows count, used or skipped): keep one row per image"
+        + (f" ({others} more name{'s' * (others > 1)} repeated)" if others else "")
     )
 
 

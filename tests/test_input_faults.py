@@ -1,0 +1,195 @@
+"""Input faults ("nothing lost, nothing repeated, nothing hangs"): each one fails through the CLI
+with exit code 2 and one line naming the file, row or key, before any model is loaded, and
+nothing is written."""
+
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from conftest import demo_config_dict
+
+from hpo_peft.cli import main
+from hpo_peft.config import DataConfig, load_config
+from hpo_peft.data import Preprocessing, load_test
+from hpo_peft.errors import UserError
+
+TRAIN = "partition/Test/Train.xlsx"
+
+
+@pytest.fixture(autouse=True)
+def no_model_loading(monkeypatch):
+    """Every fault here is found before the (slow) model load."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the input was checked")
+
+    from hpo_peft import model, trial
+
+    monkeypatch.setattr(model, "load_base_model", refuse)
+    monkeypatch.setattr(trial, "load_base_model", refuse)
+
+
+@pytest.fixture
+def kit(demo_kit, tmp_path):
+    root = tmp_path / "sicapv2"
+    shutil.copytree(demo_kit / "sicapv2", root)
+    return root
+
+
+def fails_cleanly(capsys, tmp_path, config, *options) -> str:
+    """Runs `trial CONFIG OPTIONS --save DIR`; returns the one error line."""
+    adapter = tmp_path / "adapter"
+    code = main(["trial", str(config), *map(str, options), "--save", str(adapter)])
+    err = capsys.readouterr().err
+    assert code == 2, err[-600:]
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("hpo-peft: error: "), repr(err[-600:])
+    assert "Traceback" not in err
+    assert not adapter.exists()
+    return lines[0]
+
+
+def write_text(tmp_path, text):
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    return path
+
+
+# 1. a repeated image name could put one image in both the training and the validation shots
+
+
+def test_duplicate_image_names_name_the_file_image_and_rows(write_config, kit, tmp_path, capsys):
+    table = pd.read_excel(kit / TRAIN)
+    nc = int(np.flatnonzero(table.NC.eq(1) & table[["G3", "G4", "G5"]].sum(axis=1).eq(0))[0])
+    g5 = int(np.flatnonzero(table.G5.eq(1) & table[["NC", "G3", "G4"]].sum(axis=1).eq(0))[0])
+    name = table.image_name[nc]
+    table.loc[g5, "image_name"] = name  # the same image labelled NC and G5
+    table.to_excel(kit / TRAIN, index=False)
+    first, second = sorted([nc + 2, g5 + 2])  # header is spreadsheet row 1
+    message = fails_cleanly(capsys, tmp_path, write_config(data={"root": str(kit)}))
+    assert f"Train.xlsx: image_name {name!r} appears in rows {first} and {second}" in message
+    assert "must be unique" in message
+
+
+def test_duplicate_image_names_in_the_test_table_are_found_too(kit):
+    table = pd.read_excel(kit / "partition/Test/Test.xlsx")
+    table.loc[len(table)] = table.loc[0]
+    table.to_excel(kit / "partition/Test/Test.xlsx", index=False)
+    prep = Preprocessing(height=8, width=8, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    with pytest.raises(UserError) as err:
+        load_test(DataConfig(root=kit), prep)
+    assert f"Test.xlsx: image_name {table.image_name[0]!r} appears in rows 2 and {len(table) + 1}" in str(err.value)
+
+
+# 2. a key written twice silently dropped the first one (a whole section, at the top level)
+
+
+@pytest.mark.parametrize("section", [None, "data"])
+def test_duplicate_yaml_keys_name_both_lines(demo_kit, tmp_path, capsys, section):
+    raw = demo_config_dict(demo_kit)
+    if section is None:  # a second `train:` section at the end
+        text = yaml.safe_dump(raw) + "train:\n  max_epochs: 1\n"
+        key, indent = "train", ""
+    else:  # `data.seed` written twice inside the data section
+        raw["data"] = {"seed": 1, **raw["data"]}
+        text = yaml.safe_dump(raw, sort_keys=False).replace("  seed: 1\n", "  seed: 1\n  seed: 2\n", 1)
+        key, indent = "seed", "  "
+    lines = [n for n, line in enumerate(text.splitlines(), 1) if line.startswith(f"{indent}{key}:")]
+    assert len(lines) == 2
+    config = write_text(tmp_path, text)
+    message = fails_cleanly(capsys, tmp_path, config)
+    assert f"{config}: " in message
+    assert f"line {lines[1]}, column {len(indent) + 1}: key {key!r} appears twice (first at line {lines[0]})" in message
+
+
+def test_merge_keys_may_still_be_overridden(tmp_path):
+    """Guard for item 2: `<<: *anchor` then a key of the anchor is an override, not a repeat."""
+    text = ("data: {root: x}\n"
+            "train: &t {batch_size: 8, max_epochs: 3}\n"
+            "method_train:\n  lora:\n    <<: *t\n    max_epochs: 5\n")
+    config = load_config(write_text(tmp_path, text))
+    assert config.method_train["lora"] == {"batch_size": 8, "max_epochs": 5}
+
+
+# 3. an override whose value is not YAML
+
+
+def test_an_override_that_is_not_yaml_is_named(write_config, tmp_path, capsys):
+    message = fails_cleanly(capsys, tmp_path, write_config(), "--set", "train.learning_rate=[")
+    assert "override 'train.learning_rate=[': the value is not valid YAML (column 2:" in message
+
+
+# 4. a YAML syntax error: one line with file, line, column and the problem
+
+
+def test_a_yaml_syntax_error_is_one_line_with_line_and_column(demo_kit, tmp_path, capsys):
+    text = yaml.safe_dump(demo_config_dict(demo_kit))
+    lines = text.splitlines()
+    n = next(i for i, line in enumerate(lines) if line.startswith("  learning_rate:"))
+    lines[n] += ": 1"  # `learning_rate: 0.003: 1`
+    config = write_text(tmp_path, "\n".join(lines) + "\n")
+    message = fails_cleanly(capsys, tmp_path, config)
+    column = len(lines[n]) - len(": 1") + 1
+    assert f"{config}: not valid YAML: line {n + 1}, column {column}: mapping values are not allowed here" in message
+
+
+# 5. the device string's format is checked with the config (availability is checked elsewhere)
+
+
+def test_an_unknown_device_is_a_config_error(write_config, tmp_path, capsys):
+    message = fails_cleanly(capsys, tmp_path, write_config(), "--set", "train.device=gpu0")
+    assert "invalid config: train.device: unknown device 'gpu0'" in message
+    assert "auto, cpu, cuda, cuda:N, mps, xpu, xpu:N" in message
+    for good in ["auto", "cpu", "cuda", "cuda:1", "mps", "xpu", "xpu:0"]:
+        assert load_config(write_config(), [f"train.device={good}"]).train.device == good
+
+
+# 6. a file named .xlsx that is no workbook
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[:300])  # the zip's directory is at its end
+
+
+@pytest.mark.parametrize(
+    "damage, expected",
+    [
+        (lambda path: pd.read_excel(path).to_csv(path, index=False), "not an Excel .xlsx workbook (it looks like CSV text)"),
+        (lambda path: path.write_bytes(b""), "not an Excel .xlsx workbook (it is empty)"),
+        (_truncate, "not a readable .xlsx workbook (BadZipFile"),
+    ],
+    ids=["csv", "empty", "damaged-zip"],
+)
+def test_a_file_that_is_no_workbook_says_what_it_is(write_config, kit, tmp_path, capsys, damage, expected):
+    damage(kit / TRAIN)
+    message = fails_cleanly(capsys, tmp_path, write_config(data={"root": str(kit)}))
+    assert f"Train.xlsx: cannot read the table: {expected}" in message
+    assert "engine" not in message
+
+
+# 7. the data on a second sheet
+
+
+def test_data_on_another_sheet_names_the_sheets(write_config, kit, tmp_path, capsys):
+    table = pd.read_excel(kit / TRAIN)
+    with pd.ExcelWriter(kit / TRAIN) as writer:
+        pd.DataFrame({"note": ["exported from the slide database"]}).to_excel(writer, sheet_name="Notes", index=False)
+        table.to_excel(writer, sheet_name="Train", index=False)
+    message = fails_cleanly(capsys, tmp_path, write_config(data={"root": str(kit)}))
+    assert "Train.xlsx: missing column(s) ['image_name', 'NC', 'G3', 'G4', 'G5'] in sheet 'Notes', the first sheet" in message
+    assert "sheet 'Train' has them" in message
+
+
+# 8. a bad 0/1 cell is shown as the user typed it
+
+
+@pytest.mark.parametrize("value, shown", [(np.nan, "got an empty cell"), (2, "got 2")], ids=["empty", "two"])
+def test_a_bad_flag_is_shown_as_typed(write_config, kit, tmp_path, capsys, value, shown):
+    table = pd.read_excel(kit / TRAIN).astype({"G5": float})
+    table.loc[5, "G5"] = value
+    table.to_excel(kit / TRAIN, index=False)
+    message = fails_cleanly(capsys, tmp_path, write_config(data={"root": str(kit)}))
+    assert f"Train.xlsx: row 7, column 'G5': expected 0 or 1, {shown}" in message
+    assert "np." not in message
