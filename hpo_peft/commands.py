@@ -66,10 +66,11 @@ def run_single_trial(path: Path, overrides: list[str], method: str | None, save:
                 f"val balanced acc {epoch.val_balanced_accuracy:.2f}%"
             )
 
+    test_images = load_test(config.data, workspace.base.preprocessing)  # a bad test table fails before training
     outcome = run_trial(workspace, name, config.methods.get(name, {}), config.train_for(name), on_epoch=report)
     device = next(outcome.classifier.parameters()).device
     test = evaluate(
-        outcome.classifier, load_test(config.data, workspace.base.preprocessing), workspace.base.preprocessing,
+        outcome.classifier, test_images, workspace.base.preprocessing,
         config.data.categories, config.train.eval_batch_size, amp_dtype(config.train.precision, device),
     )
     if save is not None:
