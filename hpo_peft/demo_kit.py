@@ -21,17 +21,39 @@ There is no internet where the demo runs, so the kit replaces the two downloads 
 
 The build is deterministic (fixed seeds), takes a few seconds on two CPU cores, and is
 atomic: everything is written to a temporary sibling folder, moved into place, and
-``kit.json`` is written last. This module deliberately imports nothing else from ``hpo_peft``.
+``kit.json`` is written last.
+
+What a build may touch in ``<out>``: only the kit's own parts, ``model/``, ``sicapv2/`` and
+``kit.json`` (``KIT_PARTS``); nothing else in the folder is ever read, moved or deleted.
+
+* ``<out>`` missing or empty: the kit is built into it.
+* ``<out>`` a kit (its ``kit.json`` was written here: any ``kit_version``, or the marker an
+  interrupted install leaves): a complete current kit is kept as is; otherwise (older version,
+  interrupted, or ``force``) its parts are rebuilt and replaced silently, since they are ours.
+* ``<out>`` a non-empty folder that is not a kit: refused with ``UserError`` (nothing is built),
+  unless ``force``; then the parts present are replaced, each named on stderr
+  ("demo-kit: replacing existing <out>/model (N files)"), and every other file stays.
+* ``<out>`` an existing file (or below a file): refused with ``UserError`` before any work.
+
+During the swap ``kit.json`` holds an "incomplete" marker (so the folder is still recognised as
+a kit if the swap is interrupted, and never looks complete), and the swap runs under an
+exclusive ``flock`` on ``<out>``, re-checking completeness first, so that concurrent builds end
+with one complete kit. Replaced parts are moved into the temporary folder and deleted with it.
+
+This module imports nothing else from ``hpo_peft`` but the trivial ``hpo_peft.errors``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
 import os
 import re
 import shutil
+import sys
+import tempfile
 import zipfile
 from datetime import datetime
 from pathlib import Path
@@ -42,10 +64,13 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm.auto import tqdm
 
+from hpo_peft.errors import UserError
+
 __all__ = ["DEFAULT_DIR", "KIT_VERSION", "build_demo_kit"]
 
 DEFAULT_DIR = Path("local_data/demo")
 KIT_VERSION = 1  # bump when the kit's content changes
+KIT_PARTS = ("model", "sicapv2", "kit.json")  # all that a build ever writes or replaces in <out>
 
 # --------------------------------------------------------------------------------------
 # Constants
@@ -688,25 +713,112 @@ def _test_pixels_and_labels(sicap: Path) -> tuple[torch.Tensor, np.ndarray]:
     return _pixel_values(imgs), labels
 
 
+def _kit_message(out: Path) -> str:
+    return (f"demo kit folder {out} is not empty and holds no demo kit (no valid kit.json); choose a "
+            f"new or empty folder, or run 'hpo-peft demo-kit --out {out} --force' to replace only "
+            "its model/, sicapv2/ and kit.json (other files are kept)")
+
+
+def _is_kit(out: Path) -> bool:
+    """``out/kit.json`` was written by this module (any kit version, or the marker of an
+    unfinished install): the kit's parts in ``out`` are ours to replace."""
+    meta = _read_kit_json(out)
+    return isinstance(meta, dict) and "kit_version" in meta
+
+
+def _check_target(out: Path, force: bool) -> None:
+    """Refuse (UserError) a target that cannot or must not be built into; runs before any work."""
+    if os.path.lexists(out) and not out.is_dir():
+        raise UserError(f"demo kit folder {out} is an existing file; choose a new or empty folder")
+    for parent in Path(os.path.abspath(out)).parents:
+        if os.path.lexists(parent):
+            if not parent.is_dir():
+                raise UserError(f"demo kit folder {out}: {parent} is a file, not a folder; choose another path")
+            break
+    if out.is_dir() and not force and not _is_kit(out) and any(out.iterdir()):
+        raise UserError(_kit_message(out))
+
+
+def _describe(path: Path) -> str:
+    if path.is_symlink():
+        return "a symlink"
+    if path.is_dir():
+        n = sum(len(files) for _, _, files in os.walk(path))
+        return f"{n} file{'' if n == 1 else 's'}"
+    return "a file"
+
+
+@contextlib.contextmanager
+def _locked(folder: Path):
+    """Exclusive lock on ``folder`` itself (no lock file left behind) while its parts are
+    swapped, so that two concurrent builds never interleave their swaps."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): the re-check under the "lock" still narrows the race
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _write_json(tmp: Path, dest: Path, data: dict) -> None:
+    staged = tmp / "kit.json"
+    staged.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    os.replace(staged, dest)  # atomic: kit.json is never seen half written
+
+
+def _install(tmp: Path, out: Path, meta: dict, force: bool) -> None:
+    """Move the built parts from ``tmp`` into ``out``. Only ``model``, ``sicapv2`` and
+    ``kit.json`` are ever replaced; replaced parts are moved into ``tmp`` (deleted with it)."""
+    out.mkdir(parents=True, exist_ok=True)
+    with _locked(out):
+        if not force and _is_complete(out):  # a concurrent build finished first: keep it
+            return
+        ours = _is_kit(out)
+        if not ours and not force and any(out.iterdir()):  # something appeared while building
+            raise UserError(_kit_message(out))
+        if not ours:  # say what will be replaced in a folder that is not a kit
+            for name in KIT_PARTS:
+                if os.path.lexists(out / name):
+                    print(f"demo-kit: replacing existing {out / name} ({_describe(out / name)})",
+                          file=sys.stderr)
+            if os.path.lexists(out / "kit.json"):  # whatever it is (even a folder): set it aside
+                os.replace(out / "kit.json", tmp / "replaced-kit.json")
+        # from here on out/kit.json marks the folder as an (incomplete) kit, so an interrupted
+        # install can be resumed without --force, and a concurrent build still recognises it
+        _write_json(tmp, out / "kit.json", {"kit_version": None, "state": "incomplete: being built"})
+        for part in ("sicapv2", "model"):
+            if os.path.lexists(out / part):
+                os.replace(out / part, tmp / f"replaced-{part}")
+            os.replace(tmp / part, out / part)
+        _write_json(tmp, out / "kit.json", meta)
+
+
 def build_demo_kit(out: Path | str = DEFAULT_DIR, *, force: bool = False, progress: bool = True) -> Path:
     """Build the offline demo kit into ``out`` (``out/sicapv2``, ``out/model``, ``out/kit.json``).
 
     Idempotent: returns at once when ``out/kit.json`` records the current ``KIT_VERSION``
     (``force=True`` rebuilds). The build happens in a temporary sibling folder whose parts are
     moved into place at the end, ``kit.json`` last, so an interrupted build never looks complete.
+    Raises UserError (before any work) when ``out`` is a file, or a non-empty folder that is not
+    a kit and ``force`` is not set; see the module docstring.
     """
     out = Path(out)
     if not force and _is_complete(out):
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    _check_target(out, force)
+    parent = Path(os.path.abspath(out)).parent  # abspath: "--out ." builds beside, not inside
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{Path(os.path.abspath(out)).name}.tmp-", dir=parent))
     prev_threads = torch.get_num_threads()
     n_images = sum(len(_plan_split(s)) for s in ("train", "test"))
     n_pre = (PRETRAIN_PER_CLASS + PRETRAIN_VAL_PER_CLASS) * len(CLASSES)
     try:
         torch.set_num_threads(_TORCH_THREADS)  # fixed thread count: reproducible float sums
-        tmp.mkdir(parents=True)
         with tqdm(total=n_images + n_pre, desc="demo kit: images", unit="img", disable=not progress) as bar:
             counts = _write_dataset(tmp / "sicapv2", bar)
             pre_pixels, pre_labels = _pretrain_images(bar)
@@ -736,17 +848,7 @@ def build_demo_kit(out: Path | str = DEFAULT_DIR, *, force: bool = False, progre
             "pretraining": pretrain_info,
             "zero_shot_balanced_accuracy_test": round(bacc, 4),
         }
-        if not force and _is_complete(out):  # a concurrent build finished first: keep it
-            return out
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "kit.json").unlink(missing_ok=True)  # the kit is incomplete from here on
-        for part in ("sicapv2", "model"):
-            if (out / part).exists():
-                shutil.rmtree(out / part)
-            os.replace(tmp / part, out / part)
-        tmp_meta = tmp / "kit.json"
-        tmp_meta.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp_meta, out / "kit.json")
+        _install(tmp, out, meta, force)
     finally:
         torch.set_num_threads(prev_threads)
         shutil.rmtree(tmp, ignore_errors=True)

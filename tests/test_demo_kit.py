@@ -220,3 +220,123 @@ def test_zero_shot_above_chance(kit, tables, model_and_processor):
     true = df[CLASSES].to_numpy().argmax(axis=1)
     bacc = float(np.mean([np.mean(pred[true == k] == k) for k in range(4)]))
     assert 0.3 < bacc < 0.95, bacc
+
+
+# -- never delete what the build did not create --------------------------------------------
+
+
+def _no_build(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("the kit was built although the target was refused")
+
+    monkeypatch.setattr(demo_kit, "_write_dataset", fail)
+
+
+def _error_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("hpo-peft: error: ")]
+
+
+def test_folder_with_other_files_is_refused_and_left_untouched(tmp_path, monkeypatch, capsys):
+    from hpo_peft.cli import main
+
+    _no_build(monkeypatch)
+    x = tmp_path / "x"
+    (x / "model").mkdir(parents=True)
+    (x / "sicapv2").mkdir()
+    (x / "model" / "important.bin").write_bytes(b"weights\x00\x01")
+    (x / "sicapv2" / "notes.txt").write_text("my notes\n")
+    assert main(["demo-kit", "--out", str(x)]) == 2
+    lines = _error_lines(capsys.readouterr().err)
+    assert len(lines) == 1 and str(x) in lines[0] and "--force" in lines[0], lines
+    assert (x / "model" / "important.bin").read_bytes() == b"weights\x00\x01"
+    assert (x / "sicapv2" / "notes.txt").read_text() == "my notes\n"
+    assert sorted(p.name for p in x.iterdir()) == ["model", "sicapv2"]
+    assert list(tmp_path.iterdir()) == [x]  # no temporary sibling folder
+
+
+def test_config_key_refuses_the_same_folder(tmp_path, monkeypatch):
+    from hpo_peft.errors import UserError
+
+    _no_build(monkeypatch)
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "kit.json").write_text("not json")  # not a kit.json of ours
+    with pytest.raises(UserError, match="--force"):
+        build_demo_kit(tmp_path / "x", progress=False)
+    assert (tmp_path / "x" / "kit.json").read_text() == "not json"
+    assert list(tmp_path.iterdir()) == [tmp_path / "x"]
+
+
+@pytest.mark.parametrize("below", [False, True])
+def test_out_an_existing_file_is_refused_before_building(tmp_path, monkeypatch, capsys, below):
+    from hpo_peft.cli import main
+
+    _no_build(monkeypatch)
+    target = tmp_path / "file.txt"
+    target.write_text("keep me")
+    out = target / "kit" if below else target
+    t0 = time.perf_counter()
+    assert main(["demo-kit", "--out", str(out), "--force"]) == 2
+    assert time.perf_counter() - t0 < 1.0
+    lines = _error_lines(capsys.readouterr().err)
+    assert len(lines) == 1 and str(out) in lines[0], lines
+    assert target.read_text() == "keep me"
+    assert list(tmp_path.iterdir()) == [target]  # nothing created next to it
+
+
+def test_targets_that_may_be_built_into(tmp_path, monkeypatch):
+    """Empty folders, and folders whose kit.json is ours (an older kit, or an install that was
+    interrupted after it wrote its marker), pass the check without --force."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    demo_kit._check_target(empty, force=False)
+    demo_kit._check_target(tmp_path / "new" / "deeper", force=False)
+    for meta in ('{"kit_version": %d}' % (KIT_VERSION - 1), '{"kit_version": null}'):
+        old = tmp_path / "old"
+        (old / "model").mkdir(parents=True, exist_ok=True)
+        (old / "kit.json").write_text(meta)
+        demo_kit._check_target(old, force=False)
+
+
+def test_install_into_an_old_kit_replaces_only_its_parts_quietly(tmp_path, capsys):
+    """The swap alone (no build): an older kit's parts are replaced, nothing else is touched."""
+    out, tmp = tmp_path / "demo", tmp_path / "demo.tmp-test"
+    for folder in (out, tmp):
+        (folder / "model").mkdir(parents=True)
+        (folder / "sicapv2").mkdir()
+        (folder / "model" / "weights.bin").write_text(folder.name)
+    (out / "kit.json").write_text('{"kit_version": %d}' % (KIT_VERSION - 1))
+    (out / "mine.txt").write_text("mine")
+    demo_kit._install(tmp, out, {"kit_version": KIT_VERSION}, force=False)
+    assert demo_kit._is_complete(out)
+    assert (out / "model" / "weights.bin").read_text() == "demo.tmp-test"
+    assert (out / "mine.txt").read_text() == "mine"
+    assert capsys.readouterr().err == ""
+
+
+def test_force_replaces_only_the_kit_parts_and_says_so(tmp_path, monkeypatch, capsys):
+    from hpo_peft.cli import main
+
+    # a real build, made small (a few images, two pre-training steps) to keep the test quick
+    for name, value in (("N_TRAIN_PER_CLASS", 2), ("N_TEST_PER_CLASS", 2), ("N_TRAIN_MULTI", 1),
+                        ("N_TRAIN_EMPTY", 1), ("PRETRAIN_PER_CLASS", 2), ("PRETRAIN_VAL_PER_CLASS", 1),
+                        ("PRETRAIN_MAX_STEPS", 2), ("PRETRAIN_DRAW_SIZE", 64)):
+        monkeypatch.setattr(demo_kit, name, value)
+    x = tmp_path / "x"
+    (x / "model" / "sub").mkdir(parents=True)
+    (x / "model" / "important.bin").write_bytes(b"old")
+    (x / "model" / "sub" / "more.bin").write_bytes(b"old")
+    (x / "kit.json").write_text("mine")
+    (x / "notes.txt").write_text("keep")
+    (x / "data").mkdir()
+    (x / "data" / "table.csv").write_text("a,b\n")
+    assert main(["demo-kit", "--out", str(x), "--force"]) == 0
+    err = capsys.readouterr().err
+    replaced = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("demo-kit: replacing")]
+    assert replaced == [f"demo-kit: replacing existing {x / 'model'} (2 files)",
+                        f"demo-kit: replacing existing {x / 'kit.json'} (a file)"]
+    assert (x / "notes.txt").read_text() == "keep"
+    assert (x / "data" / "table.csv").read_text() == "a,b\n"
+    assert demo_kit._is_complete(x)
+    assert not (x / "model" / "important.bin").exists()
+    assert sorted(p.name for p in x.iterdir()) == ["data", "kit.json", "model", "notes.txt", "sicapv2"]
+    assert list(tmp_path.iterdir()) == [x]
