@@ -233,6 +233,9 @@ class CompareConfig(Strict):
 
 class StudyConfig(Strict):
     name: str = "study"
+    # `study`: this package's trials (early stopping, best epoch). `course`: the course notebook's
+    # own experiment, reproduced exactly (its sampler, resize, fixed epochs, last weights; see course.py)
+    protocol: Literal["study", "course"] = "study"
     demo_kit: Path | None = None
     # folder for black-box features, shared across processes; unset: in memory, once per process
     feature_cache: Path | None = None
