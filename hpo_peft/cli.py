@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--n-trials", type=int, default=None, help="trials to run in this session (default: search.n_trials)")
     run.add_argument("--timeout", type=float, default=None, help="stop starting new trials after this many seconds")
     run.add_argument("--jobs", type=int, default=1, help="worker processes on the same storage (default 1)")
+    run.add_argument("--accept-changes", action="store_true",
+                     help="continue an existing study although settings that define it changed")
     best = study.add_parser("best", help="the best trial so far")
     _add_config(best)
     _add_study_options(best)
@@ -94,7 +96,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         elif args.command == "study" and args.study_command == "run":
             from hpo_peft.commands import run_study_command
 
-            run_study_command(args.config, args.overrides, _study_options(args), args.n_trials, args.timeout, args.jobs)
+            run_study_command(args.config, args.overrides, _study_options(args), args.n_trials, args.timeout, args.jobs,
+                              args.accept_changes)
         elif args.command == "study" and args.study_command == "best":
             from hpo_peft.commands import best_command
 

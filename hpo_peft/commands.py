@@ -105,7 +105,8 @@ def prepare_study_config(path: Path, overrides: list[str]) -> StudyConfig:
 
 
 def run_study_command(path: Path, overrides: list[str], options: dict, n_trials: int | None, timeout: float | None,
-                      jobs: int = 1) -> None:
+                      jobs: int = 1, accept_changes: bool = False) -> None:
+    from hpo_peft.selection import select_best
     from hpo_peft.study import StudyOptions, run_study
 
     if jobs < 1:
@@ -116,14 +117,13 @@ def run_study_command(path: Path, overrides: list[str], options: dict, n_trials:
         raise UserError(f"--timeout must be a positive number of seconds, got {timeout:g}")
     config = prepare_study_config(path, overrides)
     where = StudyOptions.of(config, **options)
-    study = run_study(config, where, n_trials, timeout, jobs)
+    study = run_study(config, where, n_trials, timeout, jobs, accept_changes)
     states = {}
     for trial in study.trials:
         states[trial.state.name] = states.get(trial.state.name, 0) + 1
     print(f"study {where.study_name!r}: {len(study.trials)} trials ({', '.join(f'{v} {k.lower()}' for k, v in sorted(states.items()))})")
-    try:
-        best = study.best_trial
-    except ValueError:
+    best = select_best(study.trials)
+    if best is None:
         print("no completed trial yet")
         return
     print(f"best trial {best.number}: validation balanced accuracy {best.value:.2f}%  {best.params}")
@@ -131,21 +131,30 @@ def run_study_command(path: Path, overrides: list[str], options: dict, n_trials:
 
 def best_command(path: Path, overrides: list[str], options: dict, as_json: bool) -> None:
     from hpo_peft.study import RUN_ID_ATTR, StudyOptions, best_trial
+    from hpo_peft.tracking import Tracker
 
     config = load_config(path, overrides)
-    best = best_trial(StudyOptions.of(config, **options))
+    where = StudyOptions.of(config, **options)
+    best = best_trial(where)
+    run_id = best.user_attrs.get(RUN_ID_ATTR)
+    test = None
+    if run_id:  # the test score, once `evaluate` has scored this trial
+        test = Tracker(where.tracking_uri, experiment=where.study_name, create=False).get_run(run_id).data.metrics.get(
+            "test_balanced_accuracy")
     summary = {
         "trial_number": best.number,
         "params": best.params,
         "val_balanced_accuracy": best.value,
-        "mlflow_run_id": best.user_attrs.get(RUN_ID_ATTR),
+        "test_balanced_accuracy": test,
+        "mlflow_run_id": run_id,
     }
     if as_json:
         print(json.dumps(summary, indent=2))
-    else:
-        print(f"best trial {best.number}: validation balanced accuracy {best.value:.2f}%")
-        print(f"parameters: {best.params}")
-        print(f"MLflow run: {summary['mlflow_run_id']}")
+        return
+    print(f"best trial {best.number}: selection score (validation balanced accuracy) {best.value:.2f}%")
+    print(f"test balanced accuracy: {f'{test:.2f}% (validation - test gap {best.value - test:+.2f})' if test is not None else 'not evaluated yet (hpo-peft evaluate)'}")
+    print(f"parameters: {best.params}")
+    print(f"MLflow run: {run_id}")
 
 
 def evaluate_command(
@@ -168,7 +177,9 @@ def evaluate_command(
     base = load_base_model(config.model)
     test = load_test(config.data, base.preprocessing)
     metrics, metadata = evaluate_run(tracker, run_id, base, test, config)
-    result = {"mlflow_run_id": run_id, "method": metadata["method"], **metrics.as_dict()}
+    selection = tracker.get_run(run_id).data.metrics.get("final_val_balanced_accuracy")
+    result = {"mlflow_run_id": run_id, "method": metadata["method"], "val_balanced_accuracy": selection,
+              **metrics.as_dict()}
     if register:
         result["registered_version"] = tracker.register_adapter(run_id, register)
         result["registered_model"] = register
@@ -176,6 +187,9 @@ def evaluate_command(
         print(json.dumps(result, indent=2))
     else:
         print(f"run {run_id} ({metadata['method']['name']}): test balanced accuracy {metrics.balanced_accuracy:.2f}%")
+        if selection is not None:
+            print(f"selection score (validation balanced accuracy) {selection:.2f}%; "
+                  f"validation - test gap {selection - metrics.balanced_accuracy:+.2f} points")
         print("per-class recall: " + ", ".join(f"{c} {r:.1f}%" for c, r in metrics.per_class_recall.items()))
         print(format_confusion(metrics.confusion, config.data.categories))
         if register:

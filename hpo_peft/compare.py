@@ -24,6 +24,7 @@ from hpo_peft.study import (
     evaluate_run,
     optimize,
 )
+from hpo_peft.selection import select_best
 from hpo_peft.tracking import Tracker
 from hpo_peft.trial import open_workspace
 
@@ -81,7 +82,7 @@ def run_compare(config: StudyConfig, options: StudyOptions, out: Path) -> pd.Dat
                     done = sum(t.state.is_finished() for t in study.trials)
                     if done < budget:
                         optimize(study, workspace, tracker, parent_id, budget - done, None)
-                    best = study.best_trial
+                    best = select_best(study.get_trials(deepcopy=False))
                     metrics, _ = evaluate_run(tracker, best.user_attrs[RUN_ID_ATTR], base, test, variant)
                     rows.append({"method": method, "shots": shots, "seed": seed, "val_balanced_accuracy": best.value,
                                  "test_balanced_accuracy": metrics.balanced_accuracy, "mlflow_run_id": best.user_attrs[RUN_ID_ATTR]})

@@ -22,6 +22,7 @@ from hpo_peft import interrupts
 from hpo_peft.artifacts import save_adapter
 from hpo_peft.evaluate import confusion_figure
 from hpo_peft.recovery import RUN_ID_ATTR
+from hpo_peft.selection import select_best
 from hpo_peft.tracking import Tracker, temporary_folder
 from hpo_peft.trial import TrialOutcome, Workspace
 
@@ -98,7 +99,7 @@ def summarize(tracker: Tracker, parent_id: str, study: optuna.Study, figures: bo
     })
     if not completed:
         return
-    best = study.best_trial
+    best = select_best(trials)
     tracker.log_params(parent_id, {f"best.{k}": v for k, v in best.params.items()})
     tracker.log_metrics(parent_id, {"best_val_balanced_accuracy": best.value, "best_trial_number": best.number})
     tracker.set_tags(parent_id, {"hpo_peft.best_run_id": best.user_attrs.get(RUN_ID_ATTR, "")})

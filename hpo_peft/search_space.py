@@ -1,8 +1,14 @@
 """The YAML search space turned into `trial.suggest_*` calls.
 
-`search.params` holds `method` and training keys; `search.methods.<name>` holds that method's own
-options, suggested only in trials that drew it (so e.g. `lora.rank` is absent from a bias trial).
-A bare value in the space is fixed: recorded with the trial, never searched.
+`search.params` holds `method` and the training keys shared by all methods; `search.methods.<name>`
+holds one method's own space (its options, and training keys it searches on its own), suggested
+only in trials that drew it (so e.g. `lora.rank` is absent from a bias trial). A bare value in the
+space is fixed: recorded with the trial, never searched.
+
+A trial's training settings, each layer over the one before:
+`train` < shared `search.params` < the method's defaults `method_train.<name>` < `search.methods.<name>`.
+So a method keeps its own defaults (e.g. the course's SGD for black-box adapters) for every key its
+own space does not name; a shared key is only drawn for methods without a default for it.
 """
 
 from __future__ import annotations
@@ -11,8 +17,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import optuna
+from pydantic import ValidationError
 
-from hpo_peft.config import Choices, Range, StudyConfig, TrainConfig
+from hpo_peft.config import (
+    SEARCHABLE_TRAIN_KEYS,
+    Choices,
+    Range,
+    StudyConfig,
+    TrainConfig,
+    describe_validation_errors,
+)
+from hpo_peft.errors import UserError
 from hpo_peft.methods import method_config
 
 
@@ -44,12 +59,18 @@ def suggest(trial: optuna.Trial, name: str, spec: Any) -> Any:
 def sample_plan(trial: optuna.Trial, config: StudyConfig) -> TrialPlan:
     search = config.search
     method = suggest(trial, "method", search.params.get("method", config.method.name))
-    train_values = {key: suggest(trial, key, spec) for key, spec in search.params.items() if key != "method"}
-    train = config.train_for(method, **train_values)
+    own = search.methods.get(method, {})
+    defaults = config.method_train.get(method, {})
+    train_values = {key: suggest(trial, key, spec) for key, spec in search.params.items()
+                    if key != "method" and key not in defaults and key not in own}
     options = dict(config.methods.get(method, {}))
-    for option, spec in search.methods.get(method, {}).items():
-        options[option] = suggest(trial, f"{method}.{option}", spec)
-    return TrialPlan(method, method_config(method, options).model_dump(), train)
+    for key, spec in own.items():
+        value = suggest(trial, f"{method}.{key}", spec)
+        if key in SEARCHABLE_TRAIN_KEYS:
+            train_values[key] = value
+        else:
+            options[key] = value
+    return TrialPlan(method, method_config(method, options).model_dump(), config.train_for(method, **train_values))
 
 
 def check_space(config: StudyConfig) -> None:
@@ -58,9 +79,16 @@ def check_space(config: StudyConfig) -> None:
     methods = spec.choices if isinstance(spec, Choices) else [spec]
     for name in methods:
         method_config(name, config.methods.get(name), key="search.params.method" if name not in config.methods else "methods")
-    for name, options in config.search.methods.items():
+    for name, space in config.search.methods.items():
         method_config(name, {}, key="search.methods")
-        for option, dist in options.items():
+        for option, dist in space.items():
             bounds = dist.choices if isinstance(dist, Choices) else [dist.low, dist.high] if isinstance(dist, Range) else [dist]
             for value in bounds:
-                method_config(name, {**config.methods.get(name, {}), option: value}, key="search.methods")
+                if option in SEARCHABLE_TRAIN_KEYS:
+                    try:
+                        config.train_for(name, **{option: value})
+                    except ValidationError as err:
+                        raise UserError(f"search.methods.{name}.{option}: value {value!r} is invalid: "
+                                        f"{describe_validation_errors(err)[0]}") from None
+                else:
+                    method_config(name, {**config.methods.get(name, {}), option: value}, key="search.methods")

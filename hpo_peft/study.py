@@ -16,7 +16,7 @@ from pathlib import Path
 
 import optuna
 
-from hpo_peft import interrupts, stores
+from hpo_peft import identity, interrupts, stores
 from hpo_peft.artifacts import load_adapter
 from hpo_peft.config import StudyConfig
 from hpo_peft.data import LabelledImages, few_shot_rows
@@ -33,6 +33,7 @@ from hpo_peft.recovery import (
 from hpo_peft.run_record import Pruned, log_outcome, summarize, trial_run
 from hpo_peft.samplers import make_pruner, make_sampler
 from hpo_peft.search_space import sample_plan
+from hpo_peft.selection import TRAINABLE_ATTR, VAL_LOSS_ATTR, select_best
 from hpo_peft.tracking import TAG_ERROR, Tracker, check_store, temporary_folder
 from hpo_peft.train import EpochMetrics, amp_dtype, resolve_device
 from hpo_peft.trial import Workspace, open_workspace, run_trial
@@ -76,15 +77,31 @@ def open_storage(url: str | None, create: bool = True) -> optuna.storages.BaseSt
         raise UserError(f"Optuna storage {stores.redact(url)}: cannot open ({type(err).__name__}: {reason})") from None
 
 
-def create_study(config: StudyConfig, options: StudyOptions, storage=None) -> optuna.Study:
-    return optuna.create_study(
-        study_name=options.study_name,
-        storage=storage or open_storage(options.storage),
-        sampler=make_sampler(config),
-        pruner=make_pruner(config),
-        direction="maximize",
-        load_if_exists=True,
-    )
+def create_study(config: StudyConfig, options: StudyOptions, storage=None, accept_changes: bool = False) -> optuna.Study:
+    """A new study records what defines it; an existing one must have been started with the same
+    (or `accept_changes`, `study run --accept-changes`, says the user means to change it)."""
+    storage = storage or open_storage(options.storage)
+    sampler, pruner = make_sampler(config), make_pruner(config)
+    try:  # loading writes nothing (creating an existing study would append to a journal)
+        study = optuna.load_study(study_name=options.study_name, storage=storage, sampler=sampler, pruner=pruner)
+    except KeyError:
+        study = optuna.create_study(study_name=options.study_name, storage=storage, sampler=sampler, pruner=pruner,
+                                    direction="maximize", load_if_exists=True)
+    current = identity.fingerprint(config)
+    recorded = study.user_attrs.get(identity.FINGERPRINT_ATTR)
+    if recorded is None:
+        study.set_user_attr(identity.FINGERPRINT_ATTR, current)
+    elif (differ := identity.differences(recorded, current)) and accept_changes:
+        print(f"continuing study {options.study_name!r} with changed settings: {', '.join(differ)}", file=sys.stderr)
+    elif differ:
+        first = differ[0]
+        raise UserError(
+            f"study {options.study_name!r} was started with other settings: {', '.join(differ[:6])}"
+            f"{f' and {len(differ) - 6} more' if len(differ) > 6 else ''} differ (e.g. {first}: "
+            f"{recorded.get(first, 'unset')} then, {current.get(first, 'unset')} now); continue it with its "
+            f"own settings, start a new study with --study-name {options.study_name}-2, or pass --accept-changes"
+        )
+    return study
 
 
 def load_study(options: StudyOptions) -> optuna.Study:
@@ -119,6 +136,8 @@ def make_objective(workspace: Workspace, tracker: Tracker, parent_id: str, study
                 outcome = run_trial(workspace, plan.method, plan.method_options, plan.train, on_epoch,
                                     progress=sys.stderr.isatty())  # an epoch bar in a terminal, none in logs
                 log_outcome(tracker, run_id, outcome, workspace)
+                trial.set_user_attr(VAL_LOSS_ATTR, outcome.validation.loss)  # tie-breakers (selection.py)
+                trial.set_user_attr(TRAINABLE_ATTR, outcome.trainable_parameters)
             except Exception:
                 release_accelerator_memory()  # e.g. after CUDA out-of-memory, for the next trial
                 raise
@@ -159,20 +178,20 @@ def check_before_writing(config: StudyConfig) -> None:
     few_shot_rows(config.data)
 
 
-def open_stores(config: StudyConfig, options: StudyOptions) -> tuple[optuna.Study, Tracker]:
-    """Both stores answer (or fail in seconds with one line) before either is written to."""
+def open_stores(config: StudyConfig, options: StudyOptions, accept_changes: bool = False) -> tuple[optuna.Study, Tracker]:
+    """Both stores answer (or fail in seconds with one line) and the study's settings match before
+    either is written to."""
     check_store(stores.database_url(options.tracking_uri or stores.default_tracking_uri()))
-    storage = open_storage(options.storage)
-    tracker = Tracker(options.tracking_uri, experiment=options.study_name)
-    return create_study(config, options, storage), tracker
+    study = create_study(config, options, open_storage(options.storage), accept_changes)
+    return study, Tracker(options.tracking_uri, experiment=options.study_name)
 
 
 def run_study(config: StudyConfig, options: StudyOptions, n_trials: int | None, timeout: float | None,
-              jobs: int = 1) -> optuna.Study:
+              jobs: int = 1, accept_changes: bool = False) -> optuna.Study:
     check_before_writing(config)
     # the model loads and every image decodes before anything is written (workers repeat it)
     workspace = open_workspace(config)
-    study, tracker = open_stores(config, options)
+    study, tracker = open_stores(config, options, accept_changes)
     recovered = recover_stale(study, tracker, config.search.grace_period)
     if recovered:
         print(f"recovered stale trials {recovered}: marked FAIL, queued once more")
@@ -209,7 +228,7 @@ def _worker(config_json: str, options: StudyOptions, parent_id: str, n_trials: i
     with interrupts.handled():
         config = StudyConfig.model_validate_json(config_json)
         try:
-            study, tracker = open_stores(config, options)
+            study, tracker = open_stores(config, options, accept_changes=True)  # the parent checked
             optimize(study, open_workspace(config), tracker, parent_id, n_trials, timeout)
         except KeyboardInterrupt:
             sys.exit(1)  # the trial and its run are closed; the parent reports the interruption
@@ -249,11 +268,10 @@ def run_workers(config: StudyConfig, options: StudyOptions, parent_id: str, n_tr
 
 
 def best_trial(options: StudyOptions) -> optuna.trial.FrozenTrial:
-    study = load_study(options)
-    try:
-        return study.best_trial
-    except ValueError:
-        raise UserError(f"study {options.study_name!r} has no completed trial yet") from None
+    best = select_best(load_study(options).get_trials(deepcopy=False))
+    if best is None:
+        raise UserError(f"study {options.study_name!r} has no completed trial yet")
+    return best
 
 
 def evaluate_run(tracker: Tracker, run_id: str, base: BaseModel, test: LabelledImages, config: StudyConfig):

@@ -294,5 +294,5 @@ def test_workers_die_with_a_sigkilled_parent_and_are_recovered(slow):
     wait_gone(worker_pids(options))  # they noticed, closed their trials and runs, and exited
     study = load_study(options)
     assert all(t.state.name != "RUNNING" for t in study.trials)
-    run_study(prepare_study_config(config, []), options, n_trials=1, timeout=None)  # closes the dead parent's run
+    run_study(prepare_study_config(config, []), options, n_trials=1, timeout=None, accept_changes=True)  # closes the dead parent's run
     assert_consistent(options)

@@ -29,7 +29,7 @@ QUICK_SEARCH = {
     "heartbeat_interval": 1.0,
     "grace_period": 600.0,
 }
-SLOW = ["--set", "search.params.max_epochs=100000"]  # a trial that runs until it is stopped
+SLOW = ["--set", "search.params.max_epochs=100000", "--accept-changes"]  # a trial that runs until it is stopped
 
 
 @pytest.fixture

@@ -1,0 +1,127 @@
+"""Answers that hold: each method's own search space and defaults, tie-breaking between trials, and
+a study that refuses to continue under other settings."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+from optuna.distributions import FloatDistribution
+from optuna.trial import TrialState, create_trial
+
+from hpo_peft.cli import main
+from hpo_peft.commands import prepare_study_config
+from hpo_peft.search_space import sample_plan
+from hpo_peft.selection import TRAINABLE_ATTR, VAL_LOSS_ATTR, select_best
+from hpo_peft.study import StudyOptions, best_trial, load_study, run_study
+
+COURSE_SGD = {"optimizer": "sgd", "learning_rate": 0.001, "max_epochs": 100, "patience": 20}
+
+
+def plans(config_path, n=24):
+    config = prepare_study_config(config_path, [])
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    out = []
+    for _ in range(n):
+        trial = study.ask()
+        out.append((sample_plan(trial, config), dict(trial.params)))
+        study.tell(trial, 0.0)
+    return out
+
+
+def test_black_box_adapters_keep_their_own_settings_unless_their_space_names_them(write_config):
+    search = {"params": {"method": {"choices": ["clap", "lora"]}, "learning_rate": {"low": 0.01, "high": 0.1, "log": True},
+                         "max_epochs": {"low": 10, "high": 30, "step": 10}}}
+    config = write_config(method_train={"clap": COURSE_SGD}, search=search)
+    drawn = plans(config)
+    clap = [(p, params) for p, params in drawn if p.method == "clap"]
+    lora = [(p, params) for p, params in drawn if p.method == "lora"]
+    assert clap and lora
+    for plan, params in clap:  # the course's SGD settings, and the shared space is not even drawn
+        assert (plan.train.optimizer, plan.train.learning_rate, plan.train.max_epochs, plan.train.patience) == ("sgd", 0.001, 100, 20)
+        assert set(params) == {"method"}
+    for plan, params in lora:  # the shared space applies to methods without defaults of their own
+        assert 0.01 <= plan.train.learning_rate <= 0.1 and plan.train.optimizer == "adam"
+        assert plan.train.learning_rate == params["learning_rate"]
+
+    search["methods"] = {"clap": {"learning_rate": {"low": 0.0001, "high": 0.0005, "log": True}}}
+    config = write_config("own.yaml", method_train={"clap": COURSE_SGD}, search=search)
+    for plan, params in plans(config):
+        if plan.method == "clap":  # sampled on purpose, in its own range; the rest stays the course's
+            assert plan.train.learning_rate == params["clap.learning_rate"] and 0.0001 <= plan.train.learning_rate <= 0.0005
+            assert (plan.train.optimizer, plan.train.max_epochs) == ("sgd", 100)
+
+
+def test_a_bad_bound_in_a_methods_own_space_names_its_key(write_config, capsys):
+    config = write_config(search={"methods": {"clap": {"learning_rate": {"low": -1.0, "high": 0.1}}}})
+    assert main(["study", "run", str(config), "--storage", "/nonexistent/x.journal"]) == 2
+    assert "search.methods.clap.learning_rate: value -1.0 is invalid" in capsys.readouterr().err
+
+
+def completed(value, loss, trainable):
+    return create_trial(state=TrialState.COMPLETE, value=value, params={"x": 0.5},
+                        distributions={"x": FloatDistribution(0, 1)},
+                        user_attrs={VAL_LOSS_ATTR: loss, TRAINABLE_ATTR: trainable})
+
+
+def test_ties_are_broken_by_validation_loss_then_fewer_trainable_parameters():
+    study = optuna.create_study(direction="maximize")
+    for trial in (completed(75.0, 0.90, 100), completed(75.0, 0.60, 5000), completed(75.0, 0.60, 300), completed(70.0, 0.1, 1)):
+        study.add_trial(trial)
+    assert study.best_trial.number == 0  # Optuna alone: the first of the tied trials
+    assert select_best(study.trials).number == 2  # lower loss (1, 2), then fewer parameters (2)
+
+
+def test_study_best_uses_the_tie_break(tmp_path):
+    options = StudyOptions("ties", storage=str(tmp_path / "t.journal"))
+    from hpo_peft.study import open_storage
+
+    study = optuna.create_study(study_name="ties", storage=open_storage(options.storage), direction="maximize")
+    study.add_trial(completed(80.0, 1.2, 10))
+    study.add_trial(completed(80.0, 0.4, 10))
+    assert best_trial(options).number == 1
+
+
+def test_continuing_a_study_under_other_settings_is_refused_before_anything_is_written(write_config, tmp_path, capsys):
+    search = {"n_trials": 1, "sampler": {"name": "random"}, "pruner": {"name": "none"},
+              "params": {"method": "zs_linear_probe", "max_epochs": 2}}
+    config = write_config(search=search)
+    where = ["--study-name", "s", "--storage", str(tmp_path / "s.journal"), "--tracking-uri", f"sqlite:///{tmp_path}/m.db"]
+    assert main(["study", "run", str(config), *where]) == 0
+    before = (tmp_path / "s.journal").read_bytes()
+    code = main(["study", "run", str(config), *where, "--set", "data.shots=8", "--set", "prompts.templates=[\"a [CLS]\"]"])
+    err = capsys.readouterr().err
+    assert code == 2
+    line = [x for x in err.splitlines() if x.startswith("hpo-peft: error: ")]
+    assert len(line) == 1
+    assert "data.shots, prompts.templates differ" in line[0] and "(e.g. data.shots: 16 then, 8 now)" in line[0]
+    assert "--study-name s-2" in line[0]
+    assert (tmp_path / "s.journal").read_bytes() == before
+    # what only says how long to run or how to sample may change
+    assert main(["study", "run", str(config), *where, "--set", "search.sampler.name=tpe", "--n-trials", "1"]) == 0
+    assert len(load_study(StudyOptions("s", storage=str(tmp_path / "s.journal"))).trials) == 2
+
+
+def test_a_changed_training_table_is_a_changed_study(write_config, demo_kit, tmp_path, capsys):
+    import shutil
+
+    import pandas as pd
+
+    root = tmp_path / "data"
+    shutil.copytree(demo_kit / "sicapv2", root)
+    search = {"n_trials": 1, "params": {"method": "zero_shot"}}
+    config = write_config(data={"root": str(root)}, search=search)
+    where = ["--study-name", "t", "--storage", str(tmp_path / "t.journal"), "--tracking-uri", f"sqlite:///{tmp_path}/m.db"]
+    assert main(["study", "run", str(config), *where]) == 0
+    table = root / "partition/Test/Train.xlsx"
+    frame = pd.read_excel(table)
+    frame.iloc[::-1].to_excel(table, index=False)  # same rows, another order: other shots for the same seed
+    assert main(["study", "run", str(config), *where]) == 2
+    assert "data.train_table.sha256" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("key", ["train.device=cpu", "search.n_trials=3"])
+def test_machine_and_budget_keys_do_not_define_the_study(write_config, tmp_path, key):
+    from hpo_peft.identity import differences, fingerprint
+
+    config = write_config()
+    assert differences(fingerprint(prepare_study_config(config, [])), fingerprint(prepare_study_config(config, [key]))) == []
