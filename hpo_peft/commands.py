@@ -199,7 +199,7 @@ def evaluate_command(
 
 def compare_command(path: Path, overrides: list[str], options: dict, shots: list[int] | None, seeds: list[int] | None,
                     methods: list[str] | None, trials_per_method: int | None, out: Path | None) -> None:
-    from hpo_peft.compare import run_compare
+    from hpo_peft.compare import config_for, run_compare
     from hpo_peft.data import few_shot_rows
     from hpo_peft.study import StudyOptions
 
@@ -207,7 +207,7 @@ def compare_command(path: Path, overrides: list[str], options: dict, shots: list
     extra = [f"compare.{k}={json.dumps(v)}" for k, v in given.items() if v is not None]
     config = prepare_study_config(path, [*overrides, *extra])
     for shots_per_class in config.compare.shots:  # every grid point has enough data, before any training
-        few_shot_rows(config.data.model_copy(update={"shots": shots_per_class}))
+        few_shot_rows(config_for(config, shots_per_class, config.compare.seeds[0], config.compare.methods[0]).data)
     where = StudyOptions.of(config, **options)
     out = out or Path("results") / f"{where.study_name}-compare"
     table = run_compare(config, where, out)

@@ -1,20 +1,26 @@
 """`hpo-peft compare`: black-box adapters vs PEFT across shot counts, fairly.
 
-For every shots x seed, each method gets its own small study on that seed's validation shots
-(`compare.trials_per_method`); the selected adapter is then rebuilt from MLflow and scored on
-the test split. Reported per method and shot count: mean and std of test balanced accuracy over
-seeds, as a CSV table and a plot, on one MLflow parent run. Re-running continues the small studies.
+For every shots x seed, each method gets its own small study (`compare.trials_per_method`) in its
+own search space and with its own training defaults, validated within the same label budget at
+every K (`data.validation`: kfold, K labels per class; holdout, K + K_val with `compare.val_shots`);
+the selected adapter is then rebuilt from MLflow and scored on the test split. Where K is too small
+to validate (kfold with K = 1) the method's fixed settings run instead, labelled `fixed defaults`.
+Reported per method and shot count: mean and std of test balanced accuracy over seeds, the labels
+per class used, and the mean validation - test gap, as CSV tables and a plot, on one MLflow parent
+run. Re-running continues the small studies.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
 
 from hpo_peft.config import Choices, StudyConfig
-from hpo_peft.data import load_test
+from hpo_peft.data import LabelledImages, load_test
+from hpo_peft.evaluate import evaluate
 from hpo_peft.methods import get_method
 from hpo_peft.model import load_base_model
 from hpo_peft.study import (
@@ -24,21 +30,41 @@ from hpo_peft.study import (
     evaluate_run,
     optimize,
 )
+from hpo_peft.run_record import log_test_result
 from hpo_peft.selection import select_best
-from hpo_peft.tracking import Tracker
-from hpo_peft.trial import open_workspace
+from hpo_peft.tracking import TAG_KIND, Tracker
+from hpo_peft.train import amp_dtype
+from hpo_peft.trial import Workspace, open_workspace, run_trial
+
+FIXED = "fixed defaults"
+TAG_CELL = "hpo_peft.compare_cell"
 
 
 def config_for(config: StudyConfig, shots: int, seed: int, method: str) -> StudyConfig:
-    variant = config.model_copy(deep=True)
-    variant.data.shots, variant.data.seed = shots, seed
+    """The grid point's config: K shots, seed, the budget rule, and a space that draws `method` only."""
+    data = config.data.model_dump()
+    data.update(shots=shots, seed=seed)
+    if data["validation"] == "holdout":
+        data["val_shots"] = shots if config.compare.val_shots == "shots" else config.compare.val_shots
+    elif data["folds"] is not None:
+        data["folds"] = min(data["folds"], shots) if shots >= 2 else None
+    variant = config.model_copy(deep=True, update={"data": type(config.data).model_validate(data)})
     variant.search.params["method"] = Choices(choices=[method])
     return variant
 
 
 def summary_table(rows: pd.DataFrame) -> pd.DataFrame:
-    table = rows.groupby(["method", "shots"])["test_balanced_accuracy"].agg(["mean", "std", "count"]).reset_index()
-    return table.rename(columns={"mean": "test_bacc_mean", "std": "test_bacc_std", "count": "seeds"})
+    rows = rows.assign(gap=rows.val_balanced_accuracy - rows.test_balanced_accuracy)
+    table = rows.groupby(["method", "shots"]).agg(
+        labels_per_class=("labels_per_class", "first"),
+        selection=("selection", "first"),
+        test_bacc_mean=("test_balanced_accuracy", "mean"),
+        test_bacc_std=("test_balanced_accuracy", "std"),
+        seeds=("test_balanced_accuracy", "count"),
+        val_bacc_mean=("val_balanced_accuracy", "mean"),
+        gap_mean=("gap", "mean"),
+    ).reset_index()
+    return table
 
 
 def accuracy_plot(table: pd.DataFrame):
@@ -61,6 +87,36 @@ def accuracy_plot(table: pd.DataFrame):
     return fig
 
 
+def fixed_defaults(tracker: Tracker, parent_id: str, workspace: Workspace, method: str, test: LabelledImages,
+                   name: str) -> dict:
+    """K too small to validate: the method's fixed settings train on all K shots for max_epochs and
+    are scored on test. A finished run of this grid point is reused when compare runs again."""
+    found = tracker.find_finished({TAG_CELL: name})
+    if found:
+        return {"selection": FIXED, "val_balanced_accuracy": math.nan,
+                "test_balanced_accuracy": found[0].data.metrics["test_balanced_accuracy"], "mlflow_run_id": found[0].info.run_id}
+    config = workspace.config
+    train_config, options = config.train_for(method), config.methods.get(method, {})
+    params = {"method": method, **{f"train.{k}": v for k, v in train_config.model_dump().items()},
+              "data.validation": FIXED, "labels_per_class": workspace.plan.labels_per_class}
+    run_id = tracker.start_child(parent_id, f"{name} ({FIXED})", params, {TAG_CELL: name, TAG_KIND: "fixed_defaults"})
+    status = "FAILED"
+    try:
+        outcome = run_trial(workspace, method, options, train_config, progress=False)
+        device = next(outcome.classifier.parameters()).device
+        metrics = evaluate(outcome.classifier, test, workspace.base.preprocessing, config.data.categories,
+                           config.train.eval_batch_size, amp_dtype(config.train.precision, device))
+        log_test_result(tracker, run_id, metrics)
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        tracker.end_run(run_id, status)
+    return {"selection": FIXED, "val_balanced_accuracy": math.nan, "test_balanced_accuracy": metrics.balanced_accuracy,
+            "mlflow_run_id": run_id}
+
+
 def run_compare(config: StudyConfig, options: StudyOptions, out: Path) -> pd.DataFrame:
     compare = config.compare
     tracker = Tracker(options.tracking_uri, experiment=f"{options.study_name}-compare")
@@ -77,6 +133,10 @@ def run_compare(config: StudyConfig, options: StudyOptions, out: Path) -> pd.Dat
                     variant = config_for(config, shots, seed, method)
                     workspace.config = variant
                     name = f"{options.study_name}-compare-k{shots}-s{seed}-{method}"
+                    point = {"method": method, "shots": shots, "seed": seed, "labels_per_class": workspace.plan.labels_per_class}
+                    if not workspace.plan.selects:
+                        rows.append({**point, **fixed_defaults(tracker, parent_id, workspace, method, test, name)})
+                        continue
                     study = create_study(variant, replace(options, study_name=name))
                     budget = compare.trials_per_method if get_method(method).trains else 1
                     done = sum(t.state.is_finished() for t in study.trials)
@@ -84,7 +144,7 @@ def run_compare(config: StudyConfig, options: StudyOptions, out: Path) -> pd.Dat
                         optimize(study, workspace, tracker, parent_id, budget - done, None)
                     best = select_best(study.get_trials(deepcopy=False))
                     metrics, _ = evaluate_run(tracker, best.user_attrs[RUN_ID_ATTR], base, test, variant)
-                    rows.append({"method": method, "shots": shots, "seed": seed, "val_balanced_accuracy": best.value,
+                    rows.append({**point, "selection": workspace.plan.scheme, "val_balanced_accuracy": best.value,
                                  "test_balanced_accuracy": metrics.balanced_accuracy, "mlflow_run_id": best.user_attrs[RUN_ID_ATTR]})
     except KeyboardInterrupt:
         status = "KILLED"

@@ -62,8 +62,22 @@ class DataConfig(Strict):
     image_column: str = "image_name"
     categories: list[str] = Field(default_factory=lambda: ["NC", "G3", "G4", "G5"], min_length=2)
     shots: int = Field(16, ge=1)
+    # how trials are validated, within the label budget (see validation.py): `holdout` draws
+    # val_shots more images per class (budget shots + val_shots); `kfold` validates inside the
+    # shots, in `folds` folds (default 4, or shots when fewer; budget shots)
+    validation: Literal["holdout", "kfold"] = "holdout"
     val_shots: int = Field(16, ge=1)
+    folds: int | None = Field(None, ge=2)
     seed: int = 1
+
+    @property
+    def drawn_val_shots(self) -> int:
+        """Validation images drawn beside the shots: none when validating inside them."""
+        return self.val_shots if self.validation == "holdout" else 0
+
+    @property
+    def labels_per_class(self) -> int:
+        return self.shots + self.drawn_val_shots
 
     @field_validator("categories")
     @classmethod
@@ -71,6 +85,17 @@ class DataConfig(Strict):
         if len(set(value)) != len(value):
             raise ValueError(f"categories must be unique, got {value}")
         return value
+
+    @model_validator(mode="after")
+    def _folds_fit(self) -> "DataConfig":
+        if self.validation == "kfold" and self.folds is not None and self.folds > self.shots:
+            raise ValueError(f"folds: {self.folds} folds need at least {self.folds} shots per class, got {self.shots}")
+        return self
+
+    @property
+    def n_folds(self) -> int:
+        """kfold: the folds used (default 4, or the shots when fewer; 1 means nothing can be held out)."""
+        return min(self.folds or 4, self.shots)
 
 
 class ModelConfig(Strict):
@@ -216,12 +241,15 @@ class SearchConfig(Strict):
 
 
 class CompareConfig(Strict):
-    """`hpo-peft compare`: per shots x seed, a small study per method selects on validation."""
+    """`hpo-peft compare`: per shots x seed, a small study per method selects on validation, within
+    the same label budget at every K: with `kfold`, K images per class; with `holdout`, K + val_shots
+    where `val_shots: shots` (default) means K_val = K."""
 
     methods: list[str] = Field(default_factory=lambda: ["zero_shot", "linear_probe", "clap", "lora"], min_length=1)
     shots: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16], min_length=1)
     seeds: list[int] = Field(default_factory=lambda: [1, 2, 3], min_length=1)
     trials_per_method: int = Field(4, ge=1)
+    val_shots: Literal["shots"] | Annotated[int, Field(ge=1)] = "shots"
 
     @field_validator("shots")
     @classmethod

@@ -48,11 +48,16 @@ class LabelledImages:
     def __len__(self) -> int:
         return len(self.names)
 
+    def subset(self, index: list[int]) -> "LabelledImages":
+        return LabelledImages([self.names[i] for i in index], self.labels[index], self.images[index])
+
 
 @dataclass(frozen=True)
 class FewShotSplit:
+    """What one training run sees: images to train on and, unless it trains blind, to validate on."""
+
     train: LabelledImages
-    val: LabelledImages
+    val: LabelledImages | None
 
 
 def _not_a_workbook(path: Path) -> str | None:
@@ -177,17 +182,15 @@ def _check_unique_names(path: Path, names: pd.Series, image_column: str) -> None
 def sample_few_shot(
     table: pd.DataFrame, categories: list[str], shots: int, val_shots: int, seed: int, source: Path
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """K training and K_val validation rows per class, disjoint, deterministic for a seed."""
+    """K training and K_val validation rows per class, disjoint, deterministic for a seed (K_val may be 0)."""
     rng = np.random.default_rng(seed)
     train_parts, val_parts = [], []
     for label, category in enumerate(categories):
         rows = table[table["label"] == label]
         needed = shots + val_shots
         if len(rows) < needed:
-            raise UserError(
-                f"{source}: class {category!r} has {len(rows)} usable rows, but shots + val_shots "
-                f"= {shots} + {val_shots} = {needed} are needed"
-            )
+            wanted = f"shots + val_shots = {shots} + {val_shots} = {needed}" if val_shots else f"shots = {shots}"
+            raise UserError(f"{source}: class {category!r} has {len(rows)} usable rows, but {wanted} are needed")
         order = rng.permutation(len(rows))
         train_parts.append(rows.iloc[order[:shots]])
         val_parts.append(rows.iloc[order[shots:needed]])
@@ -248,7 +251,7 @@ def few_shot_rows(config: DataConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     check_root(config)
     path = config.root / config.train_table
     table = read_table(path, config.image_column, config.categories)
-    train, val = sample_few_shot(table, config.categories, config.shots, config.val_shots, config.seed, path)
+    train, val = sample_few_shot(table, config.categories, config.shots, config.drawn_val_shots, config.seed, path)
     for rows in (train, val):
         check_files_exist(rows, config.root / config.images_dir, path)
     return train, val

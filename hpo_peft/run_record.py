@@ -4,7 +4,7 @@ becomes its run's state:
 | trial ends          | Optuna trial | MLflow run | recorded                                   |
 |---------------------|--------------|------------|--------------------------------------------|
 | returns a value     | COMPLETE     | FINISHED   | metrics, figures, adapter                  |
-| pruned              | PRUNED       | FINISHED   | `pruned_at_epoch`, tag state PRUNED        |
+| pruned              | PRUNED       | FINISHED   | `pruned_at_epoch` (kfold: `pruned_after_fold`), tag state PRUNED |
 | raises              | FAIL         | FAILED     | `fail_reason`, traceback in `hpo_peft.error` |
 | Ctrl-C / SIGTERM    | FAIL         | KILLED     | `fail_reason` "interrupted (...)"          |
 """
@@ -20,7 +20,7 @@ import optuna
 
 from hpo_peft import interrupts
 from hpo_peft.artifacts import save_adapter
-from hpo_peft.evaluate import confusion_figure
+from hpo_peft.evaluate import Metrics, confusion_figure
 from hpo_peft.recovery import RUN_ID_ATTR
 from hpo_peft.selection import select_best
 from hpo_peft.tracking import Tracker, temporary_folder
@@ -30,9 +30,9 @@ FAIL_REASON_ATTR = "fail_reason"
 
 
 class Pruned(optuna.TrialPruned):
-    def __init__(self, epoch: int):
-        super().__init__(f"pruned at epoch {epoch}")
-        self.epoch = epoch
+    def __init__(self, step: int, metric: str = "pruned_at_epoch"):
+        super().__init__(f"{metric.replace('_', ' ')} {step}")
+        self.step, self.metric = step, metric
 
 
 @contextmanager
@@ -45,7 +45,7 @@ def trial_run(tracker: Tracker, trial: optuna.Trial, parent_id: str, study_name:
         yield run_id
     except optuna.TrialPruned as err:
         if isinstance(err, Pruned):
-            tracker.log_metrics(run_id, {"pruned_at_epoch": err.epoch})
+            tracker.log_metrics(run_id, {err.metric: err.step})
         tracker.end_run(run_id, "FINISHED", state="PRUNED")
         raise
     except KeyboardInterrupt as err:
@@ -64,24 +64,39 @@ def trial_run(tracker: Tracker, trial: optuna.Trial, parent_id: str, study_name:
 def log_outcome(tracker: Tracker, run_id: str, outcome: TrialOutcome, workspace: Workspace) -> None:
     config = workspace.config
     val = outcome.validation
-    best = outcome.training.best
+    for epoch in outcome.mean_history():  # kfold: the fold-mean curves under the plain names
+        tracker.log_metrics(run_id, {"train_loss": epoch.train_loss, "val_loss": epoch.val_loss,
+                                     "val_balanced_accuracy": epoch.val_balanced_accuracy}, step=epoch.epoch)
     tracker.log_metrics(run_id, {
         "trainable_parameters": outcome.trainable_parameters,
-        "best_epoch": best.epoch if best else 0,
+        "best_epoch": outcome.selected_epoch or 0,
         "final_val_balanced_accuracy": val.balanced_accuracy,
         "final_val_loss": val.loss,
         "wall_time_s": outcome.seconds,
         **{f"final_val_recall_{c}": r for c, r in val.per_class_recall.items()},
     })
     tracker.log_figure(run_id, confusion_figure(val, "validation"), "validation_confusion_matrix.png")
-    tracker.log_dict(run_id, {**val.as_dict(), "training": outcome.training.as_dict()}, "validation_metrics.json")
+    tracker.log_dict(run_id, {**val.as_dict(), "scheme": outcome.scheme, "training": outcome.training.as_dict(),
+                              "folds": [f.as_dict() for f in outcome.folds]}, "validation_metrics.json")
     with temporary_folder() as tmp:
         folder = save_adapter(
             Path(tmp) / "adapter", outcome.classifier, workspace.base, outcome.method, outcome.method_options,
             config.data.categories, config.prompts.model_dump(),
-            extra={"train": outcome.train_config.model_dump(), "data": {"shots": config.data.shots, "seed": config.data.seed}},
+            extra={"train": outcome.train_config.model_dump(), "selected_epoch": outcome.selected_epoch,
+                   "data": {"shots": config.data.shots, "seed": config.data.seed, "validation": outcome.scheme,
+                            "labels_per_class": outcome.labels_per_class}},
         )
         tracker.log_adapter(run_id, folder)
+
+
+def log_test_result(tracker: Tracker, run_id: str, metrics: Metrics) -> None:
+    tracker.log_metrics(run_id, {
+        "test_balanced_accuracy": metrics.balanced_accuracy,
+        "test_loss": metrics.loss,
+        **{f"test_recall_{c}": r for c, r in metrics.per_class_recall.items()},
+    })
+    tracker.log_figure(run_id, confusion_figure(metrics, "test"), "test_confusion_matrix.png")
+    tracker.log_dict(run_id, metrics.as_dict(), "test_metrics.json")
 
 
 def summarize(tracker: Tracker, parent_id: str, study: optuna.Study, figures: bool = True) -> None:

@@ -21,7 +21,7 @@ from hpo_peft.artifacts import load_adapter
 from hpo_peft.config import StudyConfig
 from hpo_peft.data import LabelledImages, few_shot_rows
 from hpo_peft.errors import UserError
-from hpo_peft.evaluate import confusion_figure, evaluate
+from hpo_peft.evaluate import evaluate
 from hpo_peft.model import BaseModel
 from hpo_peft.recovery import (
     RUN_ID_ATTR,
@@ -30,7 +30,7 @@ from hpo_peft.recovery import (
     recover_stale,
     worker_identity,
 )
-from hpo_peft.run_record import Pruned, log_outcome, summarize, trial_run
+from hpo_peft.run_record import Pruned, log_outcome, log_test_result, summarize, trial_run
 from hpo_peft.samplers import make_pruner, make_sampler
 from hpo_peft.search_space import sample_plan
 from hpo_peft.selection import TRAINABLE_ATTR, VAL_LOSS_ATTR, select_best
@@ -119,22 +119,31 @@ def make_objective(workspace: Workspace, tracker: Tracker, parent_id: str, study
         heartbeat.attach(trial, None)
         plan = sample_plan(trial, workspace.config)
 
-        with trial_run(tracker, trial, parent_id, study_name, plan.params()) as run_id:
+        budget = {"data.validation": workspace.plan.scheme, "labels_per_class": workspace.plan.labels_per_class}
+        with trial_run(tracker, trial, parent_id, study_name, {**plan.params(), **budget}) as run_id:
             heartbeat.attach(trial, run_id)
 
-            def on_epoch(metrics: EpochMetrics) -> None:
+            def on_epoch(metrics: EpochMetrics, fold: int | None) -> None:
+                prefix = "" if fold is None else f"fold{fold + 1}."  # kfold: fold means come at the end
                 tracker.log_metrics(run_id, {
-                    "train_loss": metrics.train_loss,
-                    "val_loss": metrics.val_loss,
-                    "val_balanced_accuracy": metrics.val_balanced_accuracy,
+                    f"{prefix}train_loss": metrics.train_loss,
+                    f"{prefix}val_loss": metrics.val_loss,
+                    f"{prefix}val_balanced_accuracy": metrics.val_balanced_accuracy,
                 }, step=metrics.epoch)
-                trial.report(metrics.val_balanced_accuracy, metrics.epoch)
+                if fold is None:  # holdout: report and prune per epoch
+                    trial.report(metrics.val_balanced_accuracy, metrics.epoch)
+                    if trial.should_prune():
+                        raise Pruned(metrics.epoch)
+
+            def on_fold(fold: int, mean_so_far: float) -> None:  # kfold: per fold, on the folds seen
+                trial.report(mean_so_far, fold + 1)
                 if trial.should_prune():
-                    raise Pruned(metrics.epoch)
+                    raise Pruned(fold + 1, "pruned_after_fold")
 
             try:
                 outcome = run_trial(workspace, plan.method, plan.method_options, plan.train, on_epoch,
-                                    progress=sys.stderr.isatty())  # an epoch bar in a terminal, none in logs
+                                    progress=sys.stderr.isatty(),  # an epoch bar in a terminal, none in logs
+                                    on_fold=on_fold)
                 log_outcome(tracker, run_id, outcome, workspace)
                 trial.set_user_attr(VAL_LOSS_ATTR, outcome.validation.loss)  # tie-breakers (selection.py)
                 trial.set_user_attr(TRAINABLE_ATTR, outcome.trainable_parameters)
@@ -173,6 +182,9 @@ def optimize(study: optuna.Study, workspace: Workspace, tracker: Tracker, parent
 
 def check_before_writing(config: StudyConfig) -> None:
     """The cheap checks a user's input can fail, before a storage, run or model is touched."""
+    if config.data.validation == "kfold" and config.data.n_folds < 2:
+        raise UserError(f"data.validation: kfold needs at least 2 shots per class to validate, got {config.data.shots}; "
+                        "use more shots, holdout validation, or `hpo-peft trial` for fixed settings")
     make_sampler(config)
     make_pruner(config)
     few_shot_rows(config.data)
@@ -283,11 +295,5 @@ def evaluate_run(tracker: Tracker, run_id: str, base: BaseModel, test: LabelledI
     classifier.to(device)
     metrics = evaluate(classifier, test, base.preprocessing, config.data.categories,
                        config.train.eval_batch_size, amp_dtype(config.train.precision, device))
-    tracker.log_metrics(run_id, {
-        "test_balanced_accuracy": metrics.balanced_accuracy,
-        "test_loss": metrics.loss,
-        **{f"test_recall_{c}": r for c, r in metrics.per_class_recall.items()},
-    })
-    tracker.log_figure(run_id, confusion_figure(metrics, "test"), "test_confusion_matrix.png")
-    tracker.log_dict(run_id, metrics.as_dict(), "test_metrics.json")
+    log_test_result(tracker, run_id, metrics)
     return metrics, metadata

@@ -101,21 +101,21 @@ class Tracker:
         )
         return run.info.run_id
 
-    def start_trial(self, parent_id: str, study: str, number: int, params: dict[str, Any]) -> str:
+    def start_child(self, parent_id: str, name: str, params: dict[str, Any], tags: dict[str, str]) -> str:
         run = self.client.create_run(
-            self.experiment_id,
-            run_name=f"trial {number}",
-            tags={
-                "mlflow.parentRunId": parent_id,
-                TAG_STUDY: study,
-                TAG_TRIAL: str(number),
-                TAG_KIND: "trial",
-                TAG_STATE: "RUNNING",
-                **_worker_tags(),
-            },
+            self.experiment_id, run_name=name, tags={"mlflow.parentRunId": parent_id, **_worker_tags(), **tags},
         )
         self.log_params(run.info.run_id, params)
         return run.info.run_id
+
+    def start_trial(self, parent_id: str, study: str, number: int, params: dict[str, Any]) -> str:
+        tags = {TAG_STUDY: study, TAG_TRIAL: str(number), TAG_KIND: "trial", TAG_STATE: "RUNNING"}
+        return self.start_child(parent_id, f"trial {number}", params, tags)
+
+    def find_finished(self, tags: dict[str, str]) -> list:
+        """FINISHED runs of this experiment carrying all of `tags`."""
+        where = " and ".join([f"tags.`{k}` = '{v}'" for k, v in tags.items()] + ["attributes.status = 'FINISHED'"])
+        return self.client.search_runs([self.experiment_id], filter_string=where, max_results=100)
 
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
         items = [Param(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v)) for k, v in params.items()]
@@ -183,8 +183,9 @@ class Tracker:
         trial = f"trial {tags[TAG_TRIAL]}" if TAG_TRIAL in tags else "its trial"
         when = ""
         if state == "PRUNED":
-            epochs = self.client.get_metric_history(run_id, "pruned_at_epoch")
-            when = f" at epoch {int(epochs[-1].value)}" if epochs else ""
+            metrics = self.get_run(run_id).data.metrics
+            when = (f" at epoch {int(metrics['pruned_at_epoch'])}" if "pruned_at_epoch" in metrics else
+                    f" after fold {int(metrics['pruned_after_fold'])}" if "pruned_after_fold" in metrics else "")
         raise UserError(f"MLflow run {run_id} is {trial}, which was {state.lower()}{when} and kept no adapter; "
                         "evaluate a completed trial (`hpo-peft study best` names the best)")
 

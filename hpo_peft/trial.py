@@ -1,12 +1,14 @@
-"""One training run of one method with fixed hyper-parameters: what the course notebook does, and
-what every study trial does. Knows nothing of Optuna or MLflow: the study calls it."""
+"""One trial of one method with fixed hyper-parameters, validated as `data.validation` says
+(validation.py): what the `trial` command and every study trial run. Knows nothing of Optuna or
+MLflow: the study calls it."""
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from hpo_peft.config import StudyConfig, TrainConfig
@@ -22,6 +24,7 @@ from hpo_peft.model import (
     load_base_model,
     text_prototypes,
 )
+from hpo_peft.validation import ValidationPlan, make_plan, refit_epochs
 from hpo_peft.train import (
     EpochMetrics,
     TrainResult,
@@ -39,8 +42,9 @@ class Workspace:
     config: StudyConfig
     base: BaseModel
     prototypes: torch.Tensor
-    data: FewShotSplit
+    data: FewShotSplit  # the K shots per class (train) and, for holdout, the validation images
     features: FeatureCache
+    plan: ValidationPlan  # how trials validate within those labels
 
 
 def open_workspace(config: StudyConfig, base: BaseModel | None = None) -> Workspace:
@@ -56,19 +60,48 @@ def open_workspace(config: StudyConfig, base: BaseModel | None = None) -> Worksp
         base.image_encoder(), f"{base.name_or_path}@{base.revision}#{base.fingerprint()}", base.preprocessing,
         config.train.eval_batch_size, amp_dtype(config.train.precision, device), config.feature_cache,
     )
-    return Workspace(config, base, prototypes.to(device), data, features)
+    return Workspace(config, base, prototypes.to(device), data, features, make_plan(config.data, data))
 
 
 @dataclass
 class TrialOutcome:
-    classifier: ImageClassifier
+    classifier: ImageClassifier  # the adapter the trial keeps
     method: str
     method_options: dict[str, Any]
     train_config: TrainConfig
     trainable_parameters: int
-    training: TrainResult
-    validation: Metrics
+    training: TrainResult  # holdout: the run; kfold: the refit on all shots
+    validation: Metrics  # the selection score: holdout's best epoch, or the mean over folds
     seconds: float
+    scheme: str
+    labels_per_class: int
+    folds: list[TrainResult] = field(default_factory=list)  # kfold: one per fold
+    selected_epoch: int | None = None  # the epoch of the kept weights (holdout's best, kfold's refit length)
+
+    def mean_history(self) -> list[EpochMetrics]:
+        """kfold: per epoch, the mean over the folds that reached it."""
+        curves = [f.history for f in self.folds]
+        out = []
+        for epoch in range(1, max((len(c) for c in curves), default=0) + 1):
+            seen = [c[epoch - 1] for c in curves if len(c) >= epoch]
+            out.append(EpochMetrics(epoch, *(float(np.mean([getattr(m, k) for m in seen]))
+                                             for k in ("train_loss", "val_loss", "val_balanced_accuracy"))))
+        return out
+
+
+def pooled(metrics: list[Metrics]) -> Metrics:
+    """One validation result from the folds': mean balanced accuracy and loss (the score), and the
+    summed confusion matrix (every shot validated once) for per-class recall and the figure."""
+    confusion = np.sum([m.confusion for m in metrics], axis=0)
+    recall = confusion.diagonal() / np.maximum(confusion.sum(axis=1), 1)
+    categories = metrics[0].categories
+    return Metrics(
+        balanced_accuracy=float(np.mean([m.balanced_accuracy for m in metrics])),
+        loss=float(np.mean([m.loss for m in metrics])),
+        per_class_recall={c: 100.0 * float(r) for c, r in zip(categories, recall)},
+        confusion=confusion.tolist(),
+        categories=categories,
+    )
 
 
 def run_trial(
@@ -76,30 +109,50 @@ def run_trial(
     method_name: str,
     method_options: dict[str, Any],
     train_config: TrainConfig,
-    on_epoch: Callable[[EpochMetrics], None] | None = None,
+    on_epoch: Callable[[EpochMetrics, int | None], None] | None = None,
     progress: bool = True,
+    on_fold: Callable[[int, float], None] | None = None,
 ) -> TrialOutcome:
+    """Train (once for holdout, once per fold and a refit for kfold) and score on validation.
+    `on_epoch(metrics, fold)` sees every epoch (fold None for holdout); `on_fold(k, mean_so_far)`
+    the running fold mean after each fold: the study reports and prunes through them."""
     started = time.perf_counter()
-    set_seeds(workspace.config.data.seed)  # the same initialisation (e.g. a linear probe's) every run
+    plan, seed = workspace.plan, workspace.config.data.seed
     method = get_method(method_name)
     options = method_config(method_name, method_options)
-    classifier = method.prepare(build_classifier(workspace.base, workspace.prototypes), options)
-    trainable = count_trainable(classifier)
     categories = workspace.config.data.categories
-    prep = workspace.base.preprocessing
-    if method.trains:
-        result = train(
-            classifier, workspace.data, prep, categories, train_config, workspace.config.data.seed,
-            on_epoch, progress, features=workspace.features,
-        )
-    else:
+
+    def fresh() -> ImageClassifier:
+        set_seeds(seed)  # the same initialisation (e.g. a linear probe's) every run
+        return method.prepare(build_classifier(workspace.base, workspace.prototypes), options)
+
+    def fit(classifier, split, config, fold=None) -> TrainResult:
+        hook = (lambda m: on_epoch(m, fold)) if on_epoch is not None and split.val is not None else None
+        return train(classifier, split, workspace.base.preprocessing, categories, config, seed, hook, progress,
+                     features=workspace.features)
+
+    classifier, folds, scores, selected = fresh(), [], [], None
+    trainable = count_trainable(classifier)
+    if not method.trains:  # zero-shot: nothing to fit, score it on each validation split
         classifier.to(resolve_device(train_config.device))
-        result = TrainResult(best=None)
-    validation = result.best_validation  # the restored weights are the best epoch's: already scored
-    if validation is None:  # nothing trained
         dtype = amp_dtype(train_config.precision, next(classifier.parameters()).device)
-        logits = predict_logits(classifier.head, workspace.features(workspace.data.val), None, train_config.eval_batch_size, dtype)
-        validation = compute_metrics(logits, workspace.data.val.labels, categories)
+        for split in plan.splits:
+            logits = predict_logits(classifier.head, workspace.features(split.val), None, train_config.eval_batch_size, dtype)
+            scores.append(compute_metrics(logits, split.val.labels, categories))
+        result = TrainResult(best=None)
+    elif plan.scheme == "holdout":
+        result = fit(classifier, plan.splits[0], train_config)
+        scores, selected = [result.best_validation], result.best.epoch
+    else:
+        for k, split in enumerate(plan.splits):
+            folds.append(fit(fresh(), split, train_config, fold=k))
+            scores.append(folds[-1].best_validation)
+            if on_fold is not None:
+                on_fold(k, float(np.mean([m.balanced_accuracy for m in scores])))
+        selected = refit_epochs([f.best.epoch for f in folds], train_config.max_epochs)
+        classifier = fresh()
+        result = fit(classifier, FewShotSplit(plan.refit, None),
+                     train_config.model_copy(update={"max_epochs": selected, "patience": None}))
     return TrialOutcome(
         classifier=classifier,
         method=method_name,
@@ -107,6 +160,10 @@ def run_trial(
         train_config=train_config,
         trainable_parameters=trainable,
         training=result,
-        validation=validation,
+        validation=scores[0] if len(scores) == 1 else pooled(scores) if scores else None,
         seconds=time.perf_counter() - started,
+        scheme=plan.scheme,
+        labels_per_class=plan.labels_per_class,
+        folds=folds,
+        selected_epoch=selected,
     )

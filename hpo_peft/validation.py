@@ -1,0 +1,67 @@
+"""How a trial is validated, within the labels the user has (`data.validation`; the label budget).
+
+- `holdout`: K training shots and K_val more validation images per class (budget K + K_val). A
+  trial trains once, stops early on the validation images and keeps its best epoch.
+- `kfold`: validation inside the K shots (budget K). Each class's shots are dealt in turn into
+  `folds` folds, so every fold holds the same number of each class. A trial trains once per fold on
+  the other folds and validates on it; its score is the mean over folds of the best epoch's
+  validation balanced accuracy (mean validation loss breaks ties). The adapter it keeps is then
+  trained on all K shots for the median of the folds' best epochs (the lower middle one for an
+  even number of folds), without validation.
+- `fixed`: too few shots to hold any out (kfold with K = 1): nothing is selected; the method's
+  fixed settings train on all K shots for `max_epochs` (what `compare` reports, labelled as such).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from hpo_peft.config import DataConfig
+from hpo_peft.data import FewShotSplit, LabelledImages
+
+
+@dataclass(frozen=True)
+class ValidationPlan:
+    scheme: str  # holdout | kfold | fixed
+    splits: list[FewShotSplit]  # one trained and validated run each; none for `fixed`
+    refit: LabelledImages | None  # what the kept adapter finally trains on (kfold, fixed)
+    labels_per_class: int
+
+    @property
+    def selects(self) -> bool:
+        return bool(self.splits)
+
+
+def fold_of(labels: torch.Tensor, folds: int) -> list[int]:
+    """The fold of each image: within a class, the i-th image (in draw order) goes to fold i % folds."""
+    seen: dict[int, int] = {}
+    out = []
+    for label in labels.tolist():
+        out.append(seen.get(label, 0) % folds)
+        seen[label] = seen.get(label, 0) + 1
+    return out
+
+
+def make_plan(config: DataConfig, data: FewShotSplit) -> ValidationPlan:
+    """`data`: the K shots per class (and, for holdout, the K_val validation images)."""
+    if config.validation == "holdout":
+        return ValidationPlan("holdout", [data], None, config.labels_per_class)
+    shots = data.train
+    if config.n_folds < 2:
+        return ValidationPlan("fixed", [], shots, config.labels_per_class)
+    folds = fold_of(shots.labels, config.n_folds)
+    splits = [
+        FewShotSplit(shots.subset([i for i, f in enumerate(folds) if f != k]), shots.subset([i for i, f in enumerate(folds) if f == k]))
+        for k in range(config.n_folds)
+    ]
+    return ValidationPlan("kfold", splits, shots, config.labels_per_class)
+
+
+def refit_epochs(best_epochs: list[int], max_epochs: int) -> int:
+    """The epochs the kept adapter trains for: the folds' median best epoch (lower middle)."""
+    if not best_epochs:
+        return max_epochs
+    ordered = sorted(best_epochs)
+    return ordered[(len(ordered) - 1) // 2]
