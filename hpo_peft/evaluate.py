@@ -45,7 +45,9 @@ def predict_logits(
     amp_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Outputs (N, C) as float32 on the CPU. uint8 images are normalised batch by batch with
-    `prep`; with `prep=None` the inputs (e.g. cached features) go to the model as they are."""
+    `prep`; with `prep=None` the inputs (e.g. cached features) go to the model as they are.
+    `amp_dtype` is the encoder's autocast: the head and its logits are fp32 whatever it is
+    (`ZeroShotHead`), so the outputs are exact fp32 logits, not up-cast bf16 ones."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -61,6 +63,8 @@ def predict_logits(
 
 
 def compute_metrics(logits: torch.Tensor, labels: torch.Tensor, categories: list[str]) -> Metrics:
+    """Arg-max, loss and every metric on fp32 logits."""
+    logits = logits.float()
     y_true = labels.numpy()
     y_pred = logits.argmax(dim=1).numpy()
     classes = list(range(len(categories)))

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from hpo_peft.config import TrainConfig
 from hpo_peft.data import FewShotSplit, LabelledImages, Preprocessing
+from hpo_peft.errors import UserError
 from hpo_peft.evaluate import Metrics, autocast, compute_metrics, predict_logits
 from hpo_peft.model import ImageClassifier, encoder_is_frozen
 
@@ -50,14 +51,36 @@ def set_seeds(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    if name != "auto":
-        return torch.device(name)
+def available_devices() -> list[str]:
+    """What `train.device` can name on this machine."""
+    names = ["cpu"]
     if torch.cuda.is_available():
-        return torch.device("cuda")
+        names += ["cuda", *(f"cuda:{i}" for i in range(torch.cuda.device_count()))]
     if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+        names += ["mps", "mps:0"]
+    xpu = getattr(torch, "xpu", None)
+    if xpu is not None and xpu.is_available():
+        names += ["xpu", *(f"xpu:{i}" for i in range(xpu.device_count()))]
+    return names
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """`auto`: CUDA, else MPS, else CPU. A named device must exist here (UserError otherwise)."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    available = available_devices()
+    advice = f"set train.device to auto or one of: {', '.join(available)}"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise UserError(f"train.device: {name!r} is not a device name; {advice}") from None
+    if device.type != "cpu" and str(device) not in available:
+        raise UserError(f"train.device: {name!r} is not available on this machine; {advice}")
+    return device
 
 
 def cpu_has_bf16() -> bool:
