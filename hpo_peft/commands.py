@@ -45,59 +45,93 @@ def format_confusion(confusion: list[list[int]], categories: list[str]) -> str:
 
 
 def run_single_trial(path: Path, overrides: list[str], method: str | None, save: Path | None, as_json: bool) -> None:
+    """One method with fixed settings: the package's trial (`protocol: study`, validated as
+    `data.validation` says) or the course notebook's own experiment (`protocol: course`)."""
     from hpo_peft.artifacts import save_adapter
+
+    config = prepare_config(path, overrides, method)
+    if save is not None and save.exists() and any(save.iterdir()):
+        raise UserError(f"{save}: adapter folder exists and is not empty")
+    name = config.method.name
+    if not as_json:
+        print(f"method {name}; model {config.model.name_or_path}; {config.data.shots} shots/class, seed {config.data.seed}; "
+              f"protocol {config.protocol}" + (f", {config.data.validation} validation" if config.protocol == "study" else ""))
+
+    def report(epoch):
+        if as_json:
+            return
+        fold = "" if getattr(epoch, "fold", None) is None else f"fold {epoch.fold + 1}  "
+        val = "" if getattr(epoch, "val_loss", None) is None else (
+            f"  val loss {epoch.val_loss:.4f}  val balanced acc {epoch.val_balanced_accuracy:.2f}%")
+        print(f"{fold}epoch {epoch.epoch:3d}  train loss {epoch.train_loss:.4f}{val}")
+
+    run = _course_trial if config.protocol == "course" else _study_trial
+    result = run(config, name, report)
+    if save is not None:
+        save_adapter(save, result["classifier"], result["base"], name, result["method_config"],
+                     config.data.categories, config.prompts.model_dump())
+    if as_json:
+        print(json.dumps({k: v for k, v in result.items() if k not in ("classifier", "base", "lines")}, indent=2))
+        return
+    print(f"trainable parameters: {result['trainable_parameters']:,}")
+    for line in result["lines"]:
+        print(line)
+    print(f"test balanced accuracy: {result['test']['balanced_accuracy']:.2f}%")
+    print("test confusion matrix (rows true, columns predicted):")
+    print(format_confusion(result["test"]["confusion_matrix"], config.data.categories))
+    if save is not None:
+        print(f"adapter saved to {save}")
+
+
+def _study_trial(config: StudyConfig, name: str, report) -> dict:
     from hpo_peft.data import load_test
     from hpo_peft.evaluate import evaluate
     from hpo_peft.train import amp_dtype
     from hpo_peft.trial import open_workspace, run_trial
 
-    config = prepare_config(path, overrides, method)
-    if save is not None and save.exists() and any(save.iterdir()):
-        raise UserError(f"{save}: adapter folder exists and is not empty")
     workspace = open_workspace(config)
-    name = config.method.name
-    if not as_json:
-        print(f"method {name}; model {config.model.name_or_path}; {config.data.shots} shots/class, seed {config.data.seed}")
-
-    def report(epoch):
-        if not as_json:
-            print(
-                f"epoch {epoch.epoch:3d}  train loss {epoch.train_loss:.4f}  val loss {epoch.val_loss:.4f}  "
-                f"val balanced acc {epoch.val_balanced_accuracy:.2f}%"
-            )
-
     test_images = load_test(config.data, workspace.base.preprocessing)  # a bad test table fails before training
     outcome = run_trial(workspace, name, config.methods.get(name, {}), config.train_for(name), on_epoch=report)
     device = next(outcome.classifier.parameters()).device
-    test = evaluate(
-        outcome.classifier, test_images, workspace.base.preprocessing,
-        config.data.categories, config.train.eval_batch_size, amp_dtype(config.train.precision, device),
-    )
-    if save is not None:
-        save_adapter(
-            save, outcome.classifier, workspace.base, name, outcome.method_options,
-            config.data.categories, config.prompts.model_dump(),
-        )
-    best = outcome.training.best
-    if as_json:
-        print(json.dumps({
-            "method": name,
-            "method_config": outcome.method_options,
-            "trainable_parameters": outcome.trainable_parameters,
-            "training": outcome.training.as_dict(),
-            "validation": outcome.validation.as_dict(),
-            "test": test.as_dict(),
-        }, indent=2))
-        return
-    print(f"trainable parameters: {outcome.trainable_parameters:,}")
-    if best is not None:
-        print(f"best epoch {best.epoch} (early stop: {outcome.training.stopped_early})")
-    print(f"validation balanced accuracy: {outcome.validation.balanced_accuracy:.2f}%")
-    print(f"test balanced accuracy: {test.balanced_accuracy:.2f}%")
-    print("test confusion matrix (rows true, columns predicted):")
-    print(format_confusion(test.confusion, config.data.categories))
-    if save is not None:
-        print(f"adapter saved to {save}")
+    test = evaluate(outcome.classifier, test_images, workspace.base.preprocessing, config.data.categories,
+                    config.train.eval_batch_size, amp_dtype(config.train.precision, device))
+    lines = []
+    if outcome.scheme == "holdout" and outcome.training.best is not None:
+        lines.append(f"best epoch {outcome.selected_epoch} (early stop: {outcome.training.stopped_early})")
+    elif outcome.scheme == "kfold":
+        lines.append(f"{len(outcome.folds)} folds; adapter refit on all {config.data.shots} shots/class for "
+                     f"{outcome.selected_epoch} epochs (median best epoch over folds)")
+    if outcome.validation is not None:
+        lines.append(f"validation balanced accuracy: {outcome.validation.balanced_accuracy:.2f}%"
+                     + (" (mean over folds)" if outcome.scheme == "kfold" else ""))
+    else:
+        lines.append("no validation: too few shots to hold any out")
+    lines.append(f"labels used per class: {outcome.labels_per_class}")
+    return {
+        "method": name, "method_config": outcome.method_options, "trainable_parameters": outcome.trainable_parameters,
+        "validation_scheme": outcome.scheme, "labels_per_class": outcome.labels_per_class,
+        "training": outcome.training.as_dict(), "folds": [f.as_dict() for f in outcome.folds],
+        "validation": outcome.validation.as_dict() if outcome.validation is not None else None,
+        "test": test.as_dict(), "classifier": outcome.classifier, "base": workspace.base, "lines": lines,
+    }
+
+
+def _course_trial(config: StudyConfig, name: str, report) -> dict:
+    from hpo_peft.course import run_course_trial
+
+    class Epoch:  # what `report` prints for the course's epochs: the training loss only
+        def __init__(self, epoch: int, loss: float):
+            self.epoch, self.train_loss = epoch, loss
+
+    result = run_course_trial(config, name, on_epoch=lambda epoch, loss: report(Epoch(epoch, loss)))
+    return {
+        "method": name, "method_config": result.method_options, "trainable_parameters": result.trainable_parameters,
+        "protocol": "course", "labels_per_class": config.data.shots,
+        "training": {"train_losses": result.train_losses}, "test": result.test.as_dict(), "test_aca": result.test_aca,
+        "classifier": result.classifier, "base": result.base,
+        "lines": [f"{len(result.train_losses)} epochs, last epoch's weights (the course's protocol: no validation)",
+                  f"test ACA (course rounding): {result.test_aca:.2f}"],
+    }
 
 
 def prepare_study_config(path: Path, overrides: list[str]) -> StudyConfig:

@@ -28,7 +28,7 @@ from hpo_peft.config import (
     describe_validation_errors,
 )
 from hpo_peft.errors import UserError
-from hpo_peft.methods import method_config
+from hpo_peft.methods import get_method, method_config
 
 
 @dataclass
@@ -61,7 +61,8 @@ def sample_plan(trial: optuna.Trial, config: StudyConfig) -> TrialPlan:
     method = suggest(trial, "method", search.params.get("method", config.method.name))
     own = search.methods.get(method, {})
     defaults = config.method_train.get(method, {})
-    train_values = {key: suggest(trial, key, spec) for key, spec in search.params.items()
+    shared = {} if not get_method(method).trains else search.params  # nothing to train: nothing to draw
+    train_values = {key: suggest(trial, key, spec) for key, spec in shared.items()
                     if key != "method" and key not in defaults and key not in own}
     options = dict(config.methods.get(method, {}))
     for key, spec in own.items():

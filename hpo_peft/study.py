@@ -123,7 +123,8 @@ def make_objective(workspace: Workspace, tracker: Tracker, parent_id: str, study
         with trial_run(tracker, trial, parent_id, study_name, {**plan.params(), **budget}) as run_id:
             heartbeat.attach(trial, run_id)
 
-            def on_epoch(metrics: EpochMetrics, fold: int | None) -> None:
+            def on_epoch(metrics: EpochMetrics) -> None:
+                fold = metrics.fold
                 prefix = "" if fold is None else f"fold{fold + 1}."  # kfold: fold means come at the end
                 tracker.log_metrics(run_id, {
                     f"{prefix}train_loss": metrics.train_loss,

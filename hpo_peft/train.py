@@ -1,5 +1,7 @@
 """The training loop: epochs over the few-shot set, early stopping on the few-shot validation set
 (validation balanced accuracy, ties broken by validation loss), and the best epoch's weights restored.
+Without validation images (`data.val is None`, e.g. k-fold's final refit) it trains for
+`max_epochs` and keeps the last epoch's weights.
 
 `on_epoch(metrics)` is the only way out: the study reports and prunes through it.
 """
@@ -30,8 +32,9 @@ class NonFiniteLoss(RuntimeError):
 class EpochMetrics:
     epoch: int
     train_loss: float
-    val_loss: float
-    val_balanced_accuracy: float
+    val_loss: float | None  # None when training without validation
+    val_balanced_accuracy: float | None
+    fold: int | None = None  # kfold: which fold's run (0-based)
 
 
 @dataclass
@@ -127,6 +130,7 @@ def train(
 ) -> TrainResult:
     """With a frozen encoder only the head trains, on features computed once (by `features`, a
     shared cache, when given); otherwise the whole classifier runs on the uint8 images."""
+    blind = data.val is None
     set_seeds(seed)
     device = resolve_device(config.device)
     dtype = amp_dtype(config.precision, device)
@@ -136,11 +140,11 @@ def train(
     labels = data.train.labels.to(device)
     if not encoder_is_frozen(classifier):
         model, prep_inputs = classifier, prep
-        train_inputs, val_inputs = data.train.images.to(device), data.val.images
+        train_inputs, val_inputs = data.train.images.to(device), None if blind else data.val.images
     else:
         encode = features or (lambda split: predict_logits(classifier.encoder, split.images, prep, config.eval_batch_size, dtype))
         model, prep_inputs = classifier.head, None
-        train_inputs, val_inputs = encode(data.train).to(device), encode(data.val)
+        train_inputs, val_inputs = encode(data.train).to(device), None if blind else encode(data.val)
         if hasattr(model, "initialize_from_shots"):
             model.initialize_from_shots(train_inputs, labels)
     penalty = getattr(model, "penalty", None)
@@ -167,6 +171,11 @@ def train(
                 optimizer.step()
                 losses.append(loss.item())
 
+            if blind:  # nothing to select on: every epoch is the latest, the last one is kept
+                result.best = EpochMetrics(epoch, float(np.mean(losses)), None, None)
+                result.history.append(result.best)
+                bar.set_postfix(loss=f"{result.best.train_loss:.3f}")
+                continue
             val_logits = predict_logits(model, val_inputs, prep_inputs, config.eval_batch_size, dtype)
             val = compute_metrics(val_logits, data.val.labels, categories)
             metrics = EpochMetrics(epoch, float(np.mean(losses)), val.loss, val.balanced_accuracy)
@@ -183,6 +192,7 @@ def train(
 
     with torch.no_grad():
         for name, param in named:
-            param.copy_(best_state[name])
+            if not blind:
+                param.copy_(best_state[name])
     classifier.eval()
     return result

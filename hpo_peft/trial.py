@@ -5,7 +5,7 @@ MLflow: the study calls it."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import numpy as np
@@ -109,12 +109,12 @@ def run_trial(
     method_name: str,
     method_options: dict[str, Any],
     train_config: TrainConfig,
-    on_epoch: Callable[[EpochMetrics, int | None], None] | None = None,
+    on_epoch: Callable[[EpochMetrics], None] | None = None,
     progress: bool = True,
     on_fold: Callable[[int, float], None] | None = None,
 ) -> TrialOutcome:
     """Train (once for holdout, once per fold and a refit for kfold) and score on validation.
-    `on_epoch(metrics, fold)` sees every epoch (fold None for holdout); `on_fold(k, mean_so_far)`
+    `on_epoch(metrics)` sees every validated epoch (`metrics.fold`: None for holdout); `on_fold(k, mean_so_far)`
     the running fold mean after each fold: the study reports and prunes through them."""
     started = time.perf_counter()
     plan, seed = workspace.plan, workspace.config.data.seed
@@ -127,7 +127,8 @@ def run_trial(
         return method.prepare(build_classifier(workspace.base, workspace.prototypes), options)
 
     def fit(classifier, split, config, fold=None) -> TrainResult:
-        hook = (lambda m: on_epoch(m, fold)) if on_epoch is not None and split.val is not None else None
+        hook = None if on_epoch is None or split.val is None else on_epoch if fold is None else (
+            lambda m: on_epoch(replace(m, fold=fold)))
         return train(classifier, split, workspace.base.preprocessing, categories, config, seed, hook, progress,
                      features=workspace.features)
 

@@ -4,7 +4,7 @@ import pytest
 
 from hpo_peft.config import TrainConfig
 from hpo_peft.evaluate import evaluate
-from hpo_peft.train import EpochMetrics, _is_better
+from hpo_peft.train import EpochMetrics, _is_better, amp_dtype
 from hpo_peft.trial import run_trial
 
 DEMO_TRAIN = dict(learning_rate=0.003, max_epochs=15, patience=5, batch_size=32)
@@ -26,8 +26,9 @@ def test_early_stopping_restores_the_best_epoch(demo_workspace):
     assert seen == outcome.training.history
     assert best == max(seen, key=lambda m: (m.val_balanced_accuracy, -m.val_loss))
     # the weights in hand are the best epoch's: re-evaluating them gives its validation figures
+    device = next(outcome.classifier.parameters()).device  # scored as in training (bf16 encoder under auto)
     again = evaluate(outcome.classifier, demo_workspace.data.val, demo_workspace.base.preprocessing,
-                     demo_workspace.config.data.categories)
+                     demo_workspace.config.data.categories, amp_dtype=amp_dtype(config.precision, device))
     assert again.balanced_accuracy == pytest.approx(best.val_balanced_accuracy)
     assert again.loss == pytest.approx(best.val_loss, rel=1e-5)
     assert outcome.validation.balanced_accuracy == best.val_balanced_accuracy

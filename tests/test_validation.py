@@ -116,7 +116,7 @@ def test_compare_reads_no_more_labels_than_its_budget(write_config, tmp_path, mo
         assert train == [shots] * 4
         assert sum(train) + sum(val) == 4 * budget(shots)
     summary = pd.read_csv(tmp_path / "out" / "compare_summary.csv")
-    assert sorted(zip(summary.shots, summary.labels_per_class)) == sorted({(k, budget(k)) for k in (1, 2) for _ in range(2)})
+    assert sorted(zip(summary.shots, summary.labels_per_class)) == sorted((k, budget(k)) for k in (1, 2) for _ in range(2))
     one_shot = summary[summary.shots == 1].selection.tolist()
     assert one_shot == (["fixed defaults"] * 2 if validation == "kfold" else ["holdout"] * 2)
     assert "gap_mean" in summary.columns
