@@ -118,17 +118,19 @@ def _study_trial(config: StudyConfig, name: str, report) -> dict:
 
 def _course_trial(config: StudyConfig, name: str, report) -> dict:
     from hpo_peft.course import run_course_trial
+    from hpo_peft.model import load_base_model
 
     class Epoch:  # what `report` prints for the course's epochs: the training loss only
         def __init__(self, epoch: int, loss: float):
             self.epoch, self.train_loss = epoch, loss
 
-    result = run_course_trial(config, name, on_epoch=lambda epoch, loss: report(Epoch(epoch, loss)))
+    base = load_base_model(config.model)
+    result = run_course_trial(config, name, on_epoch=lambda epoch, loss: report(Epoch(epoch, loss)), base=base)
     return {
         "method": name, "method_config": result.method_options, "trainable_parameters": result.trainable_parameters,
         "protocol": "course", "labels_per_class": config.data.shots,
         "training": {"train_losses": result.train_losses}, "test": result.test.as_dict(), "test_aca": result.test_aca,
-        "classifier": result.classifier, "base": result.base,
+        "classifier": result.classifier, "base": base,
         "lines": [f"{len(result.train_losses)} epochs, last epoch's weights (the course's protocol: no validation)",
                   f"test ACA (course rounding): {result.test_aca:.2f}"],
     }

@@ -303,3 +303,15 @@ def test_course_notebook_config_holds_the_courses_settings():
         train = config.train_for(adapter)
         assert (train.optimizer, train.momentum, train.learning_rate, train.max_epochs, train.batch_size, train.precision) == (
             "sgd", 0.9, 1e-3, 100, 32, "fp32"), adapter
+
+
+def test_the_trial_command_runs_the_course_protocol(write_config, tmp_path, capsys):
+    from hpo_peft.cli import main
+
+    config = write_config(protocol="course", train={"max_epochs": 2, "patience": None, "precision": "fp32"})
+    code = main(["trial", str(config), "--method", "lora", "--save", str(tmp_path / "adapter")])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "protocol course" in out and out.count("train loss") == 2 and "val loss" not in out
+    assert "test ACA (course rounding)" in out and "last epoch's weights" in out
+    assert (tmp_path / "adapter" / "hpo_peft_adapter.json").is_file()
