@@ -175,7 +175,7 @@ def trial_config(kit: str, model_dir: str, shots: int, val_shots: int, epochs: i
 
 def child_ours(kit, model_dir, method, shots, val_shots, epochs, precision, device, repeats) -> dict:
     from hpo_peft.model import load_base_model
-    from hpo_peft.train import amp_dtype, resolve_device
+    from hpo_peft.runtime import amp_dtype, resolve_device
     from hpo_peft.trial import open_workspace, run_trial
 
     config = trial_config(kit, model_dir, shots, val_shots, epochs, precision, device)
@@ -494,9 +494,9 @@ def child_gpu(model_dir, batches, steps, matmul_size, device) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     from hpo_peft.config import ModelConfig, PromptConfig
-    from hpo_peft.evaluate import autocast
     from hpo_peft.methods import get_method, method_config
     from hpo_peft.model import build_classifier, load_base_model, text_prototypes
+    from hpo_peft.runtime import autocast
 
     dev = torch.device(device)
     n = matmul_size
@@ -669,7 +669,7 @@ def machine_info(device: str) -> dict:
                 if line.startswith("model name")), platform.processor() or "unknown")
     mem_kib = next((int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
                     if line.startswith("MemTotal")), 0)
-    from hpo_peft.train import cpu_has_bf16
+    from hpo_peft.runtime import cpu_has_bf16
 
     versions = {}
     for package in ("torch", "transformers", "peft", "optuna", "mlflow", "torchvision"):

@@ -26,10 +26,12 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     kit = commands.add_parser("demo-kit", help="write the offline demo dataset and model")
+    kit.set_defaults(handler=_demo_kit)
     kit.add_argument("--out", type=Path, default=None, help="folder (default local_data/demo)")
     kit.add_argument("--force", action="store_true", help="rebuild even if present")
 
     trial = commands.add_parser("trial", help="train and evaluate one method with fixed hyper-parameters")
+    trial.set_defaults(handler=_trial)
     _add_config(trial)
     trial.add_argument("--method", default=None, help="method name (default: the config's method.name)")
     trial.add_argument("--save", type=Path, default=None, help="write the trained adapter to this folder")
@@ -37,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     study = commands.add_parser("study", help="hyper-parameter studies").add_subparsers(dest="study_command", required=True)
     run = study.add_parser("run", help="run (or continue) a study")
+    run.set_defaults(handler=_study_run)
     _add_config(run)
     _add_study_options(run)
     run.add_argument("--n-trials", type=int, default=None, help="trials to run in this session (default: search.n_trials)")
@@ -45,11 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--accept-changes", action="store_true",
                      help="continue an existing study although settings that define it changed")
     best = study.add_parser("best", help="the best trial so far")
+    best.set_defaults(handler=_study_best)
     _add_config(best)
     _add_study_options(best)
     best.add_argument("--json", action="store_true")
 
     evaluate = commands.add_parser("evaluate", help="evaluate the best (or a given) trial's adapter on the test split")
+    evaluate.set_defaults(handler=_evaluate)
     _add_config(evaluate)
     _add_study_options(evaluate)
     evaluate.add_argument("--run-id", default=None, help="MLflow run id of a trial (default: the study's best)")
@@ -57,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", action="store_true")
 
     compare = commands.add_parser("compare", help="methods x shots x seeds: select on validation, score on test")
+    compare.set_defaults(handler=_compare)
     _add_config(compare)
     _add_study_options(compare)
     compare.add_argument("--shots", type=int, nargs="+", default=None, help="e.g. 1 2 4 8 16")
@@ -83,34 +89,48 @@ def main(argv: list[str] | None = None) -> int:
         return _dispatch(args)
 
 
+def _demo_kit(args: argparse.Namespace) -> None:
+    from hpo_peft.demo_kit import DEFAULT_DIR, build_demo_kit
+
+    print(build_demo_kit(args.out or DEFAULT_DIR, force=args.force))
+
+
+def _trial(args: argparse.Namespace) -> None:
+    from hpo_peft.commands import run_single_trial
+
+    run_single_trial(args.config, args.overrides, method=args.method, save=args.save, as_json=args.json)
+
+
+def _study_run(args: argparse.Namespace) -> None:
+    from hpo_peft.commands import run_study_command
+
+    run_study_command(args.config, args.overrides, _study_options(args), n_trials=args.n_trials, timeout=args.timeout,
+                      jobs=args.jobs, accept_changes=args.accept_changes)
+
+
+def _study_best(args: argparse.Namespace) -> None:
+    from hpo_peft.commands import best_command
+
+    best_command(args.config, args.overrides, _study_options(args), as_json=args.json)
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from hpo_peft.commands import evaluate_command
+
+    evaluate_command(args.config, args.overrides, _study_options(args), run_id=args.run_id, register=args.register,
+                     as_json=args.json)
+
+
+def _compare(args: argparse.Namespace) -> None:
+    from hpo_peft.commands import compare_command
+
+    compare_command(args.config, args.overrides, _study_options(args), shots=args.shots, seeds=args.seeds,
+                    methods=args.methods, trials_per_method=args.trials_per_method, out=args.out)
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     try:
-        if args.command == "demo-kit":
-            from hpo_peft.demo_kit import DEFAULT_DIR, build_demo_kit
-
-            print(build_demo_kit(args.out or DEFAULT_DIR, force=args.force))
-        elif args.command == "trial":
-            from hpo_peft.commands import run_single_trial
-
-            run_single_trial(args.config, args.overrides, args.method, args.save, args.json)
-        elif args.command == "study" and args.study_command == "run":
-            from hpo_peft.commands import run_study_command
-
-            run_study_command(args.config, args.overrides, _study_options(args), args.n_trials, args.timeout, args.jobs,
-                              args.accept_changes)
-        elif args.command == "study" and args.study_command == "best":
-            from hpo_peft.commands import best_command
-
-            best_command(args.config, args.overrides, _study_options(args), args.json)
-        elif args.command == "compare":
-            from hpo_peft.commands import compare_command
-
-            compare_command(args.config, args.overrides, _study_options(args), args.shots, args.seeds,
-                            args.methods, args.trials_per_method, args.out)
-        elif args.command == "evaluate":
-            from hpo_peft.commands import evaluate_command
-
-            evaluate_command(args.config, args.overrides, _study_options(args), args.run_id, args.register, args.json)
+        args.handler(args)
     except UserError as err:
         print(f"hpo-peft: error: {err}", file=sys.stderr)
         return 2

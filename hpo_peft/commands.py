@@ -13,22 +13,14 @@ from hpo_peft.errors import UserError
 def prepare_config(path: Path, overrides: list[str], method: str | None = None, study: bool = False) -> StudyConfig:
     """Load and fully validate a config (method names and options, with `study` the search space
     too) before anything is built or loaded; then make the demo kit if the config asks for it."""
-    from hpo_peft.methods import get_method, method_config
-    from hpo_peft.search_space import check_space
-
-    from hpo_peft.train import resolve_device
+    from hpo_peft import preflight
 
     config = load_config(path, overrides)
     if method is not None:
         config.method.name = method
-    resolve_device(config.train.device)  # e.g. cuda on a machine without it
-    get_method(config.method.name, key="method.name")
-    for name, options in config.methods.items():
-        method_config(name, options, key="methods")
-    for name in [*config.method_train, *config.compare.methods]:
-        get_method(name, key="method_train" if name in config.method_train else "compare.methods")
+    preflight.check_config(config)
     if study:
-        check_space(config)
+        preflight.check_space(config)
     if config.demo_kit is not None:
         from hpo_peft.demo_kit import build_demo_kit
 
@@ -85,16 +77,14 @@ def run_single_trial(path: Path, overrides: list[str], method: str | None, save:
 
 def _study_trial(config: StudyConfig, name: str, report) -> dict:
     from hpo_peft.data import load_test
-    from hpo_peft.evaluate import evaluate
-    from hpo_peft.train import amp_dtype
+    from hpo_peft.evaluate import evaluate_as_trained
     from hpo_peft.trial import open_workspace, run_trial
 
     workspace = open_workspace(config)
     test_images = load_test(config.data, workspace.base.preprocessing)  # a bad test table fails before training
     outcome = run_trial(workspace, name, config.methods.get(name, {}), config.train_for(name), on_epoch=report)
-    device = next(outcome.classifier.parameters()).device
-    test = evaluate(outcome.classifier, test_images, workspace.base.preprocessing, config.data.categories,
-                    config.train.eval_batch_size, amp_dtype(config.train.precision, device))
+    test = evaluate_as_trained(outcome.classifier, test_images, workspace.base.preprocessing, config.data.categories,
+                               config.train_for(name))
     lines = []
     if outcome.scheme == "holdout" and outcome.training.best is not None:
         lines.append(f"best epoch {outcome.selected_epoch} (early stop: {outcome.training.stopped_early})")
@@ -142,17 +132,13 @@ def prepare_study_config(path: Path, overrides: list[str]) -> StudyConfig:
 
 def run_study_command(path: Path, overrides: list[str], options: dict, n_trials: int | None, timeout: float | None,
                       jobs: int = 1, accept_changes: bool = False) -> None:
+    from hpo_peft.preflight import check_session
     from hpo_peft.selection import select_best
-    from hpo_peft.study import StudyOptions, run_study
+    from hpo_peft.study import StudyLocation, run_study
 
-    if jobs < 1:
-        raise UserError(f"--jobs must be at least 1, got {jobs}")
-    if n_trials is not None and n_trials < 1:
-        raise UserError(f"--n-trials must be at least 1, got {n_trials}")
-    if timeout is not None and not timeout > 0:
-        raise UserError(f"--timeout must be a positive number of seconds, got {timeout:g}")
+    check_session(n_trials, timeout, jobs)
     config = prepare_study_config(path, overrides)
-    where = StudyOptions.of(config, **options)
+    where = StudyLocation.of(config, **options)
     study = run_study(config, where, n_trials, timeout, jobs, accept_changes)
     states = {}
     for trial in study.trials:
@@ -166,11 +152,12 @@ def run_study_command(path: Path, overrides: list[str], options: dict, n_trials:
 
 
 def best_command(path: Path, overrides: list[str], options: dict, as_json: bool) -> None:
-    from hpo_peft.study import RUN_ID_ATTR, StudyOptions, best_trial
+    from hpo_peft.recovery import RUN_ID_ATTR
+    from hpo_peft.study import StudyLocation, best_trial
     from hpo_peft.tracking import Tracker
 
     config = load_config(path, overrides)
-    where = StudyOptions.of(config, **options)
+    where = StudyLocation.of(config, **options)
     best = best_trial(where)
     run_id = best.user_attrs.get(RUN_ID_ATTR)
     test = None
@@ -199,11 +186,13 @@ def evaluate_command(
     """Test-split evaluation of a trial's adapter, rebuilt from its MLflow artifacts alone."""
     from hpo_peft.data import load_test
     from hpo_peft.model import load_base_model
-    from hpo_peft.study import RUN_ID_ATTR, StudyOptions, best_trial, evaluate_run
+    from hpo_peft.recovery import RUN_ID_ATTR
+    from hpo_peft.scoring import evaluate_run
+    from hpo_peft.study import StudyLocation, best_trial
     from hpo_peft.tracking import Tracker
 
     config = prepare_config(path, overrides)
-    where = StudyOptions.of(config, **options)
+    where = StudyLocation.of(config, **options)
     if run_id is None:
         run_id = best_trial(where).user_attrs.get(RUN_ID_ATTR)
         if run_id is None:
@@ -235,16 +224,15 @@ def evaluate_command(
 
 def compare_command(path: Path, overrides: list[str], options: dict, shots: list[int] | None, seeds: list[int] | None,
                     methods: list[str] | None, trials_per_method: int | None, out: Path | None) -> None:
-    from hpo_peft.compare import config_for, run_compare
-    from hpo_peft.data import few_shot_rows
-    from hpo_peft.study import StudyOptions
+    from hpo_peft.compare import run_compare
+    from hpo_peft.preflight import check_compare_data
+    from hpo_peft.study import StudyLocation
 
     given = {"shots": shots, "seeds": seeds, "methods": methods, "trials_per_method": trials_per_method}
     extra = [f"compare.{k}={json.dumps(v)}" for k, v in given.items() if v is not None]
     config = prepare_study_config(path, [*overrides, *extra])
-    for shots_per_class in config.compare.shots:  # every grid point has enough data, before any training
-        few_shot_rows(config_for(config, shots_per_class, config.compare.seeds[0], config.compare.methods[0]).data)
-    where = StudyOptions.of(config, **options)
+    check_compare_data(config)
+    where = StudyLocation.of(config, **options)
     out = out or Path("results") / f"{where.study_name}-compare"
     table = run_compare(config, where, out)
     print(table.to_string(index=False, float_format=lambda v: f"{v:.2f}"))

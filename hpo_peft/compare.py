@@ -18,39 +18,21 @@ from pathlib import Path
 
 import pandas as pd
 
-from hpo_peft.config import Choices, StudyConfig
+from hpo_peft.config import StudyConfig
 from hpo_peft.data import LabelledImages, load_test
-from hpo_peft.evaluate import evaluate
+from hpo_peft.evaluate import evaluate_as_trained, pyplot
 from hpo_peft.methods import get_method
 from hpo_peft.model import load_base_model
-from hpo_peft.study import (
-    RUN_ID_ATTR,
-    StudyOptions,
-    create_study,
-    evaluate_run,
-    optimize,
-)
+from hpo_peft.recovery import RUN_ID_ATTR
 from hpo_peft.run_record import log_test_result
+from hpo_peft.scoring import evaluate_run
 from hpo_peft.selection import select_best
+from hpo_peft.study import StudyLocation, create_study, optimize
 from hpo_peft.tracking import TAG_KIND, Tracker
-from hpo_peft.train import amp_dtype
 from hpo_peft.trial import Workspace, open_workspace, run_trial
 
 FIXED = "fixed defaults"
 TAG_CELL = "hpo_peft.compare_cell"
-
-
-def config_for(config: StudyConfig, shots: int, seed: int, method: str) -> StudyConfig:
-    """The grid point's config: K shots, seed, the budget rule, and a space that draws `method` only."""
-    data = config.data.model_dump()
-    data.update(shots=shots, seed=seed)
-    if data["validation"] == "holdout":
-        data["val_shots"] = shots if config.compare.val_shots == "shots" else config.compare.val_shots
-    elif data["folds"] is not None:
-        data["folds"] = min(data["folds"], shots) if shots >= 2 else None
-    variant = config.model_copy(deep=True, update={"data": type(config.data).model_validate(data)})
-    variant.search.params["method"] = Choices(choices=[method])
-    return variant
 
 
 def summary_table(rows: pd.DataFrame) -> pd.DataFrame:
@@ -68,11 +50,7 @@ def summary_table(rows: pd.DataFrame) -> pd.DataFrame:
 
 
 def accuracy_plot(table: pd.DataFrame):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for method, part in table.groupby("method"):
         ax.errorbar(part["shots"], part["test_bacc_mean"], yerr=part["test_bacc_std"].fillna(0), marker="o", capsize=3, label=method)
@@ -103,9 +81,8 @@ def fixed_defaults(tracker: Tracker, parent_id: str, workspace: Workspace, metho
     status = "FAILED"
     try:
         outcome = run_trial(workspace, method, options, train_config, progress=False)
-        device = next(outcome.classifier.parameters()).device
-        metrics = evaluate(outcome.classifier, test, workspace.base.preprocessing, config.data.categories,
-                           config.train.eval_batch_size, amp_dtype(config.train.precision, device))
+        metrics = evaluate_as_trained(outcome.classifier, test, workspace.base.preprocessing, config.data.categories,
+                                      train_config)
         log_test_result(tracker, run_id, metrics)
         status = "FINISHED"
     except KeyboardInterrupt:
@@ -117,21 +94,20 @@ def fixed_defaults(tracker: Tracker, parent_id: str, workspace: Workspace, metho
             "mlflow_run_id": run_id}
 
 
-def run_compare(config: StudyConfig, options: StudyOptions, out: Path) -> pd.DataFrame:
+def run_compare(config: StudyConfig, options: StudyLocation, out: Path) -> pd.DataFrame:
     compare = config.compare
     tracker = Tracker(options.tracking_uri, experiment=f"{options.study_name}-compare")
     base = load_base_model(config.model)
     test = load_test(config.data, base.preprocessing)  # only the final scoring reads it
-    parent_id = tracker.start_parent(options.study_name, {"hpo_peft.run_kind": "compare"})
+    parent_id = tracker.start_parent(options.study_name, {TAG_KIND: "compare"})
     tracker.log_dict(parent_id, config.model_dump(mode="json"), "config.json")
     rows, status = [], "FINISHED"
     try:
         for shots in compare.shots:
             for seed in compare.seeds:
-                workspace = open_workspace(config_for(config, shots, seed, compare.methods[0]), base)
+                workspace = open_workspace(config.at_grid_point(shots, seed), base)
                 for method in compare.methods:
-                    variant = config_for(config, shots, seed, method)
-                    workspace.config = variant
+                    variant = config.at_grid_point(shots, seed, method)  # same data; the space draws `method`
                     name = f"{options.study_name}-compare-k{shots}-s{seed}-{method}"
                     point = {"method": method, "shots": shots, "seed": seed, "labels_per_class": workspace.plan.labels_per_class}
                     if not workspace.plan.selects:
@@ -141,7 +117,7 @@ def run_compare(config: StudyConfig, options: StudyOptions, out: Path) -> pd.Dat
                     budget = compare.trials_per_method if get_method(method).trains else 1
                     done = sum(t.state.is_finished() for t in study.trials)
                     if done < budget:
-                        optimize(study, workspace, tracker, parent_id, budget - done, None)
+                        optimize(study, workspace, tracker, parent_id, budget - done, None, variant)
                     best = select_best(study.get_trials(deepcopy=False))
                     metrics, _ = evaluate_run(tracker, best.user_attrs[RUN_ID_ATTR], base, test, variant)
                     rows.append({**point, "selection": workspace.plan.scheme, "val_balanced_accuracy": best.value,

@@ -51,7 +51,8 @@ from hpo_peft.model import (
     load_base_model,
     text_prototypes,
 )
-from hpo_peft.train import make_optimizer, resolve_device, set_seeds
+from hpo_peft.runtime import resolve_device, set_seeds
+from hpo_peft.train import make_optimizer
 
 COURSE_SEED = 42  # the notebook's `set_seeds(42, ...)`
 TEST_BATCH_SIZE = 8  # the notebook's test loader
@@ -178,12 +179,10 @@ def extract_features(encoder: nn.Module, loader: DataLoader, device: torch.devic
 def train_adapter(head: nn.Module, features: torch.Tensor, labels: torch.Tensor, config: TrainConfig,
                   on_epoch: EpochHook | None = None) -> list[float]:
     """The course's `train_adapter`: each epoch shuffles with `np.random.rand(N).argsort()` and
-    runs `N // batch_size` batches (the last incomplete one dropped, at least one batch). A head
-    with a `penalty()` (CLAP) adds it to the loss; one with `initialize_from_shots` (CLAP) is
-    initialised from the training features first."""
-    if hasattr(head, "initialize_from_shots"):
-        head.initialize_from_shots(features, labels)
-    penalty = getattr(head, "penalty", None)
+    runs `N // batch_size` batches (the last incomplete one dropped, at least one batch). The
+    head is initialised from the training features first and its `penalty()` (CLAP's) is added
+    to the loss."""
+    head.initialize_from_shots(features, labels)
     optimizer = make_optimizer([p for p in head.parameters() if p.requires_grad], config)
     count, batch_size = len(features), config.batch_size
     losses = []
@@ -194,8 +193,8 @@ def train_adapter(head: nn.Module, features: torch.Tensor, labels: torch.Tensor,
         for index in range(max(count // batch_size, 1)):
             batch = order[index * batch_size : (index + 1) * batch_size]
             loss = F.cross_entropy(head(features[batch]), labels[batch])
-            if penalty is not None:
-                loss = loss + penalty()
+            if (penalty := head.penalty()) is not None:
+                loss = loss + penalty
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

@@ -136,6 +136,17 @@ def read_table(path: Path, image_column: str, categories: list[str]) -> pd.DataF
     one image in both the training and the validation shots, or under two labels."""
     if not path.is_file():
         raise UserError(f"{path}: partition table not found")
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size, image_column, tuple(categories))
+    if key not in _TABLE_CACHE:  # read once per process (checks, workspace, sampler all ask)
+        _TABLE_CACHE[key] = _read_table(path, image_column, categories)
+    return _TABLE_CACHE[key]
+
+
+_TABLE_CACHE: dict[tuple, pd.DataFrame] = {}
+
+
+def _read_table(path: Path, image_column: str, categories: list[str]) -> pd.DataFrame:
     table = _read_first_sheet(path, [image_column, *categories])
     flags = table[categories]
     bad = ~flags.isin([0, 1]).to_numpy()

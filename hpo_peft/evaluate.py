@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -11,7 +10,9 @@ from sklearn.metrics import balanced_accuracy_score, confusion_matrix, recall_sc
 from torch import nn
 from torch.nn import functional as F
 
+from hpo_peft.config import TrainConfig
 from hpo_peft.data import LabelledImages, Preprocessing
+from hpo_peft.runtime import amp_dtype, autocast
 
 
 @dataclass
@@ -30,10 +31,6 @@ class Metrics:
             "confusion_matrix": self.confusion,
             "categories": self.categories,
         }
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
 @torch.inference_mode()
@@ -89,13 +86,26 @@ def evaluate(
     return compute_metrics(predict_logits(model, data.images, prep, batch_size, amp_dtype), data.labels, categories)
 
 
-def confusion_figure(metrics: Metrics, title: str):
-    """A matplotlib figure of the confusion matrix with class names and counts."""
+def evaluate_as_trained(model: nn.Module, data: LabelledImages, prep: Preprocessing, categories: list[str],
+                        train: TrainConfig) -> Metrics:
+    """`evaluate` on the model's device, its encoder under the autocast of `train.precision`."""
+    device = next(model.parameters()).device
+    return evaluate(model, data, prep, categories, train.eval_batch_size, amp_dtype(train.precision, device))
+
+
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend: figures are saved or logged, never shown."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def confusion_figure(metrics: Metrics, title: str):
+    """A matplotlib figure of the confusion matrix with class names and counts."""
+    plt = pyplot()
     matrix = np.array(metrics.confusion)
     fig, ax = plt.subplots(figsize=(4.5, 4))
     ax.imshow(matrix, cmap="Blues")

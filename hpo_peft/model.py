@@ -59,6 +59,14 @@ class ZeroShotHead(nn.Module):
             weight = weight / weight.norm(dim=-1, keepdim=True)
             return features @ weight.t() * self.logit_scale.float().exp()
 
+    def initialize_from_shots(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        """Called with the training shots' features before training; heads that start from them
+        (CLAP's class multipliers) override it."""
+
+    def penalty(self) -> torch.Tensor | None:
+        """A term added to the training loss; CLAP's pull towards the prototypes overrides it."""
+        return None
+
 
 class ImageClassifier(nn.Module):
     def __init__(self, encoder: nn.Module, head: ZeroShotHead):

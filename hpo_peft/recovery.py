@@ -12,7 +12,6 @@ This works the same for every Optuna storage (the journal file has no heartbeat 
 from __future__ import annotations
 
 import os
-import socket
 import threading
 import time
 from typing import Any
@@ -20,16 +19,19 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from hpo_peft.tracking import TAG_HEARTBEAT, TAG_WORKER_HOST, TAG_WORKER_PID, Tracker
+from hpo_peft.runtime import worker_identity
+from hpo_peft.tracking import (
+    TAG_HEARTBEAT,
+    TAG_TRIAL,
+    TAG_WORKER_HOST,
+    TAG_WORKER_PID,
+    Tracker,
+)
 
 WORKER_ATTR = "worker"
 HEARTBEAT_ATTR = "heartbeat"
 RETRY_OF_ATTR = "retry_of"
 RUN_ID_ATTR = "mlflow_run_id"
-
-
-def worker_identity() -> dict[str, Any]:
-    return {"host": socket.gethostname(), "pid": os.getpid()}
 
 
 def _process_alive(pid: int) -> bool:
@@ -44,7 +46,8 @@ def _process_alive(pid: int) -> bool:
 
 def is_stale(worker: dict[str, Any] | None, heartbeat: float | None, grace_period: float, now: float | None = None) -> bool:
     now = time.time() if now is None else now
-    if worker and worker.get("host") == socket.gethostname() and worker.get("pid") != os.getpid():
+    me = worker_identity()
+    if worker and worker.get("host") == me["host"] and worker.get("pid") != me["pid"]:
         if not _process_alive(int(worker["pid"])):
             return True
     return heartbeat is not None and now - heartbeat > grace_period
@@ -121,7 +124,7 @@ def close_orphan_runs(tracker: Tracker, grace_period: float) -> list[str]:
         worker = {"host": tags.get(TAG_WORKER_HOST), "pid": int(tags.get(TAG_WORKER_PID, "0") or 0)}
         heartbeat = float(tags[TAG_HEARTBEAT]) if TAG_HEARTBEAT in tags else run.info.start_time / 1000
         if is_stale(worker, heartbeat, grace_period):
-            tracker.end_run(run.info.run_id, "KILLED", state="FAIL" if "hpo_peft.trial_number" in tags else None,
+            tracker.end_run(run.info.run_id, "KILLED", state="FAIL" if TAG_TRIAL in tags else None,
                             error="worker stopped (killed or lost)")
             closed.append(run.info.run_id)
     return closed

@@ -23,7 +23,7 @@ from hpo_peft.artifacts import save_adapter
 from hpo_peft.evaluate import Metrics, confusion_figure
 from hpo_peft.recovery import RUN_ID_ATTR
 from hpo_peft.selection import select_best
-from hpo_peft.tracking import Tracker, temporary_folder
+from hpo_peft.tracking import TAG_BEST_RUN, Tracker, temporary_folder
 from hpo_peft.trial import TrialOutcome, Workspace
 
 FAIL_REASON_ATTR = "fail_reason"
@@ -38,24 +38,26 @@ class Pruned(optuna.TrialPruned):
 @contextmanager
 def trial_run(tracker: Tracker, trial: optuna.Trial, parent_id: str, study_name: str, params: dict):
     """Open the trial's child run; close it with the state its outcome maps to (table above)."""
-    with interrupts.deferred():  # a run is never created without its id recorded on the trial
-        run_id = tracker.start_trial(parent_id, study_name, trial.number, params)
-        trial.set_user_attr(RUN_ID_ATTR, run_id)
+    run_id = None
     try:
-        yield run_id
+        with interrupts.deferred():  # a run is never created without its id recorded on the trial
+            run_id = tracker.start_trial(parent_id, study_name, trial.number, params)
+            trial.set_user_attr(RUN_ID_ATTR, run_id)
+        yield run_id  # a signal held back above is raised here, inside the try
     except optuna.TrialPruned as err:
         if isinstance(err, Pruned):
             tracker.log_metrics(run_id, {err.metric: err.step})
         tracker.end_run(run_id, "FINISHED", state="PRUNED")
         raise
     except KeyboardInterrupt as err:
-        reason = interrupts.reason(err)
-        trial.set_user_attr(FAIL_REASON_ATTR, reason)
-        tracker.end_run(run_id, "KILLED", state="FAIL", error=reason)
+        trial.set_user_attr(FAIL_REASON_ATTR, interrupts.reason(err))
+        if run_id is not None:
+            tracker.end_run(run_id, "KILLED", state="FAIL", error=interrupts.reason(err))
         raise
     except Exception as err:
         trial.set_user_attr(FAIL_REASON_ATTR, f"{type(err).__name__}: {err}")
-        tracker.end_run(run_id, "FAILED", state="FAIL", error=traceback.format_exc())
+        if run_id is not None:
+            tracker.end_run(run_id, "FAILED", state="FAIL", error=traceback.format_exc())
         raise
     with interrupts.deferred():
         tracker.end_run(run_id, "FINISHED", state="COMPLETE")
@@ -117,7 +119,7 @@ def summarize(tracker: Tracker, parent_id: str, study: optuna.Study, figures: bo
     best = select_best(trials)
     tracker.log_params(parent_id, {f"best.{k}": v for k, v in best.params.items()})
     tracker.log_metrics(parent_id, {"best_val_balanced_accuracy": best.value, "best_trial_number": best.number})
-    tracker.set_tags(parent_id, {"hpo_peft.best_run_id": best.user_attrs.get(RUN_ID_ATTR, "")})
+    tracker.set_tags(parent_id, {TAG_BEST_RUN: best.user_attrs.get(RUN_ID_ATTR, "")})
     if not figures:
         return
     plotters = {

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import optuna
-from pydantic import ValidationError
 
 from hpo_peft.config import (
     SEARCHABLE_TRAIN_KEYS,
@@ -25,9 +24,7 @@ from hpo_peft.config import (
     Range,
     StudyConfig,
     TrainConfig,
-    describe_validation_errors,
 )
-from hpo_peft.errors import UserError
 from hpo_peft.methods import get_method, method_config
 
 
@@ -72,24 +69,3 @@ def sample_plan(trial: optuna.Trial, config: StudyConfig) -> TrialPlan:
         else:
             options[key] = value
     return TrialPlan(method, method_config(method, options).model_dump(), config.train_for(method, **train_values))
-
-
-def check_space(config: StudyConfig) -> None:
-    """Every method the space can draw exists, and every bound of its options is valid."""
-    spec = config.search.params.get("method", config.method.name)
-    methods = spec.choices if isinstance(spec, Choices) else [spec]
-    for name in methods:
-        method_config(name, config.methods.get(name), key="search.params.method" if name not in config.methods else "methods")
-    for name, space in config.search.methods.items():
-        method_config(name, {}, key="search.methods")
-        for option, dist in space.items():
-            bounds = dist.choices if isinstance(dist, Choices) else [dist.low, dist.high] if isinstance(dist, Range) else [dist]
-            for value in bounds:
-                if option in SEARCHABLE_TRAIN_KEYS:
-                    try:
-                        config.train_for(name, **{option: value})
-                    except ValidationError as err:
-                        raise UserError(f"search.methods.{name}.{option}: value {value!r} is invalid: "
-                                        f"{describe_validation_errors(err)[0]}") from None
-                else:
-                    method_config(name, {**config.methods.get(name, {}), option: value}, key="search.methods")

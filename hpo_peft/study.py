@@ -12,34 +12,34 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import optuna
 
-from hpo_peft import identity, interrupts, stores
-from hpo_peft.artifacts import load_adapter
+from hpo_peft import identity, interrupts, preflight, stores
 from hpo_peft.config import StudyConfig
-from hpo_peft.data import LabelledImages, few_shot_rows
 from hpo_peft.errors import UserError
-from hpo_peft.evaluate import evaluate
-from hpo_peft.model import BaseModel
 from hpo_peft.recovery import (
-    RUN_ID_ATTR,
     WORKER_ATTR,
     Heartbeat,
     recover_stale,
-    worker_identity,
 )
-from hpo_peft.run_record import Pruned, log_outcome, log_test_result, summarize, trial_run
+from hpo_peft.run_record import (
+    Pruned,
+    log_outcome,
+    summarize,
+    trial_run,
+)
+from hpo_peft.runtime import worker_identity
 from hpo_peft.samplers import make_pruner, make_sampler
 from hpo_peft.search_space import sample_plan
 from hpo_peft.selection import TRAINABLE_ATTR, VAL_LOSS_ATTR, select_best
-from hpo_peft.tracking import TAG_ERROR, Tracker, check_store, temporary_folder
-from hpo_peft.train import EpochMetrics, amp_dtype, resolve_device
+from hpo_peft.tracking import TAG_ERROR, Tracker, check_store
+from hpo_peft.train import EpochMetrics
 from hpo_peft.trial import Workspace, open_workspace, run_trial
 
+
 @dataclass
-class StudyOptions:
+class StudyLocation:
     """Where a study lives: every command takes the same options with the same defaults."""
 
     study_name: str
@@ -47,7 +47,7 @@ class StudyOptions:
     tracking_uri: str | None = None
 
     @classmethod
-    def of(cls, config: StudyConfig, study_name: str | None, storage: str | None, tracking_uri: str | None) -> "StudyOptions":
+    def of(cls, config: StudyConfig, study_name: str | None, storage: str | None, tracking_uri: str | None) -> "StudyLocation":
         return cls(study_name or config.name, storage, tracking_uri or config.tracking.uri)
 
 
@@ -69,15 +69,20 @@ def open_storage(url: str | None, create: bool = True) -> optuna.storages.BaseSt
     if db is not None and not create:
         stores.check_exists(db, "study storage")
     engine = {"connect_args": {"connect_timeout": 10}} if url.startswith("postgresql") else None
-    try:
-        with stores.lock_for(url):  # processes starting together would race to create the tables
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine)
-    except Exception as err:
-        reason = " ".join(str(err).split())[:300]
-        raise UserError(f"Optuna storage {stores.redact(url)}: cannot open ({type(err).__name__}: {reason})") from None
+    for attempt in range(3):
+        try:  # processes starting together race to create the tables: a file lock for SQLite, ...
+            with stores.lock_for(url):
+                return optuna.storages.RDBStorage(url, engine_kwargs=engine)
+        except Exception as err:
+            raced = "already exists" in str(err) or type(err).__name__ == "IntegrityError"
+            if raced and attempt < 2:  # ... and for a server, the loser finds the tables made on its retry
+                time.sleep(0.5 * (attempt + 1))
+                continue
+            reason = " ".join(str(err).split())[:300]
+            raise UserError(f"Optuna storage {stores.redact(url)}: cannot open ({type(err).__name__}: {reason})") from None
 
 
-def create_study(config: StudyConfig, options: StudyOptions, storage=None, accept_changes: bool = False) -> optuna.Study:
+def create_study(config: StudyConfig, options: StudyLocation, storage=None, accept_changes: bool = False) -> optuna.Study:
     """A new study records what defines it; an existing one must have been started with the same
     (or `accept_changes`, `study run --accept-changes`, says the user means to change it)."""
     storage = storage or open_storage(options.storage)
@@ -104,7 +109,7 @@ def create_study(config: StudyConfig, options: StudyOptions, storage=None, accep
     return study
 
 
-def load_study(options: StudyOptions) -> optuna.Study:
+def load_study(options: StudyLocation) -> optuna.Study:
     storage = open_storage(options.storage, create=False)
     try:
         return optuna.load_study(study_name=options.study_name, storage=storage)
@@ -113,11 +118,13 @@ def load_study(options: StudyOptions) -> optuna.Study:
         raise UserError(f"no study named {options.study_name!r} in storage {where}") from None
 
 
-def make_objective(workspace: Workspace, tracker: Tracker, parent_id: str, study_name: str, heartbeat: Heartbeat):
+def make_objective(workspace: Workspace, config: StudyConfig, tracker: Tracker, parent_id: str, study_name: str,
+                   heartbeat: Heartbeat):
+    """`config` holds the study's search space; `workspace` the data and model its trials train on."""
     def objective(trial: optuna.Trial) -> float:
         trial.set_user_attr(WORKER_ATTR, worker_identity())
         heartbeat.attach(trial, None)
-        plan = sample_plan(trial, workspace.config)
+        plan = sample_plan(trial, config)
 
         budget = {"data.validation": workspace.plan.scheme, "labels_per_class": workspace.plan.labels_per_class}
         with trial_run(tracker, trial, parent_id, study_name, {**plan.params(), **budget}) as run_id:
@@ -169,11 +176,11 @@ def release_accelerator_memory() -> None:
 
 
 def optimize(study: optuna.Study, workspace: Workspace, tracker: Tracker, parent_id: str,
-             n_trials: int | None, timeout: float | None) -> None:
-    search = workspace.config.search
-    with Heartbeat(tracker, None, search.heartbeat_interval) as heartbeat:
+             n_trials: int | None, timeout: float | None, config: StudyConfig | None = None) -> None:
+    config = config or workspace.config
+    with Heartbeat(tracker, None, config.search.heartbeat_interval) as heartbeat:
         study.optimize(
-            make_objective(workspace, tracker, parent_id, study.study_name, heartbeat),
+            make_objective(workspace, config, tracker, parent_id, study.study_name, heartbeat),
             n_trials=n_trials,
             timeout=timeout,
             catch=(Exception,),  # a failing trial is recorded as FAIL and the study goes on
@@ -181,17 +188,7 @@ def optimize(study: optuna.Study, workspace: Workspace, tracker: Tracker, parent
         )
 
 
-def check_before_writing(config: StudyConfig) -> None:
-    """The cheap checks a user's input can fail, before a storage, run or model is touched."""
-    if config.data.validation == "kfold" and config.data.n_folds < 2:
-        raise UserError(f"data.validation: kfold needs at least 2 shots per class to validate, got {config.data.shots}; "
-                        "use more shots, holdout validation, or `hpo-peft trial` for fixed settings")
-    make_sampler(config)
-    make_pruner(config)
-    few_shot_rows(config.data)
-
-
-def open_stores(config: StudyConfig, options: StudyOptions, accept_changes: bool = False) -> tuple[optuna.Study, Tracker]:
+def open_stores(config: StudyConfig, options: StudyLocation, accept_changes: bool = False) -> tuple[optuna.Study, Tracker]:
     """Both stores answer (or fail in seconds with one line) and the study's settings match before
     either is written to."""
     check_store(stores.database_url(options.tracking_uri or stores.default_tracking_uri()))
@@ -199,22 +196,22 @@ def open_stores(config: StudyConfig, options: StudyOptions, accept_changes: bool
     return study, Tracker(options.tracking_uri, experiment=options.study_name)
 
 
-def run_study(config: StudyConfig, options: StudyOptions, n_trials: int | None, timeout: float | None,
+def run_study(config: StudyConfig, options: StudyLocation, n_trials: int | None, timeout: float | None,
               jobs: int = 1, accept_changes: bool = False) -> optuna.Study:
-    check_before_writing(config)
+    preflight.check_study_data(config)
     # the model loads and every image decodes before anything is written (workers repeat it)
     workspace = open_workspace(config)
     study, tracker = open_stores(config, options, accept_changes)
     recovered = recover_stale(study, tracker, config.search.grace_period)
     if recovered:
         print(f"recovered stale trials {recovered}: marked FAIL, queued once more")
-    with interrupts.deferred():  # the parent run is closed on every path from here on
-        parent_id = tracker.start_parent(options.study_name, {"hpo_peft.storage": str(options.storage or "default"),
-                                                              "hpo_peft.jobs": str(jobs)})
     n_trials = n_trials if n_trials is not None else config.search.n_trials
     timeout = timeout if timeout is not None else config.search.timeout
-    status = "FINISHED"
-    try:
+    status, parent_id = "FINISHED", None
+    try:  # the parent run is closed on every path from here on
+        with interrupts.deferred():
+            parent_id = tracker.start_parent(options.study_name, {"hpo_peft.storage": str(options.storage or "default"),
+                                                                  "hpo_peft.jobs": str(jobs)})
         tracker.log_dict(parent_id, config.model_dump(mode="json"), "config.json")
         with Heartbeat(tracker, parent_id, config.search.heartbeat_interval):
             if jobs == 1:
@@ -223,20 +220,22 @@ def run_study(config: StudyConfig, options: StudyOptions, n_trials: int | None, 
                 run_workers(config, options, parent_id, n_trials, timeout, jobs)
     except KeyboardInterrupt as err:
         status = "KILLED"
-        tracker.set_tags(parent_id, {TAG_ERROR: interrupts.reason(err)})
+        if parent_id is not None:
+            tracker.set_tags(parent_id, {TAG_ERROR: interrupts.reason(err)})
         raise
     except BaseException:
         status = "FAILED"
         raise
     finally:
-        try:
-            summarize(tracker, parent_id, study, figures=status == "FINISHED")
-        finally:
-            tracker.end_run(parent_id, status)
+        if parent_id is not None:
+            try:
+                summarize(tracker, parent_id, study, figures=status == "FINISHED")
+            finally:
+                tracker.end_run(parent_id, status)
     return study
 
 
-def _worker(config_json: str, options: StudyOptions, parent_id: str, n_trials: int, timeout: float | None) -> None:
+def _worker(config_json: str, options: StudyLocation, parent_id: str, n_trials: int, timeout: float | None) -> None:
     interrupts.exit_with_parent()  # a worker never outlives its parent, however the parent ended
     with interrupts.handled():
         config = StudyConfig.model_validate_json(config_json)
@@ -247,7 +246,7 @@ def _worker(config_json: str, options: StudyOptions, parent_id: str, n_trials: i
             sys.exit(1)  # the trial and its run are closed; the parent reports the interruption
 
 
-def run_workers(config: StudyConfig, options: StudyOptions, parent_id: str, n_trials: int,
+def run_workers(config: StudyConfig, options: StudyLocation, parent_id: str, n_trials: int,
                 timeout: float | None, jobs: int) -> None:
     """`jobs` worker processes on the same storage, splitting the trials between them. Whatever
     stops the parent stops them: a signal is passed on, and a dead parent is noticed."""
@@ -280,21 +279,8 @@ def run_workers(config: StudyConfig, options: StudyOptions, parent_id: str, n_tr
         print(f"workers ended abnormally: {failed} (their trials are recovered by the next `study run`)")
 
 
-def best_trial(options: StudyOptions) -> optuna.trial.FrozenTrial:
+def best_trial(options: StudyLocation) -> optuna.trial.FrozenTrial:
     best = select_best(load_study(options).get_trials(deepcopy=False))
     if best is None:
         raise UserError(f"study {options.study_name!r} has no completed trial yet")
     return best
-
-
-def evaluate_run(tracker: Tracker, run_id: str, base: BaseModel, test: LabelledImages, config: StudyConfig):
-    """Rebuild a trial's model from its MLflow adapter artifact alone (never from memory), score it
-    on the test split and log the result to that trial's run."""
-    with temporary_folder() as tmp:
-        classifier, metadata = load_adapter(tracker.download_adapter(run_id, Path(tmp)), base, config.data.categories)
-    device = resolve_device(config.train.device)
-    classifier.to(device)
-    metrics = evaluate(classifier, test, base.preprocessing, config.data.categories,
-                       config.train.eval_batch_size, amp_dtype(config.train.precision, device))
-    log_test_result(tracker, run_id, metrics)
-    return metrics, metadata

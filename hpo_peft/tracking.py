@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import tempfile
 import time
 from functools import cached_property
@@ -25,6 +24,7 @@ from mlflow.exceptions import MlflowException
 
 from hpo_peft import stores
 from hpo_peft.errors import UserError
+from hpo_peft.runtime import worker_identity
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # adapters are small; keep output readable
 
@@ -37,10 +37,12 @@ TAG_ERROR = "hpo_peft.error"
 TAG_WORKER_HOST = "hpo_peft.worker_host"
 TAG_WORKER_PID = "hpo_peft.worker_pid"
 TAG_HEARTBEAT = "hpo_peft.heartbeat"
+TAG_BEST_RUN = "hpo_peft.best_run_id"
 
 
 def _worker_tags() -> dict[str, str]:
-    return {TAG_WORKER_HOST: socket.gethostname(), TAG_WORKER_PID: str(os.getpid()), TAG_HEARTBEAT: f"{time.time():.0f}"}
+    me = worker_identity()
+    return {TAG_WORKER_HOST: me["host"], TAG_WORKER_PID: str(me["pid"]), TAG_HEARTBEAT: f"{time.time():.0f}"}
 
 
 def _chunks(items: list, size: int) -> list[list]:

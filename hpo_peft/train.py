@@ -8,7 +8,6 @@ Without validation images (`data.val is None`, e.g. k-fold's final refit) it tra
 
 from __future__ import annotations
 
-import random
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
@@ -19,9 +18,9 @@ from tqdm.auto import tqdm
 
 from hpo_peft.config import TrainConfig
 from hpo_peft.data import FewShotSplit, LabelledImages, Preprocessing
-from hpo_peft.errors import UserError
-from hpo_peft.evaluate import Metrics, autocast, compute_metrics, predict_logits
+from hpo_peft.evaluate import Metrics, compute_metrics, predict_logits
 from hpo_peft.model import ImageClassifier, encoder_is_frozen
+from hpo_peft.runtime import amp_dtype, autocast, resolve_device, set_seeds
 
 
 class NonFiniteLoss(RuntimeError):
@@ -46,60 +45,6 @@ class TrainResult:
 
     def as_dict(self) -> dict:
         return {"best": asdict(self.best) if self.best else None, "history": [asdict(m) for m in self.history]}
-
-
-def set_seeds(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def available_devices() -> list[str]:
-    """What `train.device` can name on this machine."""
-    names = ["cpu"]
-    if torch.cuda.is_available():
-        names += ["cuda", *(f"cuda:{i}" for i in range(torch.cuda.device_count()))]
-    if torch.backends.mps.is_available():
-        names += ["mps", "mps:0"]
-    xpu = getattr(torch, "xpu", None)
-    if xpu is not None and xpu.is_available():
-        names += ["xpu", *(f"xpu:{i}" for i in range(xpu.device_count()))]
-    return names
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """`auto`: CUDA, else MPS, else CPU. A named device must exist here (UserError otherwise)."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    available = available_devices()
-    advice = f"set train.device to auto or one of: {', '.join(available)}"
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError, TypeError):
-        raise UserError(f"train.device: {name!r} is not a device name; {advice}") from None
-    if device.type != "cpu" and str(device) not in available:
-        raise UserError(f"train.device: {name!r} is not available on this machine; {advice}")
-    return device
-
-
-def cpu_has_bf16() -> bool:
-    """AVX512-BF16 or AMX: measured here, a PLIP LoRA step at batch 32 runs ~3x faster under bf16
-    autocast than in fp32 on such a CPU (benchmarks/README.md); without them bf16 is emulated."""
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
-
-
-def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """`auto`: bf16 autocast on CUDA and on CPUs with native bf16, fp32 elsewhere."""
-    if precision == "bf16":
-        return torch.bfloat16
-    if precision == "auto" and (device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16())):
-        return torch.bfloat16
-    return None
 
 
 def make_optimizer(params: list[torch.nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
@@ -145,9 +90,7 @@ def train(
         encode = features or (lambda split: predict_logits(classifier.encoder, split.images, prep, config.eval_batch_size, dtype))
         model, prep_inputs = classifier.head, None
         train_inputs, val_inputs = encode(data.train).to(device), None if blind else encode(data.val)
-        if hasattr(model, "initialize_from_shots"):
-            model.initialize_from_shots(train_inputs, labels)
-    penalty = getattr(model, "penalty", None)
+        classifier.head.initialize_from_shots(train_inputs, labels)
     order_rng = torch.Generator().manual_seed(seed)
 
     result = TrainResult(best=None)
@@ -162,8 +105,8 @@ def train(
                 with autocast(device, dtype):
                     logits = model(inputs)
                 loss = F.cross_entropy(logits.float(), labels[batch])
-                if penalty is not None:
-                    loss = loss + penalty()
+                if (penalty := classifier.head.penalty()) is not None:
+                    loss = loss + penalty
                 if not torch.isfinite(loss):
                     raise NonFiniteLoss(f"non-finite training loss at epoch {epoch}")
                 optimizer.zero_grad(set_to_none=True)

@@ -24,15 +24,9 @@ from hpo_peft.model import (
     load_base_model,
     text_prototypes,
 )
+from hpo_peft.runtime import amp_dtype, resolve_device, set_seeds
+from hpo_peft.train import EpochMetrics, TrainResult, train
 from hpo_peft.validation import ValidationPlan, make_plan, refit_epochs
-from hpo_peft.train import (
-    EpochMetrics,
-    TrainResult,
-    amp_dtype,
-    resolve_device,
-    set_seeds,
-    train,
-)
 
 
 @dataclass

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from hpo_peft import model
 from hpo_peft.commands import prepare_study_config
 from hpo_peft.errors import UserError
-from hpo_peft.study import check_before_writing
+from hpo_peft.preflight import check_study_data
 
 SEARCH = {
     "params": {"method": {"choices": ["bias", "lora"]}, "learning_rate": {"low": 0.001, "high": 0.01, "log": True}},
@@ -84,7 +84,7 @@ def check(raw, tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(raw))
     config = prepare_study_config(path, [])
-    check_before_writing(config)
+    check_study_data(config)
     return path
 
 
@@ -122,7 +122,16 @@ def test_unknown_keys_are_named(base_raw, tmp_path, section, key, value):
     target = raw if section is None else raw.setdefault(section, {})
     if key in target or (section == "model" and key in {"name_or_path", "revision"}):
         return
-    from hpo_peft.config import CompareConfig, DataConfig, ModelConfig, PromptConfig, SearchConfig, StudyConfig, TrackingConfig, TrainConfig
+    from hpo_peft.config import (
+        CompareConfig,
+        DataConfig,
+        ModelConfig,
+        PromptConfig,
+        SearchConfig,
+        StudyConfig,
+        TrackingConfig,
+        TrainConfig,
+    )
 
     known = {None: StudyConfig, "data": DataConfig, "train": TrainConfig, "model": ModelConfig, "search": SearchConfig,
              "tracking": TrackingConfig, "prompts": PromptConfig, "compare": CompareConfig}[section].model_fields

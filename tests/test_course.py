@@ -10,18 +10,23 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import ROOT, demo_config_dict
 from PIL import Image
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from conftest import ROOT, demo_config_dict
 from hpo_peft.config import ModelConfig, StudyConfig, load_config
 from hpo_peft.course import course_shots, course_transform, run_course_trial
 from hpo_peft.data import load_image, read_table, sample_few_shot
 from hpo_peft.errors import UserError
 from hpo_peft.methods import get_method, method_config
-from hpo_peft.model import build_classifier, count_trainable, load_base_model, text_prototypes
+from hpo_peft.model import (
+    build_classifier,
+    count_trainable,
+    load_base_model,
+    text_prototypes,
+)
 
 CATEGORIES = ["NC", "G3", "G4", "G5"]
 
@@ -134,8 +139,8 @@ def notebook_train_adapter(config: StudyConfig, base, method: str):
         for i in range(max(n // bs, 1)):
             idx = order[i * bs:(i + 1) * bs]
             loss = F.cross_entropy(head(features[idx]), labels[idx])
-            if hasattr(head, "penalty"):
-                loss = loss + head.penalty()
+            if (penalty := head.penalty()) is not None:  # the head's contract: CLAP's term, else None
+                loss = loss + penalty
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

@@ -12,12 +12,19 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
-from test_robustness import QUICK_SEARCH, SLOW, all_runs, assert_consistent, cli, wait_for_running_trial
+from test_robustness import (
+    QUICK_SEARCH,
+    SLOW,
+    all_runs,
+    assert_consistent,
+    cli,
+    wait_for_running_trial,
+)
 
 from hpo_peft.cli import main
 from hpo_peft.commands import prepare_study_config
-from hpo_peft.study import RUN_ID_ATTR, StudyOptions, load_study, run_study
+from hpo_peft.recovery import RUN_ID_ATTR
+from hpo_peft.study import StudyLocation, load_study, run_study
 
 # cheap trials (a head on cached features) whose parameters are continuous: equal draws mean a replay
 DRAWS = {
@@ -33,14 +40,14 @@ DRAWS = {
 @pytest.fixture
 def draws(write_config, tmp_path):
     config = write_config("draws.yaml", search=DRAWS)
-    return config, StudyOptions("draws", storage=str(tmp_path / "optuna.journal"),
+    return config, StudyLocation("draws", storage=str(tmp_path / "optuna.journal"),
                                 tracking_uri="sqlite:///" + str(tmp_path / "mlflow.db"))
 
 
 @pytest.fixture
 def slow(write_config, tmp_path):
     config = write_config("study.yaml", search=QUICK_SEARCH)
-    return config, StudyOptions("robust", storage=str(tmp_path / "optuna.journal"),
+    return config, StudyLocation("robust", storage=str(tmp_path / "optuna.journal"),
                                 tracking_uri="sqlite:///" + str(tmp_path / "mlflow.db"))
 
 
@@ -67,7 +74,7 @@ def test_resumed_sessions_draw_new_parameters_and_a_rerun_draws_the_same(draws, 
     run_study(prepare_study_config(config, []), options, n_trials=2, timeout=None)  # still in TPE's start-up
     first = learning_rates(options)
     assert len(set(first)) == 4, first
-    again = StudyOptions("again", storage=str(tmp_path / "again.journal"), tracking_uri=options.tracking_uri)
+    again = StudyLocation("again", storage=str(tmp_path / "again.journal"), tracking_uri=options.tracking_uri)
     run_study(prepare_study_config(config, []), again, n_trials=4, timeout=None)
     assert learning_rates(again) == first  # reproducible from the study's seed
 
@@ -98,7 +105,7 @@ def test_three_commands_start_together_in_an_empty_folder(write_config, tmp_path
     for process in processes:
         _, err = process.communicate(timeout=300)
         assert process.returncode == 0, err
-    options = StudyOptions("demo", storage=f"sqlite:///{folder}/optuna.db", tracking_uri=f"sqlite:///{folder}/mlruns/mlflow.db")
+    options = StudyLocation("demo", storage=f"sqlite:///{folder}/optuna.db", tracking_uri=f"sqlite:///{folder}/mlruns/mlflow.db")
     study, runs = assert_consistent(options)
     assert len(study.trials) == 3
     assert len([r for r in runs if r.data.tags.get("hpo_peft.run_kind") == "study_session"]) == 3
@@ -124,7 +131,7 @@ def test_mlflow_stores_created_by_many_processes_at_once(tmp_path):
 def test_an_unreachable_tracking_server_fails_fast_and_writes_nothing(slow, tmp_path):
     config, options = slow
     uri = f"http://127.0.0.1:{closed_port()}"
-    result = subprocess.run(cli(config, StudyOptions("robust", options.storage, uri)), capture_output=True, text=True,
+    result = subprocess.run(cli(config, StudyLocation("robust", options.storage, uri)), capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 2
     line = one_error_line(result.stderr)
@@ -135,7 +142,7 @@ def test_an_unreachable_tracking_server_fails_fast_and_writes_nothing(slow, tmp_
 def test_an_unreachable_database_fails_fast_and_writes_nothing(slow, tmp_path):
     config, options = slow
     url = f"postgresql+psycopg2://postgres:secret@127.0.0.1:{closed_port()}/db"
-    result = subprocess.run(cli(config, StudyOptions("robust", url, options.tracking_uri)), capture_output=True,
+    result = subprocess.run(cli(config, StudyLocation("robust", url, options.tracking_uri)), capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 2
     line = one_error_line(result.stderr)
@@ -149,7 +156,7 @@ def test_a_plain_postgresql_url_uses_the_installed_driver(draws, postgres_url, c
     code = main(["study", "run", str(config), "--n-trials", "1", "--study-name", "plain", "--storage", plain,
                  "--tracking-uri", options.tracking_uri])
     assert code == 0, capsys.readouterr().err
-    assert len(load_study(StudyOptions("plain", storage=plain)).trials) == 1
+    assert len(load_study(StudyLocation("plain", storage=plain)).trials) == 1
 
 
 def test_reading_commands_write_nothing_where_nothing_ran(write_config, tmp_path, monkeypatch, capsys):
@@ -206,7 +213,7 @@ def test_a_parent_run_is_closed_when_logging_its_config_fails(slow, monkeypatch)
 def test_evaluate_says_a_pruned_trial_was_pruned(write_config, tmp_path, capsys):
     search = {**QUICK_SEARCH, "n_trials": 1, "pruner": {"name": "threshold", "lower": 101.0}}
     config = write_config("pruned.yaml", search=search)
-    options = StudyOptions("pruned", storage=str(tmp_path / "p.journal"), tracking_uri="sqlite:///" + str(tmp_path / "p.db"))
+    options = StudyLocation("pruned", storage=str(tmp_path / "p.journal"), tracking_uri="sqlite:///" + str(tmp_path / "p.db"))
     study = run_study(prepare_study_config(config, []), options, n_trials=1, timeout=None)
     run_id = study.trials[0].user_attrs[RUN_ID_ATTR]
     code = main(["evaluate", str(config), "--run-id", run_id, "--study-name", "pruned", "--storage", options.storage,
@@ -286,12 +293,26 @@ def test_sigterm_to_the_parent_stops_its_workers(slow):
     assert all(t.state.name == "FAIL" and t.user_attrs["fail_reason"] == "interrupted (SIGTERM)" for t in study.trials)
 
 
+def children_of(pid):
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
 def test_workers_die_with_a_sigkilled_parent_and_are_recovered(slow):
     config, options = slow
     process, trial = start_mid_trial(config, options, "--jobs", "2")
+    workers = children_of(process.pid)  # both workers, and multiprocessing's resource tracker
+    assert len(workers) >= 2
     process.kill()
     process.wait()
-    wait_gone(worker_pids(options))  # they noticed, closed their trials and runs, and exited
+    wait_gone(workers)  # they noticed, closed their trials and runs, and exited
     study = load_study(options)
     assert all(t.state.name != "RUNNING" for t in study.trials)
     run_study(prepare_study_config(config, []), options, n_trials=1, timeout=None, accept_changes=True)  # closes the dead parent's run

@@ -150,7 +150,7 @@ def test_truncated_weights_name_the_damaged_file(write_config, demo_kit, tmp_pat
     [
         ("cuda", "train.device: 'cuda' is not available on this machine; set train.device to auto or one of: cpu"),
         ("cuda:1", "train.device: 'cuda:1' is not available on this machine"),
-        ("gpu", "train.device: 'gpu' is not a device name; set train.device to auto or one of: cpu"),
+        ("gpu", "train.device: unknown device 'gpu'; use one of auto, cpu, cuda"),  # the config's own check
     ],
 )
 def test_an_unavailable_device_is_named_with_what_there_is(write_config, monkeypatch, capsys, device, expected):

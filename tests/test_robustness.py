@@ -16,7 +16,8 @@ import yaml
 from mlflow import MlflowClient
 
 from hpo_peft.commands import prepare_study_config
-from hpo_peft.study import RUN_ID_ATTR, StudyOptions, load_study, run_study
+from hpo_peft.recovery import RUN_ID_ATTR
+from hpo_peft.study import StudyLocation, load_study, run_study
 from hpo_peft.train import NonFiniteLoss
 
 QUICK_SEARCH = {
@@ -35,7 +36,7 @@ SLOW = ["--set", "search.params.max_epochs=100000", "--accept-changes"]  # a tri
 @pytest.fixture
 def setup(write_config, tmp_path):
     config = write_config("study.yaml", search=QUICK_SEARCH)
-    options = StudyOptions("robust", storage=str(tmp_path / "optuna.journal"),
+    options = StudyLocation("robust", storage=str(tmp_path / "optuna.journal"),
                            tracking_uri="sqlite:///" + str(tmp_path / "mlflow.db"))
     return config, options
 
@@ -173,7 +174,7 @@ def test_jobs_share_one_journal_without_duplicates(setup):
 
 def test_separate_workers_on_postgresql(setup, postgres_url):
     config, options = setup
-    options = StudyOptions("robust", storage=postgres_url, tracking_uri=options.tracking_uri)
+    options = StudyLocation("robust", storage=postgres_url, tracking_uri=options.tracking_uri)
     workers = [subprocess.Popen(cli(config, options, "--n-trials", "3"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                for _ in range(2)]
     for worker in workers:

@@ -12,7 +12,7 @@ from hpo_peft.cli import main
 from hpo_peft.commands import prepare_study_config
 from hpo_peft.search_space import sample_plan
 from hpo_peft.selection import TRAINABLE_ATTR, VAL_LOSS_ATTR, select_best
-from hpo_peft.study import StudyOptions, best_trial, load_study, run_study
+from hpo_peft.study import StudyLocation, best_trial, load_study
 
 COURSE_SGD = {"optimizer": "sgd", "learning_rate": 0.001, "max_epochs": 100, "patience": 20}
 
@@ -72,7 +72,7 @@ def test_ties_are_broken_by_validation_loss_then_fewer_trainable_parameters():
 
 
 def test_study_best_uses_the_tie_break(tmp_path):
-    options = StudyOptions("ties", storage=str(tmp_path / "t.journal"))
+    options = StudyLocation("ties", storage=str(tmp_path / "t.journal"))
     from hpo_peft.study import open_storage
 
     study = optuna.create_study(study_name="ties", storage=open_storage(options.storage), direction="maximize")
@@ -98,7 +98,7 @@ def test_continuing_a_study_under_other_settings_is_refused_before_anything_is_w
     assert (tmp_path / "s.journal").read_bytes() == before
     # what only says how long to run or how to sample may change
     assert main(["study", "run", str(config), *where, "--set", "search.sampler.name=tpe", "--n-trials", "1"]) == 0
-    assert len(load_study(StudyOptions("s", storage=str(tmp_path / "s.journal"))).trials) == 2
+    assert len(load_study(StudyLocation("s", storage=str(tmp_path / "s.journal"))).trials) == 2
 
 
 def test_a_changed_training_table_is_a_changed_study(write_config, demo_kit, tmp_path, capsys):

@@ -12,7 +12,8 @@ from mlflow import MlflowClient
 
 from hpo_peft.cli import main
 from hpo_peft.commands import prepare_study_config
-from hpo_peft.study import RUN_ID_ATTR, StudyOptions, load_study, run_study
+from hpo_peft.recovery import RUN_ID_ATTR
+from hpo_peft.study import StudyLocation, load_study, run_study
 
 SEARCH = {
     "n_trials": 6,
@@ -46,7 +47,7 @@ def finished_study(tmp_path_factory, demo_kit):
     test_table = tmp / "sicapv2/partition/Test/Test.xlsx"
     saved = test_table.read_bytes()
     test_table.write_bytes(b"garbage, not a spreadsheet")
-    options = StudyOptions("s", storage=str(tmp / "optuna.journal"), tracking_uri="sqlite:///" + str(tmp / "mlflow.db"))
+    options = StudyLocation("s", storage=str(tmp / "optuna.journal"), tracking_uri="sqlite:///" + str(tmp / "mlflow.db"))
     config = prepare_study_config(path, [])
     first = run_study(config, options, n_trials=6, timeout=None)
     first_numbers = [t.number for t in first.trials]
@@ -202,8 +203,8 @@ def test_peft_loads_a_lora_artifact(finished_study, demo_workspace, tmp_path):
 
 def test_evaluate_refuses_a_tampered_adapter(finished_study, capsys):
     """Runs last in this module: it damages the best trial's stored adapter."""
-    from urllib.parse import urlparse
     from pathlib import Path
+    from urllib.parse import urlparse
 
     finished_study["test_table"].write_bytes(finished_study["test_bytes"])
     study = load_study(finished_study["options"])

@@ -4,7 +4,8 @@ import pytest
 
 from hpo_peft.config import TrainConfig
 from hpo_peft.evaluate import evaluate
-from hpo_peft.train import EpochMetrics, _is_better, amp_dtype
+from hpo_peft.runtime import amp_dtype
+from hpo_peft.train import EpochMetrics, _is_better
 from hpo_peft.trial import run_trial
 
 DEMO_TRAIN = dict(learning_rate=0.003, max_epochs=15, patience=5, batch_size=32)

@@ -11,7 +11,8 @@ from mlflow import MlflowClient
 from hpo_peft.cli import main
 from hpo_peft.commands import prepare_study_config
 from hpo_peft.config import StudyConfig
-from hpo_peft.study import RUN_ID_ATTR, StudyOptions, run_study
+from hpo_peft.recovery import RUN_ID_ATTR
+from hpo_peft.study import StudyLocation, run_study
 from hpo_peft.trial import open_workspace, run_trial
 
 
@@ -71,7 +72,7 @@ def test_a_kfold_study_logs_its_budget_fold_curves_and_prunes_on_folds(write_con
               "params": {"method": {"choices": ["bias", "clap"]}, "learning_rate": {"low": 0.001, "high": 0.01, "log": True},
                          "max_epochs": 3, "patience": None}}
     config = write_config(data={"shots": 4, "validation": "kfold", "folds": 2}, search=search)
-    options = StudyOptions("kf", storage=str(tmp_path / "o.journal"), tracking_uri=f"sqlite:///{tmp_path}/m.db")
+    options = StudyLocation("kf", storage=str(tmp_path / "o.journal"), tracking_uri=f"sqlite:///{tmp_path}/m.db")
     study = run_study(prepare_study_config(config, []), options, n_trials=3, timeout=None)
     client = MlflowClient(options.tracking_uri)
     for trial in study.trials:

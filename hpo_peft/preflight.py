@@ -1,0 +1,83 @@
+"""Every check of user input, in one place, run once per command before anything is loaded or
+written: the config's methods and options, the device, the search space, the sampler and pruner,
+the command-line numbers, the tables and images each grid point will read. A failing check is one
+`UserError` line naming the key, file or row (the CLI prints it, exit code 2).
+
+`config.py` already refuses unknown keys, wrong types and impossible ranges while it reads the YAML;
+what needs the method registry, torch or the data files is checked here.
+"""
+
+from __future__ import annotations
+
+from pydantic import ValidationError
+
+from hpo_peft.config import (
+    SEARCHABLE_TRAIN_KEYS,
+    Choices,
+    Range,
+    StudyConfig,
+    describe_validation_errors,
+)
+from hpo_peft.data import few_shot_rows
+from hpo_peft.errors import UserError
+from hpo_peft.methods import get_method, method_config
+from hpo_peft.runtime import resolve_device
+
+
+def check_config(config: StudyConfig) -> None:
+    """What every command needs: known methods with valid options, a device this machine has."""
+    resolve_device(config.train.device)  # e.g. cuda on a machine without it
+    get_method(config.method.name, key="method.name")
+    for name, options in config.methods.items():
+        method_config(name, options, key="methods")
+    for name in [*config.method_train, *config.compare.methods]:
+        get_method(name, key="method_train" if name in config.method_train else "compare.methods")
+
+
+def check_space(config: StudyConfig) -> None:
+    """Every method the space can draw exists, and every bound of its options is valid."""
+    spec = config.search.params.get("method", config.method.name)
+    methods = spec.choices if isinstance(spec, Choices) else [spec]
+    for name in methods:
+        method_config(name, config.methods.get(name), key="search.params.method" if name not in config.methods else "methods")
+    for name, space in config.search.methods.items():
+        method_config(name, {}, key="search.methods")
+        for option, dist in space.items():
+            bounds = dist.choices if isinstance(dist, Choices) else [dist.low, dist.high] if isinstance(dist, Range) else [dist]
+            for value in bounds:
+                if option not in SEARCHABLE_TRAIN_KEYS:
+                    method_config(name, {**config.methods.get(name, {}), option: value}, key="search.methods")
+                    continue
+                try:
+                    config.train_for(name, **{option: value})
+                except ValidationError as err:
+                    raise UserError(f"search.methods.{name}.{option}: value {value!r} is invalid: "
+                                    f"{describe_validation_errors(err)[0]}") from None
+
+
+def check_session(n_trials: int | None, timeout: float | None, jobs: int) -> None:
+    if jobs < 1:
+        raise UserError(f"--jobs must be at least 1, got {jobs}")
+    if n_trials is not None and n_trials < 1:
+        raise UserError(f"--n-trials must be at least 1, got {n_trials}")
+    if timeout is not None and not timeout > 0:
+        raise UserError(f"--timeout must be a positive number of seconds, got {timeout:g}")
+
+
+def check_study_data(config: StudyConfig) -> None:
+    """A study can validate, its sampler and pruner build, and its tables and images are there."""
+    from hpo_peft.samplers import make_pruner, make_sampler
+
+    if config.data.validation == "kfold" and config.data.n_folds < 2:
+        raise UserError(f"data.validation: kfold needs at least 2 shots per class to validate, got {config.data.shots}; "
+                        "use more shots, holdout validation, or `hpo-peft trial` for fixed settings")
+    make_sampler(config)
+    make_pruner(config)
+    few_shot_rows(config.data)
+
+
+def check_compare_data(config: StudyConfig) -> None:
+    """Every grid point of `compare` has enough rows and its images, before any training."""
+    for shots in config.compare.shots:
+        for seed in config.compare.seeds:
+            few_shot_rows(config.at_grid_point(shots, seed).data)

@@ -1,0 +1,26 @@
+"""Scoring a stored trial: its adapter downloaded from MLflow, rebuilt on the base model (never
+taken from memory), evaluated on the test split, and the result logged on the trial's own run.
+`hpo-peft evaluate` and `compare` score through here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hpo_peft.artifacts import load_adapter
+from hpo_peft.config import StudyConfig
+from hpo_peft.data import LabelledImages
+from hpo_peft.evaluate import Metrics, evaluate_as_trained
+from hpo_peft.model import BaseModel
+from hpo_peft.run_record import log_test_result
+from hpo_peft.runtime import resolve_device
+from hpo_peft.tracking import Tracker, temporary_folder
+
+
+def evaluate_run(tracker: Tracker, run_id: str, base: BaseModel, test: LabelledImages,
+                 config: StudyConfig) -> tuple[Metrics, dict]:
+    with temporary_folder() as tmp:
+        classifier, metadata = load_adapter(tracker.download_adapter(run_id, Path(tmp)), base, config.data.categories)
+    classifier.to(resolve_device(config.train.device))
+    metrics = evaluate_as_trained(classifier, test, base.preprocessing, config.data.categories, config.train)
+    log_test_result(tracker, run_id, metrics)
+    return metrics, metadata
