@@ -120,7 +120,7 @@ def test_incomplete_or_old_kit_is_not_complete(tmp_path, kit):
 
 
 def test_interrupted_build_leaves_nothing_that_looks_complete(tmp_path, monkeypatch):
-    real_draw, calls = demo_kit._draw_patch, []
+    real_draw, calls = demo_kit.tissue.draw_patch, []
 
     def draw_then_interrupt(*args, **kwargs):  # interrupted while writing the images
         calls.append(1)
@@ -128,7 +128,7 @@ def test_interrupted_build_leaves_nothing_that_looks_complete(tmp_path, monkeypa
             raise KeyboardInterrupt
         return real_draw(*args, **kwargs)
 
-    monkeypatch.setattr(demo_kit, "_draw_patch", draw_then_interrupt)
+    monkeypatch.setattr(demo_kit.tissue, "draw_patch", draw_then_interrupt)
     out = tmp_path / "demo"
     with pytest.raises(KeyboardInterrupt):
         build_demo_kit(out, progress=False)
@@ -137,18 +137,18 @@ def test_interrupted_build_leaves_nothing_that_looks_complete(tmp_path, monkeypa
 
 
 def test_generation_is_deterministic(tmp_path):
-    a = demo_kit._draw_patch(demo_kit._rng("test", 3), "G4", 128)
-    b = demo_kit._draw_patch(demo_kit._rng("test", 3), "G4", 128)
+    a = demo_kit.tissue.draw_patch(demo_kit.tissue.rng("test", 3), "G4", 128)
+    b = demo_kit.tissue.draw_patch(demo_kit.tissue.rng("test", 3), "G4", 128)
     assert np.array_equal(a, b)
     rows = [["x.jpg", 1, 0, 0, 0, 0]]
-    demo_kit._deterministic_xlsx(tmp_path / "a.xlsx", rows)
+    demo_kit.tables._deterministic_xlsx(tmp_path / "a.xlsx", rows)
     time.sleep(1.1)  # zip entries would otherwise carry a different timestamp
-    demo_kit._deterministic_xlsx(tmp_path / "b.xlsx", rows)
+    demo_kit.tables._deterministic_xlsx(tmp_path / "b.xlsx", rows)
     assert (tmp_path / "a.xlsx").read_bytes() == (tmp_path / "b.xlsx").read_bytes()
 
 
 def test_tokenizer_words_are_single_tokens():
-    vocab, merges = demo_kit._tokenizer_vocab()
+    vocab, merges = demo_kit.tokenizer._tokenizer_vocab()
     assert {"<|startoftext|>", "<|endoftext|>", "a</w>", "z</w>", "0</w>", "9</w>", "-</w>"} <= set(vocab)
     assert sorted(vocab.values()) == list(range(len(vocab)))
     for word in ("histopathology", "cribriform", "roseting", "gleason", "cancerous", "non"):
@@ -229,7 +229,7 @@ def _no_build(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("the kit was built although the target was refused")
 
-    monkeypatch.setattr(demo_kit, "_write_dataset", fail)
+    monkeypatch.setattr(demo_kit.tables, "write_dataset", fail)
 
 
 def _error_lines(err: str) -> list[str]:
@@ -317,10 +317,13 @@ def test_force_replaces_only_the_kit_parts_and_says_so(tmp_path, monkeypatch, ca
     from hpo_peft.cli import main
 
     # a real build, made small (a few images, two pre-training steps) to keep the test quick
-    for name, value in (("N_TRAIN_PER_CLASS", 2), ("N_TEST_PER_CLASS", 2), ("N_TRAIN_MULTI", 1),
-                        ("N_TRAIN_EMPTY", 1), ("PRETRAIN_PER_CLASS", 2), ("PRETRAIN_VAL_PER_CLASS", 1),
-                        ("PRETRAIN_MAX_STEPS", 2), ("PRETRAIN_DRAW_SIZE", 64)):
-        monkeypatch.setattr(demo_kit, name, value)
+    for module, name, value in (
+        (demo_kit.tables, "N_TRAIN_PER_CLASS", 2), (demo_kit.tables, "N_TEST_PER_CLASS", 2),
+        (demo_kit.tables, "N_TRAIN_MULTI", 1), (demo_kit.tables, "N_TRAIN_EMPTY", 1),
+        (demo_kit.tiny_clip, "PRETRAIN_PER_CLASS", 2), (demo_kit.tiny_clip, "PRETRAIN_VAL_PER_CLASS", 1),
+        (demo_kit.tiny_clip, "PRETRAIN_MAX_STEPS", 2), (demo_kit.tiny_clip, "PRETRAIN_DRAW_SIZE", 64),
+    ):
+        monkeypatch.setattr(module, name, value)
     x = tmp_path / "x"
     (x / "model" / "sub").mkdir(parents=True)
     (x / "model" / "important.bin").write_bytes(b"old")
