@@ -1,0 +1,260 @@
+"""Does the study's chosen configuration hold on unseen data? k-fold vs holdout selection on the demo kit.
+
+    python benchmarks/selection.py [--seeds 1 2 3] [--trials 12] [--out benchmarks/out/selection]
+                                   [--report benchmarks/results/selection-DATE.md]
+
+For each sampling seed (`data.seed`), three studies with the demo config's search space, sampler
+and pruner (studies/demo.yaml, `train.precision: fp32`), each in its own fresh Optuna journal and
+SQLite MLflow store under --out:
+
+    (a) kfold, 16 labels per class (shots 16, 4 folds)
+    (b) holdout at the same budget: 8 training + 8 validation shots per class
+    (c) holdout, 16 + 16
+
+The best trial (hpo_peft.selection's tie-break) is rebuilt from its MLflow adapter and scored on the
+test table by `hpo-peft evaluate`'s own code (`commands.evaluate_command`). Beside them, (d): the
+course's fixed LoRA settings (studies/course_notebook.yaml: r4, Adam 1e-3, 20 epochs, batch 32,
+16 shots, fp32) through the course protocol (`course.run_course_trial`) on the same kit and seed.
+Prints a Markdown report and writes it to --report. What it means: benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's hpo_peft, not whichever one the venv points at
+os.environ.setdefault("TQDM_DISABLE", "1")  # no progress bars in the log
+
+import torch
+
+from hpo_peft.commands import evaluate_command, prepare_config, prepare_study_config
+from hpo_peft.course import run_course_trial
+from hpo_peft.demo_kit import build_demo_kit
+from hpo_peft.study import StudyOptions, run_study
+
+DEMO = ROOT / "studies" / "demo.yaml"
+COURSE = ROOT / "studies" / "course_notebook.yaml"
+SETUPS = {  # key: (label, data overrides)
+    "a": ("kfold 16", ["data.shots=16", "data.validation=kfold", "data.folds=4"]),
+    "b": ("holdout 8+8", ["data.shots=8", "data.validation=holdout", "data.val_shots=8"]),
+    "c": ("holdout 16+16", ["data.shots=16", "data.validation=holdout", "data.val_shots=16"]),
+}
+COURSE_KEY = "d"
+COURSE_LABEL = "course LoRA r4 (fixed)"
+
+
+@dataclass
+class Row:
+    setup: str  # a | b | c | d
+    seed: int
+    labels_per_class: int
+    method: str
+    validation: float | None  # the selection score (None for the course: it selects nothing)
+    test: float
+    trials: str = ""  # e.g. "12 (5 pruned)"
+    seconds: float = 0.0
+
+    @property
+    def gap(self) -> float | None:
+        return None if self.validation is None else self.validation - self.test
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# One study, one course run
+# ---------------------------------------------------------------------------------------------
+
+
+def kit_overrides(kit: Path, seed: int) -> list[str]:
+    return [f"data.root={kit / 'sicapv2'}", f"model.name_or_path={kit / 'model'}", "demo_kit=null", f"data.seed={seed}"]
+
+
+def fresh_stores(folder: Path) -> dict:
+    """A new journal and SQLite MLflow store (a rerun starts the study afresh, never continues it)."""
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    return {"study_name": "selection", "storage": str(folder / "optuna.journal"),
+            "tracking_uri": f"sqlite:///{folder.resolve()}/mlflow.db"}
+
+
+def trial_counts(study) -> str:
+    states = [t.state.name for t in study.trials]
+    other = {s: states.count(s) for s in sorted(set(states)) if s != "COMPLETE"}
+    return f"{len(states)}" + (f" ({', '.join(f'{n} {s.lower()}' for s, n in other.items())})" if other else "")
+
+
+def run_setup(key: str, seed: int, kit: Path, out: Path, n_trials: int) -> Row:
+    """Study (a), (b) or (c) for one seed, then `hpo-peft evaluate` on its best trial."""
+    overrides = [*kit_overrides(kit, seed), *SETUPS[key][1], "train.precision=fp32"]
+    options = fresh_stores(out / f"{key}-seed{seed}")
+    config = prepare_study_config(DEMO, overrides)
+    started = time.perf_counter()
+    study = run_study(config, StudyOptions.of(config, **options), n_trials, None)
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints its JSON; we keep the dict
+        result = evaluate_command(DEMO, overrides, options, run_id=None, register=None, as_json=True)
+    return Row(key, seed, config.data.labels_per_class, result["method"]["name"], result["val_balanced_accuracy"],
+               result["balanced_accuracy"], trial_counts(study), time.perf_counter() - started)
+
+
+def run_course(seed: int, kit: Path) -> Row:
+    """(d): the course notebook's experiment with its fixed LoRA settings, on the demo kit."""
+    config = prepare_config(COURSE, kit_overrides(kit, seed), method="lora")
+    started = time.perf_counter()
+    result = run_course_trial(config, "lora")
+    return Row(COURSE_KEY, seed, config.data.shots, "lora", None, result.test.balanced_accuracy, "fixed",
+               time.perf_counter() - started)
+
+
+# ---------------------------------------------------------------------------------------------
+# Summary and goals
+# ---------------------------------------------------------------------------------------------
+
+
+def label_of(key: str) -> str:
+    return COURSE_LABEL if key == COURSE_KEY else SETUPS[key][0]
+
+
+def summary(rows: list[Row]) -> dict[str, dict]:
+    out = {}
+    for key in [*SETUPS, COURSE_KEY]:
+        mine = [r for r in rows if r.setup == key]
+        gaps = [r.gap for r in mine if r.gap is not None]
+        out[key] = {"test": statistics.mean(r.test for r in mine),
+                    "gap": statistics.mean(gaps) if gaps else None,
+                    "abs_gap": statistics.mean(abs(g) for g in gaps) if gaps else None}
+    return out
+
+
+def goals(rows: list[Row], means: dict[str, dict]) -> list[tuple[str, bool, str]]:
+    """(statement, passed, the numbers behind it)."""
+    a, b = means["a"], means["b"]
+    course = {r.seed: r.test for r in rows if r.setup == COURSE_KEY}
+    losers = [f"{label_of(r.setup)} seed {r.seed}: {r.test:.2f} vs {course[r.seed]:.2f}"
+              for r in rows if r.setup != COURSE_KEY and not r.test > course[r.seed]]
+    studies = sum(r.setup != COURSE_KEY for r in rows)
+    return [
+        ("at equal budget (16 labels/class) kfold's mean test > holdout 8+8's mean test",
+         a["test"] > b["test"], f"{a['test']:.2f} vs {b['test']:.2f} ({a['test'] - b['test']:+.2f})"),
+        ("kfold's mean gap <= half holdout 8+8's mean gap",
+         a["gap"] <= b["gap"] / 2, f"{a['gap']:+.2f} vs {b['gap']:+.2f} / 2 = {b['gap'] / 2:+.2f}"),
+        ("every study's test > the course's fixed LoRA test for the same seed",
+         not losers, f"{studies - len(losers)} of {studies} studies above" + (f"; not: {'; '.join(losers)}" if losers else "")),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------
+
+
+def machine() -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor() or "unknown")
+    commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True,
+                            check=False).stdout.strip()
+    return {"date": datetime.now().isoformat(timespec="seconds"), "cpu": cpu, "cores": os.cpu_count(),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+            "commit": commit or "unknown", "load": os.getloadavg()[0]}
+
+
+def fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def table(rows: list[Row]) -> list[str]:
+    lines = ["| set-up | seed | labels/class | trials | best trial's method | validation | test | gap (val - test) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r.setup}: {label_of(r.setup)} | {r.seed} | {r.labels_per_class} | {r.trials} | {r.method} | "
+                     f"{fmt(r.validation)} | {fmt(r.test)} | {fmt(r.gap)} |")
+    return lines
+
+
+def means_table(means: dict[str, dict]) -> list[str]:
+    lines = ["| set-up | mean test | mean gap | mean abs(gap) |", "|---|---|---|---|"]
+    for key, m in means.items():
+        lines.append(f"| {key}: {label_of(key)} | {fmt(m['test'])} | {fmt(m['gap'])} | {fmt(m['abs_gap'])} |")
+    return lines
+
+
+def header(info: dict, args: argparse.Namespace, wall_s: float) -> list[str]:
+    seeds = " ".join(map(str, args.seeds))
+    return [
+        "# Selection on unseen data: kfold vs holdout (demo kit)",
+        "",
+        (f"- date: {info['date']}; commit {info['commit']}; wall time {wall_s / 60:.1f} min "
+         f"(load average at the start {info['load']:.2f})"),
+        (f"- machine: {info['cpu']}, {info['cores']} cores ({info['torch_threads']} torch threads); "
+         f"torch {info['torch']}, python {info['python']}; CPU, fp32"),
+        (f"- `python benchmarks/selection.py --seeds {seeds} --trials {args.trials}`: {args.trials}-trial studies "
+         "with studies/demo.yaml's search space, sampler and pruner; the best trial rebuilt from its MLflow adapter "
+         "and scored on the test table as `hpo-peft evaluate` does; (d) the course protocol with "
+         "studies/course_notebook.yaml's LoRA settings. Scores: balanced accuracy, %."),
+        "",
+    ]
+
+
+def report(rows: list[Row], info: dict, args: argparse.Namespace, wall_s: float) -> str:
+    means = summary(rows)
+    lines = [*header(info, args, wall_s), *table(rows), "", *means_table(means), "", "## Goals", ""]
+    lines += [f"- **{'PASS' if ok else 'FAIL'}**: {text}: {numbers}" for text, ok, numbers in goals(rows, means)]
+    a, b = means["a"]["abs_gap"], means["b"]["abs_gap"]
+    lines += ["", (f"Not a goal, for reading the second one when gaps are negative: kfold's mean abs(gap) {a:.2f} "
+                   f"vs half holdout 8+8's {b / 2:.2f} ({'<=' if a <= b / 2 else '>'}).")]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="sampling seeds (data.seed)")
+    parser.add_argument("--trials", type=int, default=12, help="trials per study")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "selection",
+                        help="demo kit and the studies' stores (git-ignored)")
+    parser.add_argument("--report", type=Path, help="Markdown report (default benchmarks/results/selection-DATE.md)")
+    args = parser.parse_args()
+    info = machine()
+    out_md = args.report or ROOT / "benchmarks" / "results" / f"selection-{info['date'][:10]}.md"
+    started = time.perf_counter()
+    log(f"demo kit in {args.out / 'kit'}")
+    kit = build_demo_kit((args.out / "kit").resolve(), progress=False)
+    rows = []
+    for seed in args.seeds:
+        for key in SETUPS:
+            log(f"seed {seed}: study ({key}) {label_of(key)}, {args.trials} trials")
+            rows.append(run_setup(key, seed, kit, args.out, args.trials))
+            log(f"  best {rows[-1].method}: validation {rows[-1].validation:.2f}, test {rows[-1].test:.2f} "
+                f"({rows[-1].seconds:.0f} s)")
+        log(f"seed {seed}: ({COURSE_KEY}) {COURSE_LABEL}")
+        rows.append(run_course(seed, kit))
+        log(f"  test {rows[-1].test:.2f} ({rows[-1].seconds:.0f} s)")
+    rows.sort(key=lambda r: (r.setup, r.seed))
+    text = report(rows, info, args, time.perf_counter() - started)
+    print("\n" + text)
+    out_md.parent.mkdir(parents=True, exist_ok=True)
+    out_md.write_text(text)
+    log(f"report: {out_md}")
+
+
+if __name__ == "__main__":
+    main()
