@@ -43,7 +43,7 @@ import torch
 from hpo_peft.commands import evaluate_command, prepare_config, prepare_study_config
 from hpo_peft.course import run_course_trial
 from hpo_peft.demo_kit import build_demo_kit
-from hpo_peft.study import StudyOptions, run_study
+from hpo_peft.study import StudyLocation, run_study
 
 DEMO = ROOT / "studies" / "demo.yaml"
 COURSE = ROOT / "studies" / "course_notebook.yaml"
@@ -105,7 +105,7 @@ def run_setup(key: str, seed: int, kit: Path, out: Path, n_trials: int) -> Row:
     options = fresh_stores(out / f"{key}-seed{seed}")
     config = prepare_study_config(DEMO, overrides)
     started = time.perf_counter()
-    study = run_study(config, StudyOptions.of(config, **options), n_trials, None)
+    study = run_study(config, StudyLocation.of(config, **options), n_trials, None)
     with contextlib.redirect_stdout(io.StringIO()):  # it prints its JSON; we keep the dict
         result = evaluate_command(DEMO, overrides, options, run_id=None, register=None, as_json=True)
     return Row(key, seed, config.data.labels_per_class, result["method"]["name"], result["val_balanced_accuracy"],

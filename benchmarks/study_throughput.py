@@ -13,12 +13,12 @@ from harness import ROOT, Children, Sizes, fmt, log
 
 def child_study(config_path, overrides, n_trials, folder) -> dict:
     from hpo_peft.config import load_config
-    from hpo_peft.study import StudyOptions, run_study
+    from hpo_peft.study import StudyLocation, run_study
 
     config = load_config(config_path, overrides)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    options = StudyOptions("benchmark", storage=str(folder / "o.journal"), tracking_uri=f"sqlite:///{folder}/mlflow.db")
+    options = StudyLocation("benchmark", storage=str(folder / "o.journal"), tracking_uri=f"sqlite:///{folder}/mlflow.db")
     start = datetime.now()
     started = time.perf_counter()
     study = run_study(config, options, n_trials, None)

@@ -14,7 +14,7 @@ from harness import Children, Sizes, fmt, log, ratio, sync, timed_runs
 
 def child_ours(kit, model_dir, method, shots, val_shots, epochs, precision, device, repeats) -> dict:
     from hpo_peft.model import load_base_model
-    from hpo_peft.train import amp_dtype, resolve_device
+    from hpo_peft.runtime import amp_dtype, resolve_device
     from hpo_peft.trial import open_workspace, run_trial
 
     config = trial_config(kit, model_dir, shots, val_shots, epochs, precision, device)

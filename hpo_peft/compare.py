@@ -30,6 +30,7 @@ from hpo_peft.selection import select_best
 from hpo_peft.study import StudyLocation, create_study, optimize
 from hpo_peft.tracking import TAG_KIND, Tracker
 from hpo_peft.trial import Workspace, open_workspace, run_trial
+from hpo_peft.validation import grid_point
 
 FIXED = "fixed defaults"
 TAG_CELL = "hpo_peft.compare_cell"
@@ -105,9 +106,9 @@ def run_compare(config: StudyConfig, options: StudyLocation, out: Path) -> pd.Da
     try:
         for shots in compare.shots:
             for seed in compare.seeds:
-                workspace = open_workspace(config.at_grid_point(shots, seed), base)
+                workspace = open_workspace(grid_point(config, shots, seed), base)
                 for method in compare.methods:
-                    variant = config.at_grid_point(shots, seed, method)  # same data; the space draws `method`
+                    variant = grid_point(config, shots, seed, method)  # same data; the space draws `method`
                     name = f"{options.study_name}-compare-k{shots}-s{seed}-{method}"
                     point = {"method": method, "shots": shots, "seed": seed, "labels_per_class": workspace.plan.labels_per_class}
                     if not workspace.plan.selects:

@@ -279,20 +279,6 @@ class StudyConfig(Strict):
     compare: CompareConfig = Field(default_factory=CompareConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
-    def at_grid_point(self, shots: int, seed: int, method: str | None = None) -> "StudyConfig":
-        """`compare`'s grid point: K shots, the seed, the budget rule (holdout: K_val from
-        `compare.val_shots`; kfold: no more folds than shots), and a space that draws `method` only."""
-        data = self.data.model_dump()
-        data.update(shots=shots, seed=seed)
-        if data["validation"] == "holdout":
-            data["val_shots"] = shots if self.compare.val_shots == "shots" else self.compare.val_shots
-        elif data["folds"] is not None:
-            data["folds"] = min(data["folds"], shots) if shots >= 2 else None
-        variant = self.model_copy(deep=True, update={"data": DataConfig.model_validate(data)})
-        if method is not None:
-            variant.search.params["method"] = Choices(choices=[method])
-        return variant
-
     def train_for(self, method: str, **values: Any) -> TrainConfig:
         """`train`, then the method's own defaults, then `values` (e.g. sampled ones)."""
         return TrainConfig.model_validate({**self.train.model_dump(), **self.method_train.get(method, {}), **values})

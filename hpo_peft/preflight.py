@@ -22,6 +22,7 @@ from hpo_peft.data import few_shot_rows
 from hpo_peft.errors import UserError
 from hpo_peft.methods import get_method, method_config
 from hpo_peft.runtime import resolve_device
+from hpo_peft.validation import grid_point
 
 
 def check_config(config: StudyConfig) -> None:
@@ -80,4 +81,4 @@ def check_compare_data(config: StudyConfig) -> None:
     """Every grid point of `compare` has enough rows and its images, before any training."""
     for shots in config.compare.shots:
         for seed in config.compare.seeds:
-            few_shot_rows(config.at_grid_point(shots, seed).data)
+            few_shot_rows(grid_point(config, shots, seed).data)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hpo_peft.config import DataConfig
+from hpo_peft.config import Choices, DataConfig, StudyConfig
 from hpo_peft.data import FewShotSplit, LabelledImages
 
 
@@ -57,6 +57,22 @@ def make_plan(config: DataConfig, data: FewShotSplit) -> ValidationPlan:
         for k in range(config.n_folds)
     ]
     return ValidationPlan("kfold", splits, shots, config.labels_per_class)
+
+
+def grid_point(config: StudyConfig, shots: int, seed: int, method: str | None = None) -> StudyConfig:
+    """`compare`'s grid point: K shots, the seed, and the same budget rule at every K (holdout:
+    K_val from `compare.val_shots`; kfold: no more folds than shots), with a space that draws
+    `method` only."""
+    data = config.data.model_dump()
+    data.update(shots=shots, seed=seed)
+    if data["validation"] == "holdout":
+        data["val_shots"] = shots if config.compare.val_shots == "shots" else config.compare.val_shots
+    elif data["folds"] is not None:
+        data["folds"] = min(data["folds"], shots) if shots >= 2 else None
+    variant = config.model_copy(deep=True, update={"data": DataConfig.model_validate(data)})
+    if method is not None:
+        variant.search.params["method"] = Choices(choices=[method])
+    return variant
 
 
 def refit_epochs(best_epochs: list[int], max_epochs: int) -> int:

@@ -4,7 +4,13 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "hpo_peft"
-BRICKS = ["data", "model", "train", "evaluate", "features", "artifacts", "trial", "config", "demo_kit", "errors"]
+BRICKS = ["data", "model", "train", "evaluate", "features", "artifacts", "trial", "config", "demo_kit", "errors",
+          "runtime", "validation", "course", "identity"]
+# the study's own rooms: Optuna and MLflow, but never the layers that call the study
+STUDY_ROOMS = ["search_space", "tracking", "recovery", "samplers", "stores", "run_record", "selection", "scoring",
+               "interrupts", "preflight"]
+PACKAGES = ("methods", "demo_kit")
+MAX_LINES = 420  # "about 400": one idea per file
 
 
 def imports_of(path: Path) -> set[str]:
@@ -18,8 +24,8 @@ def imports_of(path: Path) -> set[str]:
 
 
 def module_files(name: str) -> list[Path]:
-    if name == "methods":
-        return sorted((PACKAGE / "methods").glob("*.py"))
+    if (PACKAGE / name).is_dir():
+        return sorted((PACKAGE / name).glob("*.py"))
     return [PACKAGE / f"{name}.py"]
 
 
@@ -38,8 +44,28 @@ def test_nothing_imports_the_cli_and_nothing_below_the_study_imports_it():
     for path in PACKAGE.rglob("*.py"):
         imported = imports_of(path)
         assert "hpo_peft.cli" not in imported or path.name == "__main__.py", path
-        if path.stem in [*BRICKS, "search_space", "tracking", "recovery"] or path.parent.name == "methods":
+        if path.stem in [*BRICKS, *STUDY_ROOMS] or path.parent.name in PACKAGES:
             assert not imported & {"hpo_peft.study", "hpo_peft.commands", "hpo_peft.compare"}, path
+
+
+def test_every_room_exists_and_stays_small():
+    """The README's package table and the files agree; no module grows past about 400 lines."""
+    readme = (PACKAGE.parent / "README.md").read_text()
+    for name in [*BRICKS, *STUDY_ROOMS, "study", "compare", "commands", "cli"]:
+        for path in module_files(name):
+            assert path.is_file(), path
+            assert len(path.read_text().splitlines()) <= MAX_LINES, f"{path} is over {MAX_LINES} lines"
+        listed = f"`{name}/`" if (PACKAGE / name).is_dir() else f"`{name}.py`"
+        assert listed in readme, f"{listed} missing from the README's package table"
+    modules = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__", "__main__"}
+    assert modules <= {*BRICKS, *STUDY_ROOMS, "study", "compare", "commands", "cli"}, "a module the test does not know"
+
+
+def test_the_demo_kit_imports_only_config_and_errors_from_the_package():
+    for path in module_files("demo_kit"):
+        ours = {m for m in imports_of(path) if m.startswith("hpo_peft")}
+        assert ours <= {"hpo_peft.config", "hpo_peft.errors", "hpo_peft.demo_kit"} | {
+            f"hpo_peft.demo_kit.{p.stem}" for p in module_files("demo_kit")}, (path, ours)
 
 
 def test_no_method_name_comparisons_outside_the_methods():
