@@ -1,6 +1,10 @@
 """The adapter folder: the method's own files, the head, and a metadata file with everything
 needed to rebuild the model without the study (base model identity, method and its config,
-categories, prompts, pre-processing) and a sha256 of every file.
+categories, prompts, pre-processing), a sha256 of every other file, and a sha256 of the metadata
+itself (`metadata_sha256`, over the rest of it), so no file and no value can change unnoticed.
+Loading checks all of them, then the base model: the fingerprint of every weight the adapter
+depends on (vision tower, projection, logit scale), the revision and the pre-processing; each
+refusal says what differs.
 
 Layout:
     hpo_peft_adapter.json      metadata + checksums
@@ -27,7 +31,12 @@ from hpo_peft.model import BaseModel, ImageClassifier, build_classifier
 
 METADATA_FILE = "hpo_peft_adapter.json"
 HEAD_FILE = "head.safetensors"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the metadata has its own checksum; the fingerprint covers the whole vision tower
+
+
+def _metadata_digest(metadata: dict[str, Any]) -> str:
+    body = {k: v for k, v in metadata.items() if k != "metadata_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 def base_identity(base: BaseModel) -> dict[str, Any]:
@@ -76,6 +85,7 @@ def save_adapter(
         "files": _checksums(folder),
         **(extra or {}),
     }
+    metadata["metadata_sha256"] = _metadata_digest(metadata)
     (folder / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
     return folder
 
@@ -88,6 +98,11 @@ def read_metadata(folder: Path) -> dict[str, Any]:
         metadata = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise UserError(f"{path}: metadata is not valid JSON ({err})") from None
+    if metadata.get("format_version") != FORMAT_VERSION:
+        raise UserError(f"{path}: adapter format {metadata.get('format_version')}, this hpo-peft reads format "
+                        f"{FORMAT_VERSION}; train it again with this version")
+    if metadata.get("metadata_sha256") != _metadata_digest(metadata):
+        raise UserError(f"{path}: checksum mismatch; the metadata was altered")
     for key in ("base_model", "method", "categories", "files"):
         if key not in metadata:
             raise UserError(f"{path}: metadata has no {key!r}")
@@ -104,6 +119,25 @@ def verify_files(folder: Path, metadata: dict[str, Any]) -> None:
             raise UserError(f"{folder / name}: checksum mismatch; the adapter was altered or truncated")
 
 
+def check_base(folder: Path, metadata: dict[str, Any], base: BaseModel) -> None:
+    """The adapter's base model is this one: same weights, revision and pre-processing."""
+    built_for = metadata["base_model"]
+    if built_for.get("fingerprint") != base.fingerprint():
+        raise UserError(
+            f"{folder}: adapter was built for base model {built_for.get('name_or_path')!r} "
+            f"(fingerprint {built_for.get('fingerprint')}), not for {base.name_or_path!r} (fingerprint "
+            f"{base.fingerprint()}): the vision tower, projection or logit scale weights differ"
+        )
+    if built_for.get("revision") != base.revision:
+        raise UserError(f"{folder}: adapter was built for revision {built_for.get('revision')!r} of its base model, "
+                        f"this one is {base.revision!r}; set model.revision")
+    expected, actual = metadata.get("preprocessing"), asdict(base.preprocessing)
+    if expected is not None and {k: list(v) if isinstance(v, tuple) else v for k, v in actual.items()} != expected:
+        differ = sorted(k for k in actual if expected.get(k) != (list(actual[k]) if isinstance(actual[k], tuple) else actual[k]))
+        raise UserError(f"{folder}: adapter was trained with other pre-processing ({', '.join(differ)} differ: "
+                        f"{ {k: expected.get(k) for k in differ} } then, { {k: actual[k] for k in differ} } now)")
+
+
 def load_adapter(
     folder: Path, base: BaseModel, categories: list[str] | None = None
 ) -> tuple[ImageClassifier, dict[str, Any]]:
@@ -111,12 +145,7 @@ def load_adapter(
     folder = Path(folder)
     metadata = read_metadata(folder)
     verify_files(folder, metadata)
-    built_for = metadata["base_model"]
-    if built_for.get("fingerprint") != base.fingerprint():
-        raise UserError(
-            f"{folder}: adapter was built for base model {built_for.get('name_or_path')!r} "
-            f"(fingerprint {built_for.get('fingerprint')}), not for {base.name_or_path!r}"
-        )
+    check_base(folder, metadata, base)
     if categories is not None and list(categories) != metadata["categories"]:
         raise UserError(f"{folder}: adapter categories {metadata['categories']} differ from the config's {categories}")
     method_name = metadata["method"]["name"]

@@ -11,6 +11,7 @@ import copy
 import hashlib
 import os
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,11 +97,22 @@ class BaseModel:
         return self.clip.logit_scale.detach()
 
     def fingerprint(self) -> str:
-        """A cheap identity of the weights: two models differ here if their projections differ."""
-        digest = hashlib.sha256()
-        for tensor in (self.clip.visual_projection.weight, self.clip.logit_scale):
-            digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
-        return digest.hexdigest()[:16]
+        """The identity of every weight an adapter depends on: the whole vision tower, the
+        projection and the logit scale, hashed tensor by tensor (name, shape, fp32 values), so a
+        change of one weight shows and the file layout does not matter. Computed once per model."""
+        if self.clip not in _FINGERPRINTS:
+            digest = hashlib.sha256()
+            tensors = [*self.clip.vision_model.state_dict().items(),
+                       *(("visual_projection." + k, v) for k, v in self.clip.visual_projection.state_dict().items()),
+                       ("logit_scale", self.clip.logit_scale)]
+            for name, tensor in sorted(tensors, key=lambda item: item[0]):
+                digest.update(f"{name}:{tuple(tensor.shape)}".encode())
+                digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+            _FINGERPRINTS[self.clip] = digest.hexdigest()[:16]
+        return _FINGERPRINTS[self.clip]
+
+
+_FINGERPRINTS: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()  # base models never train in place
 
 
 HUB_TIMEOUT_S = 5.0  # one bounded look at the hub when a model is not in the local cache

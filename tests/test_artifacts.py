@@ -102,3 +102,34 @@ def test_metadata_edits_do_not_bypass_the_checks(copy_of, demo_workspace):
     (folder / METADATA_FILE).write_text(json.dumps(metadata))
     with pytest.raises(UserError, match="checksum mismatch"):
         load_adapter(folder, demo_workspace.base)
+
+
+def test_an_altered_metadata_value_is_refused(copy_of, demo_workspace):
+    folder = copy_of("lora")
+    metadata = json.loads((folder / METADATA_FILE).read_text())
+    metadata["method"]["config"]["rank"] = 8  # e.g. CLIP-Adapter's alpha, a prompt, the categories
+    (folder / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
+    with pytest.raises(UserError, match="checksum mismatch; the metadata was altered"):
+        load_adapter(folder, demo_workspace.base)
+
+
+def test_a_vision_tower_changed_in_one_weight_is_refused(saved, demo_workspace):
+    other = copy.copy(demo_workspace.base)
+    other.clip = copy.deepcopy(demo_workspace.base.clip)
+    with torch.no_grad():  # one weight deep in the tower; projection and logit scale untouched
+        other.clip.vision_model.encoder.layers[0].mlp.fc1.weight[0, 0] += 1e-3
+    with pytest.raises(UserError, match="vision tower, projection or logit scale weights differ"):
+        load_adapter(saved["bias"], other)
+
+
+def test_another_revision_or_preprocessing_is_refused(saved, demo_workspace):
+    import dataclasses
+
+    other = copy.copy(demo_workspace.base)
+    other.revision = "v2"
+    with pytest.raises(UserError, match="built for revision None of its base model, this one is 'v2'"):
+        load_adapter(saved["bias"], other)
+    other = copy.copy(demo_workspace.base)
+    other.preprocessing = dataclasses.replace(demo_workspace.base.preprocessing, height=96, width=96)
+    with pytest.raises(UserError, match=r"other pre-processing \(height, width differ"):
+        load_adapter(saved["bias"], other)

@@ -317,3 +317,20 @@ def test_workers_die_with_a_sigkilled_parent_and_are_recovered(slow):
     assert all(t.state.name != "RUNNING" for t in study.trials)
     run_study(prepare_study_config(config, []), options, n_trials=1, timeout=None, accept_changes=True)  # closes the dead parent's run
     assert_consistent(options)
+
+
+def test_ctrl_c_ends_in_bounded_time_on_a_loaded_machine(slow):
+    """A CPU-bound process beside the study (CI machines are busy too): the interrupted session
+    still ends, with the same outcome, well within the bound. It no longer draws the session's
+    figures (param importances fit a forest) on its way out."""
+    config, options = slow
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        process, trial = start_mid_trial(config, options)
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=120)
+    finally:
+        hog.kill()
+        hog.wait()
+    assert process.returncode == 130, err
+    assert_closed_like_ctrl_c(options, trial, "interrupted (Ctrl-C)")

@@ -58,7 +58,8 @@ def assert_consistent(options, completed_before=()):
     children = [r for r in runs if r.data.tags.get("hpo_peft.run_kind") == "trial"]
     assert len(study.trials) == len(children)
     assert sorted(int(r.data.tags["hpo_peft.trial_number"]) for r in children) == [t.number for t in study.trials]
-    assert [r.info.run_id for r in runs if r.info.status == "RUNNING"] == []
+    running = [(r.info.run_name, r.info.start_time, r.data.tags) for r in runs if r.info.status == "RUNNING"]
+    assert [r.info.run_id for r in runs if r.info.status == "RUNNING"] == [], running
     by_number = {t.number: t for t in study.trials}
     for number, value in completed_before:
         assert by_number[number].state == optuna.trial.TrialState.COMPLETE and by_number[number].value == value
