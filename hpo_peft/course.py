@@ -26,7 +26,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -141,18 +141,20 @@ def shot_loader(inputs: torch.Tensor, labels: torch.Tensor, batch_size: int) -> 
     return DataLoader(TensorDataset(inputs, labels), batch_size=batch_size, shuffle=True)
 
 
-def train_ft(classifier: ImageClassifier, loader: DataLoader, config: TrainConfig, device: torch.device,
-             on_epoch: EpochHook | None = None) -> list[float]:
-    """The course's `train_ft`: fixed epochs, every batch forward, cross-entropy, zero_grad,
-    backward, step; no validation; the last epoch's weights stay. Returns the mean loss per epoch."""
-    optimizer = make_optimizer([p for p in classifier.parameters() if p.requires_grad], config)
+def course_loop(module: nn.Module, batches: Callable[[], Iterable], config: TrainConfig,
+                on_epoch: EpochHook | None = None, penalty: Callable[[], torch.Tensor | None] = lambda: None) -> list[float]:
+    """The loop both course trainers share: fixed epochs; every batch forward, cross-entropy (plus
+    `penalty()`, CLAP's), zero_grad, backward, step; no validation; the last epoch's weights stay.
+    `batches()` gives one epoch's (inputs, labels). Returns the mean loss per epoch."""
+    optimizer = make_optimizer([p for p in module.parameters() if p.requires_grad], config)
     losses = []
     for epoch in range(1, config.max_epochs + 1):
-        classifier.train()
+        module.train()
         batch_losses = []
-        for images, labels in loader:
-            logits = classifier(images.to(device))
-            loss = F.cross_entropy(logits, labels.to(device))
+        for inputs, labels in batches():
+            loss = F.cross_entropy(module(inputs), labels)
+            if (extra := penalty()) is not None:
+                loss = loss + extra
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -160,8 +162,14 @@ def train_ft(classifier: ImageClassifier, loader: DataLoader, config: TrainConfi
         losses.append(float(np.mean(batch_losses)))
         if on_epoch is not None:
             on_epoch(epoch, losses[-1])
-    classifier.eval()
+    module.eval()
     return losses
+
+
+def train_ft(classifier: ImageClassifier, loader: DataLoader, config: TrainConfig, device: torch.device,
+             on_epoch: EpochHook | None = None) -> list[float]:
+    """The course's `train_ft`: the loader's batches (reshuffled every pass) through the whole classifier."""
+    return course_loop(classifier, lambda: ((x.to(device), y.to(device)) for x, y in loader), config, on_epoch)
 
 
 @torch.no_grad()
@@ -183,27 +191,15 @@ def train_adapter(head: nn.Module, features: torch.Tensor, labels: torch.Tensor,
     head is initialised from the training features first and its `penalty()` (CLAP's) is added
     to the loss."""
     head.initialize_from_shots(features, labels)
-    optimizer = make_optimizer([p for p in head.parameters() if p.requires_grad], config)
     count, batch_size = len(features), config.batch_size
-    losses = []
-    for epoch in range(1, config.max_epochs + 1):
-        head.train()
+
+    def batches():
         order = torch.from_numpy(np.random.rand(count).argsort()).to(features.device)
-        batch_losses = []
         for index in range(max(count // batch_size, 1)):
             batch = order[index * batch_size : (index + 1) * batch_size]
-            loss = F.cross_entropy(head(features[batch]), labels[batch])
-            if (penalty := head.penalty()) is not None:
-                loss = loss + penalty
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            batch_losses.append(loss.item())
-        losses.append(float(np.mean(batch_losses)))
-        if on_epoch is not None:
-            on_epoch(epoch, losses[-1])
-    head.eval()
-    return losses
+            yield features[batch], labels[batch]
+
+    return course_loop(head, batches, config, on_epoch, head.penalty)
 
 
 # --------------------------------------------------------------------------------------

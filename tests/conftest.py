@@ -44,6 +44,21 @@ def write_config(demo_kit, tmp_path):
     return write
 
 
+@pytest.fixture
+def refuse_model_loading(monkeypatch):
+    """Fails the test if anything loads a model: for faults that must be found before that."""
+    import transformers
+
+    from hpo_peft import model, trial
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the input was checked")
+
+    monkeypatch.setattr(model, "load_base_model", refuse)
+    monkeypatch.setattr(trial, "load_base_model", refuse)
+    monkeypatch.setattr(transformers.AutoModel, "from_pretrained", refuse)
+
+
 @pytest.fixture(scope="session")
 def demo_workspace(demo_kit):
     from hpo_peft.config import StudyConfig

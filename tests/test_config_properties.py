@@ -10,7 +10,6 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hpo_peft import model
 from hpo_peft.commands import prepare_study_config
 from hpo_peft.errors import UserError
 from hpo_peft.preflight import check_study_data
@@ -66,18 +65,7 @@ def base_raw(demo_kit):
     return raw
 
 
-@pytest.fixture(autouse=True)
-def no_model_loading(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was loaded before the config was fully checked")
-
-    import transformers
-
-    from hpo_peft import trial
-
-    monkeypatch.setattr(model, "load_base_model", refuse)
-    monkeypatch.setattr(trial, "load_base_model", refuse)
-    monkeypatch.setattr(transformers.AutoModel, "from_pretrained", refuse)
+pytestmark = pytest.mark.usefixtures("refuse_model_loading")  # the config is fully checked before any model loads
 
 
 def check(raw, tmp_path):

@@ -18,17 +18,7 @@ from hpo_peft.errors import UserError
 TRAIN = "partition/Test/Train.xlsx"
 
 
-@pytest.fixture(autouse=True)
-def no_model_loading(monkeypatch):
-    """Every fault here is found before the (slow) model load."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was loaded before the input was checked")
-
-    from hpo_peft import model, trial
-
-    monkeypatch.setattr(model, "load_base_model", refuse)
-    monkeypatch.setattr(trial, "load_base_model", refuse)
+pytestmark = pytest.mark.usefixtures("refuse_model_loading")  # every fault here is found before the model loads
 
 
 @pytest.fixture
