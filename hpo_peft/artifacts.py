@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import hpo_peft
+from hpo_peft.config import StudyConfig
 from hpo_peft.errors import UserError
 from hpo_peft.methods import get_method, method_config
 from hpo_peft.model import BaseModel, ImageClassifier, build_classifier
@@ -65,10 +66,11 @@ def save_adapter(
     base: BaseModel,
     method_name: str,
     method_options: dict[str, Any],
-    categories: list[str],
-    prompts: dict[str, Any],
+    config: StudyConfig,
     extra: dict[str, Any] | None = None,
 ) -> Path:
+    """The adapter of `classifier` (trained with `method_name` on `base`), with the categories and
+    prompts of the study's `config`, as a self-checking folder."""
     folder.mkdir(parents=True, exist_ok=True)
     get_method(method_name).save(classifier, folder, base.name_or_path)
     head_state = {k: v.detach().float().contiguous().cpu() for k, v in classifier.head.state_dict().items()}
@@ -78,8 +80,8 @@ def save_adapter(
         "hpo_peft_version": hpo_peft.__version__,
         "base_model": base_identity(base),
         "method": {"name": method_name, "config": method_options},
-        "categories": list(categories),
-        "prompts": prompts,
+        "categories": list(config.data.categories),
+        "prompts": config.prompts.model_dump(),
         "preprocessing": asdict(base.preprocessing),
         "logit_scale": float(base.logit_scale),
         "files": _checksums(folder),

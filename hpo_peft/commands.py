@@ -60,8 +60,7 @@ def run_single_trial(path: Path, overrides: list[str], method: str | None, save:
     run = _course_trial if config.protocol == "course" else _study_trial
     result = run(config, name, report)
     if save is not None:
-        save_adapter(save, result["classifier"], result["base"], name, result["method_config"],
-                     config.data.categories, config.prompts.model_dump())
+        save_adapter(save, result["classifier"], result["base"], name, result["method_config"], config)
     if as_json:
         print(json.dumps({k: v for k, v in result.items() if k not in ("classifier", "base", "lines")}, indent=2))
         return

@@ -82,8 +82,7 @@ def log_outcome(tracker: Tracker, run_id: str, outcome: TrialOutcome, workspace:
                               "folds": [f.as_dict() for f in outcome.folds]}, "validation_metrics.json")
     with temporary_folder() as tmp:
         folder = save_adapter(
-            Path(tmp) / "adapter", outcome.classifier, workspace.base, outcome.method, outcome.method_options,
-            config.data.categories, config.prompts.model_dump(),
+            Path(tmp) / "adapter", outcome.classifier, workspace.base, outcome.method, outcome.method_options, config,
             extra={"train": outcome.train_config.model_dump(), "selected_epoch": outcome.selected_epoch,
                    "data": {"shots": config.data.shots, "seed": config.data.seed, "validation": outcome.scheme,
                             "labels_per_class": outcome.labels_per_class}},

@@ -19,8 +19,7 @@ def saved(demo_workspace, tmp_path_factory):
     for method, options in [("lora", {"rank": 2}), ("bias", {})]:
         outcome = run_trial(demo_workspace, method, options, TrainConfig(max_epochs=2, learning_rate=0.003), progress=False)
         folders[method] = save_adapter(tmp_path_factory.mktemp(method) / "adapter", outcome.classifier, demo_workspace.base,
-                                       method, outcome.method_options, demo_workspace.config.data.categories,
-                                       demo_workspace.config.prompts.model_dump())
+                                       method, outcome.method_options, demo_workspace.config)
         folders[method + "_outcome"] = outcome
     return folders
 

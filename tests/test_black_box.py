@@ -76,7 +76,7 @@ def test_black_box_methods_learn_and_round_trip_through_the_adapter_folder(demo_
     outcome = run_trial(demo_workspace, name, {}, config, progress=False)
     assert outcome.validation.balanced_accuracy > 40.0
     folder = save_adapter(tmp_path / "a", outcome.classifier, demo_workspace.base, name, outcome.method_options,
-                          demo_workspace.config.data.categories, {})
+                          demo_workspace.config)
     loaded, metadata = load_adapter(folder, demo_workspace.base)
     pixels = demo_workspace.base.preprocessing.normalize(demo_workspace.data.val.images.to(demo_workspace.prototypes.device))
     with torch.no_grad():
