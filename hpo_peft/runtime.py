@@ -14,9 +14,13 @@ import torch
 from hpo_peft.errors import UserError
 
 
+WORKER_HOST_ENV = "HPO_PEFT_WORKER_HOST"
+
+
 def worker_identity() -> dict[str, object]:
-    """This process, as recorded on its trials and runs (host, pid)."""
-    return {"host": socket.gethostname(), "pid": os.getpid()}
+    """This process, as recorded on its trials and runs: host (the machine's name, or
+    `HPO_PEFT_WORKER_HOST` where containers or cluster nodes share one) and pid."""
+    return {"host": os.environ.get(WORKER_HOST_ENV) or socket.gethostname(), "pid": os.getpid()}
 
 
 def set_seeds(seed: int) -> None:

@@ -334,3 +334,30 @@ def test_ctrl_c_ends_in_bounded_time_on_a_loaded_machine(slow):
         hog.wait()
     assert process.returncode == 130, err
     assert_closed_like_ctrl_c(options, trial, "interrupted (Ctrl-C)")
+
+
+def test_a_worker_on_another_host_is_recovered_by_its_heartbeat_alone(slow, monkeypatch):
+    """A worker's host can be named (HPO_PEFT_WORKER_HOST), so one machine stands in for two: a
+    dead worker of another host is stale only once its heartbeat is older than the grace period."""
+    config, options = slow
+    process = subprocess.Popen(cli(config, options, "--n-trials", "2", *SLOW), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env={**os.environ, "HPO_PEFT_WORKER_HOST": "node-b"})
+    trial = wait_for_running_trial(options, process)
+    assert trial.user_attrs["worker"]["host"] == "node-b"
+    process.kill()
+    process.wait()
+    monkeypatch.setenv("HPO_PEFT_WORKER_HOST", "node-a")
+    from hpo_peft.recovery import recover_stale
+    from hpo_peft.study import open_stores
+
+    prepared = prepare_study_config(config, [])
+    study, tracker = open_stores(prepared, options, accept_changes=True)
+    assert recover_stale(study, tracker, grace_period=30.0) == []  # its process is gone, but not on this host
+    time.sleep(3.5)
+    assert recover_stale(study, tracker, grace_period=3.0) == [trial.number]  # its heartbeat is 3 s old
+    study = load_study(options)
+    assert study.trials[trial.number].state.name == "FAIL"
+    assert study.trials[-1].state.name == "WAITING" and study.trials[-1].user_attrs["retry_of"] == trial.number
+    runs = all_runs(options)
+    assert [r.info.status for r in runs if r.info.run_id == trial.user_attrs[RUN_ID_ATTR]] == ["KILLED"]
+    assert [r.info.run_id for r in runs if r.info.status == "RUNNING"] == []
