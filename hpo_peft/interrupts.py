@@ -4,8 +4,9 @@ Ctrl-C (SIGINT) and SIGTERM (what schedulers and `docker stop` send) both raise 
 `KeyboardInterrupt`, once, in the main thread: every `except KeyboardInterrupt` then closes its
 trial and runs the same way. Later signals are absorbed while that clean-up runs (a second Ctrl-C
 0.2 s after the first must not cut it short), and a watchdog ends the process if the clean-up itself
-hangs, so a stop always ends in bounded time. `deferred()` holds a signal back over the few calls
-that must not be split (creating a run and recording its id; closing a run).
+hangs, so a stop always ends in bounded time. `deferred()` holds a signal back over calls that
+must not be split: every call to a store (an exception raised inside a SQLite transaction leaves
+the database locked for the clean-up that follows), creating a run and recording its id.
 
 Worker processes also stop when their parent dies, however it died (`exit_with_parent`).
 """
@@ -87,7 +88,11 @@ def handled():
 
 @contextmanager
 def deferred():
-    """A signal arriving inside is raised when the block ends, not in the middle of it."""
+    """A signal arriving inside is raised when the block ends, not in the middle of it. Signals
+    are only ever handled in the main thread, so other threads pass straight through."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
     _State.deferring += 1
     try:
         yield

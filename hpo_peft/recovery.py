@@ -19,6 +19,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
+from hpo_peft import interrupts
 from hpo_peft.runtime import worker_identity
 from hpo_peft.tracking import (
     TAG_HEARTBEAT,
@@ -71,7 +72,8 @@ class Heartbeat:
         now = time.time()
         try:
             if self.trial is not None:
-                self.trial.set_user_attr(HEARTBEAT_ATTR, now)
+                with interrupts.deferred():  # the journal is written whole
+                    self.trial.set_user_attr(HEARTBEAT_ATTR, now)
             for run_id in (self.parent_id, self.run_id):
                 if run_id:
                     self.tracker.set_tags(run_id, {TAG_HEARTBEAT: f"{now:.0f}"})

@@ -13,7 +13,6 @@ import torch
 
 from hpo_peft.errors import UserError
 
-
 WORKER_HOST_ENV = "HPO_PEFT_WORKER_HOST"
 
 

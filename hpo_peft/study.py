@@ -138,15 +138,17 @@ def make_objective(workspace: Workspace, config: StudyConfig, tracker: Tracker, 
                     f"{prefix}val_loss": metrics.val_loss,
                     f"{prefix}val_balanced_accuracy": metrics.val_balanced_accuracy,
                 }, step=metrics.epoch)
-                if fold is None:  # holdout: report and prune per epoch
-                    trial.report(metrics.val_balanced_accuracy, metrics.epoch)
-                    if trial.should_prune():
-                        raise Pruned(metrics.epoch)
+                if fold is None and report(metrics.val_balanced_accuracy, metrics.epoch):  # holdout: per epoch
+                    raise Pruned(metrics.epoch)
 
             def on_fold(fold: int, mean_so_far: float) -> None:  # kfold: per fold, on the folds seen
-                trial.report(mean_so_far, fold + 1)
-                if trial.should_prune():
+                if report(mean_so_far, fold + 1):
                     raise Pruned(fold + 1, "pruned_after_fold")
+
+            def report(value: float, step: int) -> bool:
+                with interrupts.deferred():  # the journal is written whole
+                    trial.report(value, step)
+                    return trial.should_prune()
 
             try:
                 outcome = run_trial(workspace, plan.method, plan.method_options, plan.train, on_epoch,

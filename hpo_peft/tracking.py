@@ -10,6 +10,7 @@ Works through `MlflowClient` with explicit run ids, so several workers never sha
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -22,7 +23,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
-from hpo_peft import stores
+from hpo_peft import interrupts, stores
 from hpo_peft.errors import UserError
 from hpo_peft.runtime import worker_identity
 
@@ -43,6 +44,16 @@ TAG_BEST_RUN = "hpo_peft.best_run_id"
 def _worker_tags() -> dict[str, str]:
     me = worker_identity()
     return {TAG_WORKER_HOST: me["host"], TAG_WORKER_PID: str(me["pid"]), TAG_HEARTBEAT: f"{time.time():.0f}"}
+
+
+def _whole(method):
+    """A signal arriving during a call to the store is raised after it, never inside a transaction."""
+    @functools.wraps(method)
+    def call(*args, **kwargs):
+        with interrupts.deferred():
+            return method(*args, **kwargs)
+
+    return call
 
 
 def _chunks(items: list, size: int) -> list[list]:
@@ -96,6 +107,7 @@ class Tracker:
             return self.client.get_experiment_by_name(name).experiment_id
 
     # runs -----------------------------------------------------------------------------------
+    @_whole
     def start_parent(self, study: str, tags: dict[str, str]) -> str:
         run = self.client.create_run(
             self.experiment_id, run_name=f"{study} session",
@@ -103,6 +115,7 @@ class Tracker:
         )
         return run.info.run_id
 
+    @_whole
     def start_child(self, parent_id: str, name: str, params: dict[str, Any], tags: dict[str, str]) -> str:
         run = self.client.create_run(
             self.experiment_id, run_name=name, tags={"mlflow.parentRunId": parent_id, **_worker_tags(), **tags},
@@ -114,25 +127,30 @@ class Tracker:
         tags = {TAG_STUDY: study, TAG_TRIAL: str(number), TAG_KIND: "trial", TAG_STATE: "RUNNING"}
         return self.start_child(parent_id, f"trial {number}", params, tags)
 
+    @_whole
     def find_finished(self, tags: dict[str, str]) -> list:
         """FINISHED runs of this experiment carrying all of `tags`."""
         where = " and ".join([f"tags.`{k}` = '{v}'" for k, v in tags.items()] + ["attributes.status = 'FINISHED'"])
         return self.client.search_runs([self.experiment_id], filter_string=where, max_results=100)
 
+    @_whole
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
         items = [Param(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v)) for k, v in params.items()]
         for chunk in _chunks(items, 100):
             self.client.log_batch(run_id, params=chunk)
 
+    @_whole
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
         for chunk in _chunks(items, 500):
             self.client.log_batch(run_id, metrics=chunk)
 
+    @_whole
     def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
         self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
+    @_whole
     def end_run(self, run_id: str, status: str, state: str | None = None, error: str | None = None) -> None:
         """status: MLflow's FINISHED / FAILED / KILLED; state: Optuna's trial state, as a tag."""
         tags = {}
@@ -144,25 +162,31 @@ class Tracker:
             self.set_tags(run_id, tags)
         self.client.set_terminated(run_id, status)
 
+    @_whole
     def running_runs(self) -> list:
         return self.client.search_runs([self.experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=10_000)
 
     # artifacts ------------------------------------------------------------------------------
+    @_whole
     def log_figure(self, run_id: str, figure, path: str) -> None:
         import matplotlib.pyplot as plt
 
         self.client.log_figure(run_id, figure, path)
         plt.close(figure)
 
+    @_whole
     def log_dict(self, run_id: str, data: dict, path: str) -> None:
         self.client.log_dict(run_id, data, path)
 
+    @_whole
     def log_file(self, run_id: str, path: Path) -> None:
         self.client.log_artifact(run_id, str(path))
 
+    @_whole
     def log_adapter(self, run_id: str, folder: Path) -> None:
         self.client.log_artifacts(run_id, str(folder), ADAPTER_PATH)
 
+    @_whole
     def download_adapter(self, run_id: str, destination: Path) -> Path:
         try:
             path = self.client.download_artifacts(run_id, ADAPTER_PATH, str(destination))
@@ -170,6 +194,7 @@ class Tracker:
             raise UserError(f"run {run_id}: no adapter artifact could be downloaded ({err})") from None
         return Path(path)
 
+    @_whole
     def get_run(self, run_id: str):
         try:
             return self.client.get_run(run_id)
@@ -192,6 +217,7 @@ class Tracker:
                         "evaluate a completed trial (`hpo-peft study best` names the best)")
 
     # registry -------------------------------------------------------------------------------
+    @_whole
     def register_adapter(self, run_id: str, name: str, alias: str = "best") -> int:
         """Register the run's adapter folder as a model version and point `alias` at it."""
         try:
