@@ -195,7 +195,7 @@ def open_stores(config: StudyConfig, options: StudyLocation, accept_changes: boo
     either is written to."""
     check_store(stores.database_url(options.tracking_uri or stores.default_tracking_uri()))
     study = create_study(config, options, open_storage(options.storage), accept_changes)
-    return study, Tracker(options.tracking_uri, experiment=options.study_name)
+    return study, Tracker(options.tracking_uri, experiment=options.study_name, checked=True)
 
 
 def run_study(config: StudyConfig, options: StudyLocation, n_trials: int | None, timeout: float | None,

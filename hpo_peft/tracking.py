@@ -78,10 +78,11 @@ class Tracker:
     and writes nothing; the experiment is created on first use. `create=False` (commands that only
     read) refuses a missing store or experiment instead of creating one."""
 
-    def __init__(self, tracking_uri: str | None, experiment: str, create: bool = True):
+    def __init__(self, tracking_uri: str | None, experiment: str, create: bool = True, checked: bool = False):
         self.uri = stores.database_url(tracking_uri or stores.default_tracking_uri())
         self.experiment_name, self.create = experiment, create
-        check_store(self.uri, create)
+        if not checked:  # `checked`: the caller ran check_store on this URI already
+            check_store(self.uri, create)
         with stores.lock_for(self.uri):  # the first client of a new SQLite file creates its schema
             self.client = MlflowClient(self.uri)
             self.client.search_experiments(max_results=1)
