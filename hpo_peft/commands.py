@@ -83,7 +83,7 @@ def _study_trial(config: StudyConfig, name: str, report) -> dict:
     test_images = load_test(config.data, workspace.base.preprocessing)  # a bad test table fails before training
     outcome = run_trial(workspace, name, config.methods.get(name, {}), config.train_for(name), on_epoch=report)
     test = evaluate_as_trained(outcome.classifier, test_images, workspace.base.preprocessing, config.data.categories,
-                               config.train_for(name))
+                               outcome.train_config)
     lines = []
     if outcome.scheme == "holdout" and outcome.training.best is not None:
         lines.append(f"best epoch {outcome.selected_epoch} (early stop: {outcome.training.stopped_early})")

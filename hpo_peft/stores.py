@@ -18,7 +18,7 @@ import fcntl
 import importlib.util
 import os
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -85,8 +85,9 @@ def check_exists(path: Path, what: str) -> None:
 
 
 @contextmanager
-def creation_lock(path: Path | None):
-    """Serialise creating (and migrating) a store file across processes."""
+def lock_for(url: str):
+    """Serialise creating (and migrating) a SQLite store file across processes; servers need no lock."""
+    path = sqlite_path(url)
     if path is None:
         yield
         return
@@ -97,11 +98,6 @@ def creation_lock(path: Path | None):
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def lock_for(url: str):
-    path = sqlite_path(url)
-    return creation_lock(path) if path is not None else nullcontext()
 
 
 def probe_server(url: str, what: str, flag: str) -> None:
