@@ -89,10 +89,10 @@ def _study_trial(config: StudyConfig, name: str, report) -> dict:
         lines.append(f"best epoch {outcome.selected_epoch} (early stop: {outcome.training.stopped_early})")
     elif outcome.scheme == "kfold":
         lines.append(f"{len(outcome.folds)} folds; adapter refit on all {config.data.shots} shots/class for "
-                     f"{outcome.selected_epoch} epochs (median best epoch over folds)")
+                     f"{outcome.selected_epoch} epochs (the folds' mean curve's best epoch)")
     if outcome.validation is not None:
         lines.append(f"validation balanced accuracy: {outcome.validation.balanced_accuracy:.2f}%"
-                     + (" (mean over folds)" if outcome.scheme == "kfold" else ""))
+                     + (" (mean over folds, each at the epoch the other folds pick)" if outcome.scheme == "kfold" else ""))
     else:
         lines.append("no validation: too few shots to hold any out")
     lines.append(f"labels used per class: {outcome.labels_per_class}")

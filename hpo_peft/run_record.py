@@ -79,7 +79,8 @@ def log_outcome(tracker: Tracker, run_id: str, outcome: TrialOutcome, workspace:
     })
     tracker.log_figure(run_id, confusion_figure(val, "validation"), "validation_confusion_matrix.png")
     tracker.log_dict(run_id, {**val.as_dict(), "scheme": outcome.scheme, "training": outcome.training.as_dict(),
-                              "folds": [f.as_dict() for f in outcome.folds]}, "validation_metrics.json")
+                              "folds": [f.as_dict() for f in outcome.folds], "scored_epochs": outcome.scored_epochs},
+                    "validation_metrics.json")
     with temporary_folder() as tmp:
         folder = save_adapter(
             Path(tmp) / "adapter", outcome.classifier, workspace.base, outcome.method, outcome.method_options, config,
