@@ -69,6 +69,7 @@ class Row:
     validation: float | None  # the selection score (None for the course: it selects nothing)
     test: float  # the kit's Test.xlsx
     unseen: float  # Unseen.xlsx (--unseen-per-class images per class)
+    corrected: float | None = None  # kfold: the selection score less the best-of-trials bias (selection.py)
     trials: str = ""  # e.g. "12 (5 pruned)"
     seconds: float = 0.0
 
@@ -77,6 +78,9 @@ class Row:
 
     def gap(self, table: str) -> float | None:
         return None if self.validation is None else self.validation - self.score(table)
+
+    def corrected_gap(self, table: str) -> float | None:
+        return None if self.corrected is None else self.corrected - self.score(table)
 
 
 def log(message: str) -> None:
@@ -144,7 +148,8 @@ def run_setup(key: str, seed: int, kit: Path, out: Path, n_trials: int) -> Row:
         unseen = evaluate_command(DEMO, [*overrides, f"data.test_table={UNSEEN_TABLE}"], options,
                                   run_id=result["mlflow_run_id"], register=None, as_json=True)
     return Row(key, seed, config.data.labels_per_class, result["method"]["name"], result["val_balanced_accuracy"],
-               result["balanced_accuracy"], unseen["balanced_accuracy"], trial_counts(study), time.perf_counter() - started)
+               result["balanced_accuracy"], unseen["balanced_accuracy"], result["val_balanced_accuracy_corrected"],
+               trial_counts(study), time.perf_counter() - started)
 
 
 def run_course(seed: int, kit: Path) -> Row:
@@ -155,7 +160,7 @@ def run_course(seed: int, kit: Path) -> Row:
     unseen = run_course_trial(prepare_config(COURSE, [*kit_overrides(kit, seed), f"data.test_table={UNSEEN_TABLE}"],
                                              method="lora"), "lora")  # the same training (seeded), the other table
     return Row(COURSE_KEY, seed, config.data.shots, "lora", None, result.test.balanced_accuracy,
-               unseen.test.balanced_accuracy, "fixed", time.perf_counter() - started)
+               unseen.test.balanced_accuracy, None, "fixed", time.perf_counter() - started)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,7 +177,9 @@ def summary(rows: list[Row], table: str) -> dict[str, dict]:
     for key in [*SETUPS, COURSE_KEY]:
         mine = [r for r in rows if r.setup == key]
         gaps = [r.gap(table) for r in mine if r.validation is not None]
+        corrected = [r.corrected_gap(table) for r in mine if r.corrected is not None]
         out[key] = {"test": statistics.mean(r.score(table) for r in mine),
+                    "corrected_gap": statistics.mean(corrected) if len(corrected) == len(mine) else None,
                     "gap": statistics.mean(gaps) if gaps else None,
                     "abs_gap": statistics.mean(abs(g) for g in gaps) if gaps else None}
     return out
@@ -191,6 +198,9 @@ def goals(rows: list[Row], means: dict[str, dict], table: str) -> list[tuple[str
          a["test"] > b["test"], f"{a['test']:.2f} vs {b['test']:.2f} ({a['test'] - b['test']:+.2f})"),
         ("|kfold's mean gap| <= half |holdout 8+8's mean gap|",
          abs(a["gap"]) <= abs(b["gap"]) / 2, f"|{a['gap']:+.2f}| vs |{b['gap']:+.2f}| / 2 = {abs(b['gap']) / 2:.2f}"),
+        ("|kfold's mean gap| <= half |holdout 8+8's mean gap|, kfold's score corrected for the best-of-trials choice",
+         a["corrected_gap"] is not None and abs(a["corrected_gap"]) <= abs(b["gap"]) / 2,
+         f"|{fmt(a['corrected_gap'])}| vs |{b['gap']:+.2f}| / 2 = {abs(b['gap']) / 2:.2f}"),
         ("every study's test > the course's fixed LoRA test for the same seed",
          not losers, f"{studies - len(losers)} of {studies} studies above" + (f"; not: {'; '.join(losers)}" if losers else "")),
     ]
@@ -216,18 +226,21 @@ def fmt(value: float | None) -> str:
 
 
 def table(rows: list[Row]) -> list[str]:
-    lines = ["| set-up | seed | labels/class | trials | best trial's method | validation | test (kit) | gap | "
-             "test (unseen) | gap |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| set-up | seed | labels/class | trials | best trial's method | validation | corrected | test (kit) | gap | "
+             "test (unseen) | gap |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r.setup}: {label_of(r.setup)} | {r.seed} | {r.labels_per_class} | {r.trials} | {r.method} | "
-                     f"{fmt(r.validation)} | {fmt(r.test)} | {fmt(r.gap('test'))} | {fmt(r.unseen)} | {fmt(r.gap('unseen'))} |")
+                     f"{fmt(r.validation)} | {fmt(r.corrected)} | {fmt(r.test)} | {fmt(r.gap('test'))} | {fmt(r.unseen)} | "
+                     f"{fmt(r.gap('unseen'))} |")
     return lines
 
 
 def means_table(means: dict[str, dict]) -> list[str]:
-    lines = ["| set-up | mean test | mean gap (val - test) | mean abs(gap) |", "|---|---|---|---|"]
+    lines = ["| set-up | mean test | mean gap (val - test) | mean abs(gap) | mean gap (corrected - test) |",
+             "|---|---|---|---|---|"]
     for key, m in means.items():
-        lines.append(f"| {key}: {label_of(key)} | {fmt(m['test'])} | {fmt(m['gap'])} | {fmt(m['abs_gap'])} |")
+        lines.append(f"| {key}: {label_of(key)} | {fmt(m['test'])} | {fmt(m['gap'])} | {fmt(m['abs_gap'])} | "
+                     f"{fmt(m['corrected_gap'])} |")
     return lines
 
 

@@ -150,14 +150,19 @@ def run_study_command(path: Path, overrides: list[str], options: dict, n_trials:
     print(f"best trial {best.number}: validation balanced accuracy {best.value:.2f}%  {best.params}")
 
 
+def corrected_line(corrected: float) -> str:
+    return (f"expected on unseen images (the selection score less what choosing the best of the study's trials "
+            f"adds, estimated over its folds): {corrected:.2f}%")
+
+
 def best_command(path: Path, overrides: list[str], options: dict, as_json: bool) -> None:
     from hpo_peft.recovery import RUN_ID_ATTR
-    from hpo_peft.study import StudyLocation, best_trial
+    from hpo_peft.study import StudyLocation, best_and_corrected
     from hpo_peft.tracking import Tracker
 
     config = load_config(path, overrides)
     where = StudyLocation.of(config, **options)
-    best = best_trial(where)
+    best, corrected = best_and_corrected(where)
     run_id = best.user_attrs.get(RUN_ID_ATTR)
     test = None
     if run_id:  # the test score, once `evaluate` has scored this trial
@@ -167,6 +172,7 @@ def best_command(path: Path, overrides: list[str], options: dict, as_json: bool)
         "trial_number": best.number,
         "params": best.params,
         "val_balanced_accuracy": best.value,
+        "val_balanced_accuracy_corrected": corrected,
         "test_balanced_accuracy": test,
         "mlflow_run_id": run_id,
     }
@@ -174,6 +180,8 @@ def best_command(path: Path, overrides: list[str], options: dict, as_json: bool)
         print(json.dumps(summary, indent=2))
         return
     print(f"best trial {best.number}: selection score (validation balanced accuracy) {best.value:.2f}%")
+    if corrected is not None:
+        print(corrected_line(corrected))
     print(f"test balanced accuracy: {f'{test:.2f}% (validation - test gap {best.value - test:+.2f})' if test is not None else 'not evaluated yet (hpo-peft evaluate)'}")
     print(f"parameters: {best.params}")
     print(f"MLflow run: {run_id}")
@@ -187,13 +195,15 @@ def evaluate_command(
     from hpo_peft.model import load_base_model
     from hpo_peft.recovery import RUN_ID_ATTR
     from hpo_peft.scoring import evaluate_run
-    from hpo_peft.study import StudyLocation, best_trial
+    from hpo_peft.study import StudyLocation, best_and_corrected
     from hpo_peft.tracking import Tracker
 
     config = prepare_config(path, overrides)
     where = StudyLocation.of(config, **options)
+    corrected = None  # only for the study's own choice
     if run_id is None:
-        run_id = best_trial(where).user_attrs.get(RUN_ID_ATTR)
+        best, corrected = best_and_corrected(where)
+        run_id = best.user_attrs.get(RUN_ID_ATTR)
         if run_id is None:
             raise UserError(f"the best trial of study {where.study_name!r} has no MLflow run")
     tracker = Tracker(where.tracking_uri, experiment=where.study_name, create=False)
@@ -203,7 +213,7 @@ def evaluate_command(
     metrics, metadata = evaluate_run(tracker, run_id, base, test, config)
     selection = tracker.get_run(run_id).data.metrics.get("final_val_balanced_accuracy")
     result = {"mlflow_run_id": run_id, "method": metadata["method"], "val_balanced_accuracy": selection,
-              **metrics.as_dict()}
+              "val_balanced_accuracy_corrected": corrected, **metrics.as_dict()}
     if register:
         result["registered_version"] = tracker.register_adapter(run_id, register)
         result["registered_model"] = register
@@ -214,6 +224,8 @@ def evaluate_command(
         if selection is not None:
             print(f"selection score (validation balanced accuracy) {selection:.2f}%; "
                   f"validation - test gap {selection - metrics.balanced_accuracy:+.2f} points")
+        if corrected is not None:
+            print(corrected_line(corrected) + f"; minus test {corrected - metrics.balanced_accuracy:+.2f} points")
         print("per-class recall: " + ", ".join(f"{c} {r:.1f}%" for c, r in metrics.per_class_recall.items()))
         print(format_confusion(metrics.confusion, config.data.categories))
         if register:

@@ -32,7 +32,13 @@ from hpo_peft.run_record import (
 from hpo_peft.runtime import worker_identity
 from hpo_peft.samplers import make_pruner, make_sampler
 from hpo_peft.search_space import sample_plan
-from hpo_peft.selection import TRAINABLE_ATTR, VAL_LOSS_ATTR, select_best
+from hpo_peft.selection import (
+    FOLD_SCORES_ATTR,
+    TRAINABLE_ATTR,
+    VAL_LOSS_ATTR,
+    corrected_score,
+    select_best,
+)
 from hpo_peft.tracking import TAG_ERROR, Tracker, check_store
 from hpo_peft.train import EpochMetrics
 from hpo_peft.trial import Workspace, open_workspace, run_trial
@@ -157,6 +163,8 @@ def make_objective(workspace: Workspace, config: StudyConfig, tracker: Tracker, 
                 log_outcome(tracker, run_id, outcome, workspace)
                 trial.set_user_attr(VAL_LOSS_ATTR, outcome.validation.loss)  # tie-breakers (selection.py)
                 trial.set_user_attr(TRAINABLE_ATTR, outcome.trainable_parameters)
+                if outcome.folds:
+                    trial.set_user_attr(FOLD_SCORES_ATTR, outcome.fold_scores())  # for corrected_score
             except Exception:
                 release_accelerator_memory()  # e.g. after CUDA out-of-memory, for the next trial
                 raise
@@ -282,7 +290,13 @@ def run_workers(config: StudyConfig, options: StudyLocation, parent_id: str, n_t
 
 
 def best_trial(options: StudyLocation) -> optuna.trial.FrozenTrial:
-    best = select_best(load_study(options).get_trials(deepcopy=False))
+    return best_and_corrected(options)[0]
+
+
+def best_and_corrected(options: StudyLocation) -> tuple[optuna.trial.FrozenTrial, float | None]:
+    """The best trial, and (kfold) its score corrected for being the best of the study's trials."""
+    trials = load_study(options).get_trials(deepcopy=False)
+    best = select_best(trials)
     if best is None:
         raise UserError(f"study {options.study_name!r} has no completed trial yet")
-    return best
+    return best, corrected_score(trials, best)

@@ -78,6 +78,10 @@ class TrialOutcome:
     selected_epoch: int | None = None  # the epoch of the kept weights (holdout's best, kfold's refit length)
     scored_epochs: list[int] = field(default_factory=list)  # kfold: the epoch each fold is scored at
 
+    def fold_scores(self) -> list[float]:
+        """kfold: each fold's validation balanced accuracy at the epoch it is scored at."""
+        return [f.history[e - 1].val_balanced_accuracy for f, e in zip(self.folds, self.scored_epochs)]
+
     def mean_history(self) -> list[EpochMetrics]:
         """kfold: per epoch, the mean over the folds that reached it."""
         curves = [f.history for f in self.folds]
