@@ -131,6 +131,13 @@ def best_links(config: str, options: list[str], ui_base: str) -> dict:
     return json.loads(out.getvalue())
 
 
+def shrink(path: Path) -> None:
+    """A 256-colour palette: the README's PNGs stay small."""
+    from PIL import Image
+
+    Image.open(path).convert("RGB").quantize(colors=256).save(path, optimize=True)
+
+
 def main() -> None:
     sys.path.insert(0, str(ROOT))
     workdir = Path(tempfile.mkdtemp(prefix="hpo_peft_screens_"))
@@ -147,6 +154,8 @@ def main() -> None:
             stop_ui(process)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+    for name in ("mlflow_run_table.png", "mlflow_trial.png"):
+        shrink(ROOT / "docs" / name)
     print("wrote docs/mlflow_run_table.png and docs/mlflow_trial.png")
 
 
