@@ -153,8 +153,8 @@ def run_study_command(path: Path, overrides: list[str], options: dict, n_trials:
 
 
 def corrected_line(corrected: float) -> str:
-    return (f"expected on unseen images (the selection score less what choosing the best of the study's trials "
-            f"adds, estimated over its folds): {corrected:.2f}%")
+    return (f"conservative estimate for unseen images (the selection score less what choosing the best of the "
+            f"study's trials adds, estimated over its folds): {corrected:.2f}%")
 
 
 def best_command(path: Path, overrides: list[str], options: dict, as_json: bool) -> None:

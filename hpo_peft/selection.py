@@ -9,7 +9,8 @@ The best of many noisy scores is optimistic. With kfold, each trial's score is a
 folds, so how much choosing the maximum flatters it can be estimated from the study itself
 (Tibshirani & Tibshirani, 2009, Ann. Appl. Stat. 3(2)): on each fold, how far the best trial of that
 fold is above the chosen trial, averaged over folds. `corrected_score` is the chosen trial's score
-less that amount: what to expect on images that chose nothing, reported beside the selection score.
+less that amount, reported beside the selection score: a conservative estimate for images that chose
+nothing (it leaves out what the refit on all K shots adds; benchmarks/README.md).
 """
 
 from __future__ import annotations
