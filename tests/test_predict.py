@@ -112,7 +112,9 @@ def test_evaluate_logs_and_registers_a_pyfunc_model(chosen, evaluated):
     assert info.signature.outputs.input_names() == ["NC", "G3", "G4", "G5"]
     assert {"image", "path"} == set(info.signature.inputs.input_names())
     assert info.metadata["hpo_peft_base_model"]["fingerprint"]  # the base model is referenced, not copied
-    files = [a.path for a in client.list_logged_model_artifacts(evaluated["model_uri"][len("models:/"):])]
+    model_id = evaluated["model_uri"][len("models:/"):]
+    assert client.get_logged_model(model_id).artifact_location.startswith(chosen["tmp"].as_uri())  # beside the store
+    files = [a.path for a in client.list_logged_model_artifacts(model_id)]
     assert not any("model.safetensors" in f for f in files)
 
 
