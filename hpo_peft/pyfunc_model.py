@@ -18,7 +18,9 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import logging
 import re
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -39,6 +41,10 @@ from hpo_peft.errors import UserError
 from hpo_peft.model import load_base_model
 from hpo_peft.stores import redact
 from hpo_peft.tracking import Tracker, temporary_folder
+
+# the input is a DataFrame checked by the signature below, not by type hints: MLflow's advice to add
+# them (printed on every import of a PythonModel subclass) does not apply
+warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method.*")
 
 MODEL_NAME = "model"
 TAG_MODEL_URI = "hpo_peft.model_uri"
@@ -133,7 +139,7 @@ def log_adapter_model(tracker: Tracker, run_id: str) -> str:
         with interrupts.deferred():  # in the run's experiment, so its files sit with the run's artifacts
             model = tracker.client.create_logged_model(run.info.experiment_id, name=MODEL_NAME, source_run_id=run_id,
                                                        params=dict(run.data.params), model_type="hpo-peft adapter")
-        with using_store(tracker.uri):
+        with using_store(tracker.uri), _quiet("mlflow.pyfunc", "mlflow.models"):
             info = Model.log(
                 artifact_path=None, name=MODEL_NAME, model_id=model.model_id, flavor=mlflow.pyfunc, run_id=run_id,
                 python_model=AdapterModel(),
@@ -145,6 +151,20 @@ def log_adapter_model(tracker: Tracker, run_id: str) -> str:
             )
     tracker.set_tags(run_id, {TAG_MODEL_URI: info.model_uri})
     return info.model_uri
+
+
+@contextmanager
+def _quiet(*loggers: str):
+    """MLflow's notes while logging (cloudpickle advice, input example validated) kept off the
+    command's output; its warnings of a failed validation still show."""
+    levels = {name: logging.getLogger(name).level for name in loggers}
+    for name in loggers:
+        logging.getLogger(name).setLevel(logging.WARNING if name == "mlflow.models" else logging.ERROR)
+    try:
+        yield
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
 
 
 @contextmanager
