@@ -61,6 +61,21 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--register", default=None, metavar="NAME", help="register the adapter in the MLflow model registry")
     evaluate.add_argument("--json", action="store_true")
 
+    predict = commands.add_parser("predict", help="the chosen adapter on new images: classes and probabilities as CSV")
+    predict.set_defaults(handler=_predict)
+    predict.add_argument("model", help="MLflow run id of a trial, models:/NAME@ALIAS, or an adapter folder")
+    predict.add_argument("images", nargs="*", help="image files, folders or globs (JPEG, PNG, TIFF); with --table, "
+                         "the folder of the table's images (default: the SICAPv2 layout's images/)")
+    predict.add_argument("--table", type=Path, default=None, help="a SICAPv2-style table: its images, with labels")
+    predict.add_argument("--out", type=Path, default=Path("predictions.csv"), help="CSV (default predictions.csv)")
+    predict.add_argument("--strict", action="store_true", help="stop at the first unreadable image (exit 2)")
+    predict.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
+    predict.add_argument("--config", type=Path, default=None,
+                         help="a study YAML: its tracking store, base model location, device and precision")
+    predict.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    predict.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: the config's, "
+                         "else sqlite:///mlruns/mlflow.db)")
+
     compare = commands.add_parser("compare", help="methods x shots x seeds: select on validation, score on test")
     compare.set_defaults(handler=_compare)
     _add_config(compare)
@@ -119,6 +134,14 @@ def _evaluate(args: argparse.Namespace) -> None:
 
     evaluate_command(args.config, args.overrides, _study_options(args), run_id=args.run_id, register=args.register,
                      as_json=args.json)
+
+
+def _predict(args: argparse.Namespace) -> None:
+    from hpo_peft.commands import predict_command
+
+    predict_command(args.model, args.images, table=args.table, out=args.out, strict=args.strict,
+                    batch_size=args.batch_size, config_path=args.config, overrides=args.overrides,
+                    tracking_uri=args.tracking_uri)
 
 
 def _compare(args: argparse.Namespace) -> None:

@@ -219,8 +219,11 @@ def evaluate_command(
     selection = tracker.get_run(run_id).data.metrics.get(OBJECTIVE)
     result = {"mlflow_run_id": run_id, "method": metadata["method"], "val_balanced_accuracy": selection,
               "val_balanced_accuracy_corrected": corrected, **metrics.as_dict(), "mlflow_ui": ui_links(where, run_id)}
+    from hpo_peft.pyfunc_model import log_adapter_model, register_model
+
+    result["model_uri"] = log_adapter_model(tracker, run_id)  # the adapter as an MLflow pyfunc model
     if register:
-        result["registered_version"] = tracker.register_adapter(run_id, register)
+        result["registered_version"] = register_model(tracker, run_id, result["model_uri"], register)
         result["registered_model"] = register
     if as_json:
         print(json.dumps(result, indent=2))
@@ -236,6 +239,61 @@ def evaluate_command(
         if register:
             print(f"registered as {register} version {result['registered_version']} (alias 'best')")
         print_ui_links(where, run_id, result["mlflow_ui"], "evaluated run")
+    return result
+
+
+def predict_command(model: str, images: list[str], table: Path | None, out: Path, strict: bool, batch_size: int,
+                    config_path: Path | None, overrides: list[str], tracking_uri: str | None) -> dict:
+    """The chosen adapter on new images: a CSV of predicted classes and probabilities, and with a
+    labelled table the metrics and confusion matrix as `evaluate` prints them."""
+    import torch
+
+    from hpo_peft import predict
+    from hpo_peft.evaluate import compute_metrics
+    from hpo_peft.model import load_base_model
+    from hpo_peft.pyfunc_model import fetch_adapter
+    from hpo_peft.tracking import temporary_folder
+
+    if batch_size < 1:
+        raise UserError(f"--batch-size: must be at least 1, got {batch_size}")
+    config = prepare_config(config_path, overrides) if config_path is not None else None
+    tracking_uri = tracking_uri or (config.tracking.uri if config is not None else None)
+    with temporary_folder() as tmp:
+        folder = fetch_adapter(model, tracking_uri, Path(tmp))
+        metadata = predict.read_metadata(folder)
+        labels = None
+        if table is not None:
+            if len(images) > 1:
+                raise UserError("IMAGES: with --table, give at most one folder: the one holding the table's images")
+            column = config.data.image_column if config is not None else "image_name"
+            paths, labels = predict.labelled_images(table, Path(images[0]) if images else None, column, metadata["categories"])
+        elif not images:
+            raise UserError("IMAGES: give image files, folders or globs, or --table FILE")
+        else:
+            paths = predict.collect_images(images)
+        base = load_base_model(config.model if config is not None else predict.base_model_config(metadata))
+        predictor = predict.load_predictor(folder, base, device=config.train.device if config is not None else "auto",
+                                           precision=config.train.precision if config is not None else None)
+    kept, logits, skipped = [], [], []
+    for index, batch, bad in predict.decode_batches(paths, predictor.preprocessing, batch_size, strict):
+        kept += index
+        logits.append(predictor.logits(batch, batch_size))
+        skipped += bad
+    logits = torch.cat(logits) if logits else torch.empty(0, len(predictor.categories))
+    truth = [labels[i] for i in kept] if labels is not None else None
+    frame = predict.predictions_table([str(paths[i]) for i in kept], logits, predictor.categories, truth)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(out, index=False)
+    print(f"{len(kept)} of {len(paths)} images predicted ({metadata['method']['name']} adapter); table in {out}")
+    for path, reason in skipped:
+        print(f"skipped {path}: {reason}")
+    result = {"predicted": len(kept), "skipped": [[str(p), r] for p, r in skipped], "out": str(out)}
+    if truth and len(kept):
+        metrics = compute_metrics(logits, torch.tensor(truth), predictor.categories)
+        print(f"balanced accuracy {metrics.balanced_accuracy:.2f}%")
+        print("per-class recall: " + ", ".join(f"{c} {r:.1f}%" for c, r in metrics.per_class_recall.items()))
+        print(format_confusion(metrics.confusion, predictor.categories))
+        result["metrics"] = metrics.as_dict()
     return result
 
 

@@ -212,6 +212,16 @@ class SearchConfig(Strict):
     # a worker marks itself alive this often; a RUNNING trial silent for grace_period is stale
     heartbeat_interval: float = Field(20.0, gt=0)
     grace_period: float = Field(120.0, gt=0)
+    # which completed trials keep their adapter artifacts (retention.py): `all`, or `best:N` (the N
+    # best trials); default (null): every PEFT adapter, and the best 3 full fine-tunings
+    keep_adapters: str | None = None
+
+    @field_validator("keep_adapters")
+    @classmethod
+    def _keep_policy(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"all|best:[1-9][0-9]*", value):
+            raise ValueError(f"expected 'all' or 'best:N' (N >= 1, e.g. best:3), got {value!r}")
+        return value
 
     @field_validator("params")
     @classmethod

@@ -220,13 +220,20 @@ def load_image(path: Path, prep: Preprocessing, source: str = "") -> torch.Tenso
     key = (str(path), stat.st_mtime_ns, prep.height, prep.width)
     if key not in _IMAGE_CACHE:
         try:
-            with Image.open(path) as image:
-                image = image.convert("RGB").resize((prep.width, prep.height), prep.resample)
+            _IMAGE_CACHE[key] = decode_image(path, prep)
         except (UnidentifiedImageError, OSError) as err:
             raise UserError(f"{path}: cannot decode image{source} ({err})") from None
-        array = np.asarray(image, dtype=np.uint8)
-        _IMAGE_CACHE[key] = torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
     return _IMAGE_CACHE[key]
+
+
+def decode_image(source, prep: Preprocessing) -> torch.Tensor:
+    """A file path or file object (e.g. `io.BytesIO` of sent bytes) decoded and resized to uint8
+    (3, H, W): the one decoding every image goes through, for training, evaluation and prediction.
+    Raises PIL's `UnidentifiedImageError` or `OSError` for what cannot be decoded."""
+    with Image.open(source) as image:
+        image = image.convert("RGB").resize((prep.width, prep.height), prep.resample)
+    array = np.asarray(image, dtype=np.uint8)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
 
 
 def load_images(rows: pd.DataFrame, image_dir: Path, prep: Preprocessing, table: Path, desc: str) -> LabelledImages:

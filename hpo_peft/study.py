@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import optuna
 
-from hpo_peft import identity, interrupts, preflight, stores
+from hpo_peft import identity, interrupts, preflight, retention, stores
 from hpo_peft.config import StudyConfig
 from hpo_peft.errors import UserError
 from hpo_peft.recovery import (
@@ -200,7 +200,8 @@ def optimize(study: optuna.Study, workspace: Workspace, tracker: Tracker, parent
             timeout=timeout,
             catch=(Exception,),  # a failing trial is recorded as FAIL and the study goes on
             show_progress_bar=False,  # Optuna logs one line per trial instead
-            callbacks=[best_marker(tracker, parent_id)],  # the best tag moves as better trials appear
+            callbacks=[best_marker(tracker, parent_id),  # the best tag moves as better trials appear
+                       retention.callback(tracker, config.search.keep_adapters)],  # adapters that fit on a disk
         )
 
 

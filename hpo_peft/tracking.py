@@ -42,6 +42,7 @@ TAG_WORKER_HOST = "mlflow.hpo_peft.worker_host"
 TAG_WORKER_PID = "mlflow.hpo_peft.worker_pid"
 TAG_HEARTBEAT = "mlflow.hpo_peft.heartbeat"
 TAG_BEST_RUN = "hpo_peft.best_run_id"
+TAG_DROPPED = "hpo_peft.adapter_dropped"  # retention.py: the adapter artifacts were deleted, and why
 
 
 def _worker_tags() -> dict[str, str]:
@@ -208,6 +209,9 @@ class Tracker:
     def check_has_adapter(self, run_id: str) -> None:
         """Only a completed trial keeps an adapter: say why another one has none."""
         tags = self.get_run(run_id).data.tags
+        if TAG_DROPPED in tags:
+            raise UserError(f"MLflow run {run_id}: its adapter was dropped to save disk ({tags[TAG_DROPPED]}); "
+                            "set search.keep_adapters to keep more")
         state = tags.get(TAG_STATE)
         if state in (None, "COMPLETE"):
             return

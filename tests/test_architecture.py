@@ -5,10 +5,10 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "hpo_peft"
 BRICKS = ["data", "model", "train", "evaluate", "features", "artifacts", "trial", "config", "demo_kit", "errors",
-          "runtime", "validation", "course", "identity"]
+          "runtime", "validation", "course", "identity", "predict"]
 # the study's own rooms: Optuna and MLflow, but never the layers that call the study
 STUDY_ROOMS = ["search_space", "tracking", "recovery", "samplers", "stores", "run_record", "selection", "scoring",
-               "interrupts", "preflight", "run_story", "ui_links"]
+               "interrupts", "preflight", "run_story", "ui_links", "pyfunc_model", "retention"]
 PACKAGES = ("methods", "demo_kit")
 MAX_LINES = 420  # "about 400": one idea per file
 

@@ -26,6 +26,7 @@ class Method:
     name: ClassVar[str]
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     trains: ClassVar[bool] = True
+    copies_backbone: ClassVar[bool] = False  # its adapter holds the whole vision tower (retention.py)
 
     def prepare(self, classifier: ImageClassifier, config: MethodConfig) -> ImageClassifier:
         """Mark what trains (and wrap modules where the method adds any). The head always trains."""

@@ -5,6 +5,7 @@ from hpo_peft.methods.base import MethodConfig, SelectiveMethod
 
 class Full(SelectiveMethod):
     name = "full"
+    copies_backbone = True  # about 350 MB per trial for PLIP: only the best few are kept by default
 
     def selects(self, name: str, config: MethodConfig) -> bool:
         return True

@@ -1,0 +1,226 @@
+"""The chosen adapter as an MLflow model (pyfunc flavour), its registration, and finding an
+adapter from what a user names (run id, `models:/NAME@ALIAS`, folder).
+
+The model holds the adapter folder as its one artifact; the base model is referenced, not copied:
+its id or path, revision and fingerprint are in the adapter's metadata (and in the MLmodel file's
+metadata), and loading checks them (`artifacts.load_adapter`). Where the base model lives
+elsewhere on the serving machine, pass `model_config={"base_model": PATH}` to
+`mlflow.pyfunc.load_model`.
+
+Input: a DataFrame with a column `image` (base64-encoded image file bytes, JPEG/PNG/TIFF) and/or
+`path` (an image file readable by the server); a row uses `image` when it is set, else `path`.
+Output: one column of probabilities per class. Bad input raises MlflowException with
+INVALID_PARAMETER_VALUE, which the scoring server answers with HTTP 400.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import logging
+import re
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import torch
+from mlflow.exceptions import MlflowException
+from mlflow.models import Model, ModelSignature
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.pyfunc import PythonModel
+from mlflow.types import ColSpec, Schema
+from PIL import UnidentifiedImageError
+
+from hpo_peft import interrupts, predict
+from hpo_peft.artifacts import METADATA_FILE, read_metadata
+from hpo_peft.data import decode_image
+from hpo_peft.errors import UserError
+from hpo_peft.model import load_base_model
+from hpo_peft.stores import redact
+from hpo_peft.tracking import Tracker, temporary_folder
+
+# the input is a DataFrame checked by the signature below, not by type hints: MLflow's advice to add
+# them (printed on every import of a PythonModel subclass) does not apply
+warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method.*")
+
+MODEL_NAME = "model"
+TAG_MODEL_URI = "hpo_peft.model_uri"
+ADAPTER_ARTIFACT = "adapter"
+RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+class AdapterModel(PythonModel):
+    """`mlflow.pyfunc.load_model(...).predict(frame)` -> class probabilities, through
+    `predict.Predictor`, the same path as `hpo-peft predict` and `evaluate`."""
+
+    def load_context(self, context) -> None:
+        config = context.model_config or {}
+        folder = Path(context.artifacts[ADAPTER_ARTIFACT])
+        metadata = read_metadata(folder)
+        base = load_base_model(predict.base_model_config(metadata, config.get("base_model")))
+        self.predictor = predict.load_predictor(folder, base, device=config.get("device", "auto"))
+
+    def predict(self, context, model_input, params=None):
+        frame = pd.DataFrame(model_input)
+        if len(frame) == 0:
+            raise _bad_input("empty batch: send at least one row with an 'image' (base64) or 'path' value")
+        images = [self._decode(frame, row) for row in range(len(frame))]
+        probabilities = self.predictor.probabilities(torch.stack(images))
+        return predict.probability_frame(probabilities, self.predictor.categories)
+
+    def _decode(self, frame: pd.DataFrame, row: int):
+        encoded, path = (_cell(frame, column, row) for column in ("image", "path"))
+        if encoded is None and path is None:
+            raise _bad_input(f"row {row}: neither 'image' (base64 bytes) nor 'path' is given")
+        try:
+            source = io.BytesIO(base64.b64decode(encoded, validate=True)) if encoded is not None else Path(path)
+        except (binascii.Error, ValueError, TypeError) as err:
+            raise _bad_input(f"row {row}: 'image' is not base64 ({err})") from None
+        try:
+            return decode_image(source, self.predictor.preprocessing)
+        except (UnidentifiedImageError, OSError) as err:
+            what = "'image'" if encoded is not None else f"path {path!r}"
+            raise _bad_input(f"row {row}: {what} cannot be decoded as an image ({' '.join(str(err).split())})") from None
+
+
+def _cell(frame: pd.DataFrame, column: str, row: int) -> str | None:
+    if column not in frame.columns:
+        return None
+    value = frame[column].iloc[row]
+    if value is None or (isinstance(value, float) and pd.isna(value)) or value == "":
+        return None
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _bad_input(message: str) -> MlflowException:
+    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
+
+
+def signature(categories: list[str]) -> ModelSignature:
+    inputs = Schema([ColSpec("string", "image", required=False), ColSpec("string", "path", required=False)])
+    return ModelSignature(inputs=inputs, outputs=Schema([ColSpec("double", c) for c in categories]))
+
+
+def input_example(height: int, width: int) -> pd.DataFrame:
+    """One mid-grey PNG of the model's input size, base64-encoded: the shape of a request."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (128, 128, 128)).save(buffer, format="PNG")
+    return pd.DataFrame({"image": [base64.b64encode(buffer.getvalue()).decode()]})
+
+
+def _requirements() -> list[str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    pinned = []
+    for name in ("torch", "transformers", "peft", "safetensors", "pillow", "pandas", "mlflow"):
+        try:
+            pinned.append(f"{name}=={version(name)}")
+        except PackageNotFoundError:
+            pinned.append(name)
+    return pinned
+
+
+def log_adapter_model(tracker: Tracker, run_id: str) -> str:
+    """The run's adapter as a pyfunc model linked to the run (once: later calls return the same
+    model's URI); returns its `models:/m-...` URI."""
+    run = tracker.get_run(run_id)
+    if run.data.tags.get(TAG_MODEL_URI):
+        return run.data.tags[TAG_MODEL_URI]
+    with temporary_folder() as tmp:
+        folder = tracker.download_adapter(run_id, Path(tmp))
+        metadata = read_metadata(folder)
+        base = metadata["base_model"]
+        prep = metadata.get("preprocessing") or {}
+        with interrupts.deferred():  # in the run's experiment, so its files sit with the run's artifacts
+            model = tracker.client.create_logged_model(run.info.experiment_id, name=MODEL_NAME, source_run_id=run_id,
+                                                       params=dict(run.data.params), model_type="hpo-peft adapter")
+        with using_store(tracker.uri), _quiet("mlflow.pyfunc", "mlflow.models"):
+            info = Model.log(
+                artifact_path=None, name=MODEL_NAME, model_id=model.model_id, flavor=mlflow.pyfunc, run_id=run_id,
+                python_model=AdapterModel(),
+                artifacts={ADAPTER_ARTIFACT: str(folder)}, signature=signature(metadata["categories"]),
+                input_example=input_example(prep.get("height", 224), prep.get("width", 224)),
+                pip_requirements=_requirements(),
+                metadata={"hpo_peft_base_model": base, "hpo_peft_method": metadata["method"]["name"]},
+                model_config={"base_model": _absolute(base["name_or_path"]), "device": "auto"},
+            )
+    tracker.set_tags(run_id, {TAG_MODEL_URI: info.model_uri})
+    return info.model_uri
+
+
+@contextmanager
+def _quiet(*loggers: str):
+    """MLflow's notes while logging (cloudpickle advice, input example validated) kept off the
+    command's output; its warnings of a failed validation still show."""
+    levels = {name: logging.getLogger(name).level for name in loggers}
+    for name in loggers:
+        logging.getLogger(name).setLevel(logging.WARNING if name == "mlflow.models" else logging.ERROR)
+    try:
+        yield
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+
+
+@contextmanager
+def using_store(uri: str):
+    """MLflow's fluent API (Model.log, the registry resolving `models:/m-...`) reads the store from
+    the process-wide tracking URI: point it at this study's store for the call, then back."""
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
+def _absolute(name_or_path: str) -> str:
+    """A local base model folder as an absolute path (the server may run elsewhere); hub ids as they are."""
+    path = Path(name_or_path).expanduser()
+    return str(path.resolve()) if path.exists() else name_or_path
+
+
+def register_model(tracker: Tracker, run_id: str, model_uri: str, name: str, alias: str = "best") -> int:
+    """Register the logged model as a version of `name` and move `alias` to it."""
+    client = tracker.client
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(name, description="hpo-peft adapter as a pyfunc model (see the README)")
+    model_id = model_uri.removeprefix("models:/")
+    with using_store(tracker.uri):
+        version = client.create_model_version(name, model_uri, run_id=run_id, model_id=model_id)
+    client.set_registered_model_alias(name, alias, version.version)
+    return int(version.version)
+
+
+def fetch_adapter(model: str, tracking_uri: str | None, destination: Path) -> Path:
+    """The adapter folder that `model` names: a folder (an adapter, or a saved pyfunc model), a
+    model URI (`models:/NAME@ALIAS`, `models:/NAME/VERSION`, `runs:/ID/PATH`) or a trial's run id."""
+    folder = Path(model)
+    if folder.is_dir():
+        return _adapter_in(folder, model)
+    if "://" not in model and ":/" not in model and not RUN_ID.match(model):
+        raise UserError(f"MODEL: {model!r} is neither a folder, a models:/NAME@ALIAS URI nor an MLflow run id")
+    tracker = Tracker(tracking_uri, experiment="", create=False)
+    if RUN_ID.match(model):
+        tracker.check_has_adapter(model)
+        return tracker.download_adapter(model, destination)
+    try:
+        with using_store(tracker.uri):
+            local = mlflow.artifacts.download_artifacts(artifact_uri=model, dst_path=str(destination))
+    except (MlflowException, OSError) as err:
+        raise UserError(f"MODEL: {model} not found in {redact(tracker.uri)} ({' '.join(str(err).split())[:300]})") from None
+    return _adapter_in(Path(local), model)
+
+
+def _adapter_in(folder: Path, given: str) -> Path:
+    for candidate in (folder, folder / "artifacts" / ADAPTER_ARTIFACT, folder / ADAPTER_ARTIFACT):
+        if (candidate / METADATA_FILE).is_file():
+            return candidate
+    raise UserError(f"MODEL: {given}: holds no hpo-peft adapter (no {METADATA_FILE})")

@@ -1,0 +1,322 @@
+"""The chosen adapter put to work (issue 15): `hpo-peft predict`, the MLflow pyfunc model in a fresh
+process, the real REST server, and adapter retention. One tiny study serves the whole module."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+from mlflow import MlflowClient
+
+from hpo_peft.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = "models:/demo-chosen@best"
+SEARCH = {
+    "n_trials": 3,
+    "sampler": {"name": "random", "seed": 3},
+    "pruner": {"name": "none"},
+    "params": {"method": {"choices": ["bias", "lora", "full"]}, "learning_rate": {"low": 0.002, "high": 0.01, "log": True},
+               "max_epochs": 3, "patience": 2},
+    "keep_adapters": "best:2",
+}
+
+
+def fresh_env(uri: str) -> dict:
+    bin_dir = str(Path(sys.executable).parent)  # the server execs the venv's uvicorn
+    return {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": uri,
+            "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
+
+
+@pytest.fixture(scope="module")
+def chosen(tmp_path_factory, demo_kit):
+    """A 3-trial study (`keep_adapters: best:2`), then `evaluate --register` on its best trial."""
+    from conftest import demo_config_dict
+
+    from hpo_peft.commands import prepare_study_config
+    from hpo_peft.study import StudyLocation, run_study
+
+    tmp = tmp_path_factory.mktemp("predict")
+    raw = demo_config_dict(demo_kit)
+    raw["search"] = SEARCH
+    path = tmp / "study.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    uri = "sqlite:///" + str(tmp / "mlflow.db")
+    where = StudyLocation("chosen", storage=str(tmp / "optuna.journal"), tracking_uri=uri)
+    study = run_study(prepare_study_config(path, []), where, n_trials=3, timeout=None)
+    options = ["--study-name", "chosen", "--storage", where.storage, "--tracking-uri", uri]
+    return {"path": path, "uri": uri, "tmp": tmp, "study": study, "options": options, "kit": demo_kit}
+
+
+@pytest.fixture(scope="module")
+def evaluated(chosen):
+    from contextlib import redirect_stdout
+
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert main(["evaluate", str(chosen["path"]), *chosen["options"], "--register", "demo-chosen", "--json"]) == 0
+    return json.loads(out.getvalue())
+
+
+@pytest.fixture(scope="module")
+def test_images(chosen):
+    """The demo kit's test split: paths, labels, and the probabilities computed here, in this
+    process, through `load_adapter` and `evaluate`'s own `predict_logits`."""
+    from hpo_peft.data import read_table
+
+    table = chosen["kit"] / "sicapv2/partition/Test/Test.xlsx"
+    rows = read_table(table, "image_name", ["NC", "G3", "G4", "G5"])
+    return {"table": table, "paths": [chosen["kit"] / "sicapv2/images" / n for n in rows["image_name"]],
+            "labels": list(rows["label"])}
+
+
+@pytest.fixture(scope="module")
+def reference(chosen, evaluated, test_images, demo_workspace):
+    from hpo_peft.artifacts import load_adapter
+    from hpo_peft.data import load_image
+    from hpo_peft.evaluate import predict_logits
+    from hpo_peft.tracking import Tracker
+
+    folder = Tracker(chosen["uri"], "chosen", create=False).download_adapter(evaluated["mlflow_run_id"], chosen["tmp"] / "ref")
+    classifier, _ = load_adapter(folder, demo_workspace.base)
+    prep = demo_workspace.base.preprocessing
+    images = torch.stack([load_image(p, prep) for p in test_images["paths"]])
+    return torch.softmax(predict_logits(classifier, images, prep), dim=1).double().numpy()
+
+
+def test_evaluate_logs_and_registers_a_pyfunc_model(chosen, evaluated):
+    client = MlflowClient(chosen["uri"])
+    version = client.get_model_version_by_alias("demo-chosen", "best")
+    assert version.run_id == evaluated["mlflow_run_id"]
+    assert evaluated["model_uri"].startswith("models:/m-") and version.source == evaluated["model_uri"]
+    from mlflow.models import get_model_info
+
+    from hpo_peft.pyfunc_model import using_store
+
+    with using_store(chosen["uri"]):
+        info = get_model_info(MODEL)
+    assert info.signature.outputs.input_names() == ["NC", "G3", "G4", "G5"]
+    assert {"image", "path"} == set(info.signature.inputs.input_names())
+    assert info.metadata["hpo_peft_base_model"]["fingerprint"]  # the base model is referenced, not copied
+    model_id = evaluated["model_uri"][len("models:/"):]
+    assert client.get_logged_model(model_id).artifact_location.startswith(chosen["tmp"].as_uri())  # beside the store
+    files = [a.path for a in client.list_logged_model_artifacts(model_id)]
+    assert not any("model.safetensors" in f for f in files)
+
+
+def test_pyfunc_in_a_fresh_process_equals_evaluate(chosen, evaluated, test_images, reference):
+    """`mlflow.pyfunc.load_model("models:/NAME@best")` in a new interpreter: probabilities equal
+    the adapter's through `evaluate`'s path, its arg-max gives evaluate's confusion matrix, and a
+    base64 row gives what the same image's path gives."""
+    script = (
+        "import base64, json, sys, mlflow, pandas as pd\n"
+        f"model = mlflow.pyfunc.load_model({MODEL!r})\n"
+        "paths = json.loads(sys.stdin.read())\n"
+        "frame = pd.DataFrame({'path': paths, 'image': [None] * len(paths)})\n"
+        "frame.loc[0, 'image'] = base64.b64encode(open(paths[0], 'rb').read()).decode()\n"
+        "frame.loc[0, 'path'] = None\n"
+        "print(model.predict(frame).to_json(orient='split'))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], input=json.dumps([str(p) for p in test_images["paths"]]),
+                          capture_output=True, text=True, env=fresh_env(chosen["uri"]), cwd=chosen["tmp"], timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    fresh = pd.read_json(io.StringIO(done.stdout.strip().splitlines()[-1]), orient="split")
+    assert list(fresh.columns) == ["NC", "G3", "G4", "G5"]
+    assert fresh.to_numpy() == pytest.approx(reference, abs=1e-6)
+    from sklearn.metrics import confusion_matrix
+
+    predicted = fresh.to_numpy().argmax(axis=1)
+    assert confusion_matrix(test_images["labels"], predicted, labels=range(4)).tolist() == evaluated["confusion_matrix"]
+
+
+def test_predict_a_folder_with_a_corrupt_and_a_png_image(chosen, evaluated, test_images, reference, tmp_path, capsys):
+    from PIL import Image
+
+    folder = tmp_path / "new_slide"
+    folder.mkdir()
+    Image.open(test_images["paths"][0]).save(folder / "a.png")
+    (folder / "b_corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    shutil.copy(test_images["paths"][1], folder / "c.jpg")
+    (folder / "notes.txt").write_text("not an image, not picked from a folder")
+    out = tmp_path / "predictions.csv"
+    code = main(["predict", evaluated["mlflow_run_id"], str(folder), "--out", str(out), "--tracking-uri", chosen["uri"]])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "2 of 3 images predicted" in printed and f"skipped {folder / 'b_corrupt.png'}: " in printed
+    table = pd.read_csv(out)
+    assert list(table.columns) == ["image", "predicted", "p_NC", "p_G3", "p_G4", "p_G5"]
+    assert [Path(p).name for p in table["image"]] == ["a.png", "c.jpg"]
+    probabilities = table[["p_NC", "p_G3", "p_G4", "p_G5"]].to_numpy()
+    assert probabilities == pytest.approx(reference[:2], abs=1e-6)  # PNG re-encoding is lossless
+    assert list(table["predicted"]) == [["NC", "G3", "G4", "G5"][i] for i in reference[:2].argmax(axis=1)]
+
+    assert main(["predict", evaluated["mlflow_run_id"], str(folder), "--strict", "--out", str(out),
+                 "--tracking-uri", chosen["uri"]]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("hpo-peft: error")]
+    assert len(errors) == 1 and "b_corrupt.png: cannot decode image" in errors[0] and "--strict" in errors[0]
+
+
+def test_predict_a_labelled_table_from_the_registry_prints_evaluates_metrics(chosen, evaluated, test_images, tmp_path, capsys):
+    out = tmp_path / "test.csv"
+    assert main(["predict", MODEL, "--table", str(test_images["table"]), "--out", str(out),
+                 "--tracking-uri", chosen["uri"], "--batch-size", "7"]) == 0
+    printed = capsys.readouterr().out
+    assert f"balanced accuracy {evaluated['balanced_accuracy']:.2f}%" in printed
+    assert "true\\pred" in printed
+    table = pd.read_csv(out)
+    assert len(table) == len(test_images["paths"]) and "label" in table.columns
+
+
+def test_predict_refuses_an_adapter_folder_with_an_altered_metadata_value(chosen, evaluated, tmp_path, capsys):
+    from hpo_peft.tracking import Tracker
+
+    folder = Tracker(chosen["uri"], "chosen", create=False).download_adapter(evaluated["mlflow_run_id"], tmp_path)
+    image = next((chosen["kit"] / "sicapv2/images").iterdir())
+    assert main(["predict", str(folder), str(image), "--out", str(tmp_path / "ok.csv")]) == 0
+    meta = folder / "hpo_peft_adapter.json"
+    data = json.loads(meta.read_text())
+    data["categories"] = list(reversed(data["categories"]))
+    meta.write_text(json.dumps(data))
+    assert main(["predict", str(folder), str(image), "--out", str(tmp_path / "no.csv")]) == 2
+    assert "metadata was altered" in capsys.readouterr().err
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _post(url: str, body: dict) -> tuple[int, dict]:
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read() or b"{}")
+
+
+def test_rest_server_round_trip(chosen, evaluated, test_images, reference, tmp_path):
+    """The real `mlflow models serve` on loopback: the same probabilities over HTTP; a bad image and
+    an empty batch get a 400 with a clear message, and the server keeps serving."""
+    port = _free_port()
+    log = (tmp_path / "server.log").open("w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", MODEL, "--env-manager", "local",
+         "-p", str(port), "-h", "127.0.0.1"],
+        env=fresh_env(chosen["uri"]), cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(base + "/ping", timeout=5) as answer:
+                    if answer.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "the server did not answer /ping"
+            time.sleep(0.5)
+        n = 5
+        encoded = [base64.b64encode(p.read_bytes()).decode() for p in test_images["paths"][:n]]
+        status, answer = _post(base + "/invocations", {"dataframe_split": {"columns": ["image"], "data": [[e] for e in encoded]}})
+        assert status == 200, answer
+        served = pd.DataFrame(answer["predictions"])
+        assert list(served.columns) == ["NC", "G3", "G4", "G5"]
+        assert served.to_numpy() == pytest.approx(reference[:n], abs=1e-6)
+
+        bad = base64.b64encode(b"these bytes are no image").decode()
+        status, answer = _post(base + "/invocations", {"dataframe_split": {"columns": ["image"], "data": [[encoded[0]], [bad]]}})
+        assert status == 400 and "row 1" in answer["message"] and "cannot be decoded" in answer["message"]
+        status, answer = _post(base + "/invocations", {"dataframe_split": {"columns": ["image"], "data": [["%%%"]]}})
+        assert status == 400 and "not base64" in answer["message"]
+        status, answer = _post(base + "/invocations", {"dataframe_split": {"columns": ["image"], "data": []}})
+        assert 400 <= status < 500 and "empty batch" in answer.get("message", "")
+
+        status, answer = _post(base + "/invocations", {"dataframe_split": {"columns": ["image"], "data": [[encoded[1]]]}})
+        assert status == 200 and pd.DataFrame(answer["predictions"]).to_numpy() == pytest.approx(reference[1:2], abs=1e-6)
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, 15)  # the server and the uvicorn worker it started
+        server.wait(timeout=60)
+        log.close()
+
+
+# retention (search.keep_adapters) -------------------------------------------------------------
+def test_default_keeps_every_peft_adapter_and_the_best_three_full_fine_tunings():
+    import optuna
+
+    from hpo_peft.methods import METHODS
+    from hpo_peft.retention import adapters_to_drop
+
+    space = {"method": optuna.distributions.CategoricalDistribution(["lora", "full"])}
+    values = {0: ("full", 50.0), 1: ("lora", 10.0), 2: ("full", 70.0), 3: ("full", 40.0), 4: ("full", 60.0),
+              5: ("lora", 5.0), 6: ("full", 20.0)}
+    trials = []
+    for number, (method, value) in values.items():
+        trial = optuna.trial.create_trial(value=value, params={"method": method}, distributions=space)
+        trial.number = number
+        trials.append(trial)
+    full = lambda t: METHODS[t.params["method"]].copies_backbone  # noqa: E731
+    dropped = adapters_to_drop(trials, None, full)
+    assert sorted(dropped) == [3, 6]  # full fine-tunings ranked 4th and 5th of 5; both LoRAs kept
+    assert "ranks 4 of 5" in dropped[3] and "full fine-tunings" in dropped[3]
+    assert sorted(adapters_to_drop(trials, "best:2", full)) == [0, 1, 3, 5, 6]
+    assert adapters_to_drop(trials, "all", full) == {}
+    assert 2 not in adapters_to_drop(trials, "best:1", lambda t: True)  # never the best
+
+
+@pytest.mark.parametrize("value", ["best:0", "best", "some", "best:-1"])
+def test_keep_adapters_is_checked(value, write_config, capsys):
+    config = write_config(search={**SEARCH, "keep_adapters": value})
+    assert main(["study", "run", str(config), "--n-trials", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "search.keep_adapters" in err and "best:N" in err and len(err.strip().splitlines()) == 1
+
+
+def test_retention_drops_superseded_adapters_and_keeps_the_best_and_registered(chosen, evaluated, capsys):
+    """The study ran with `best:2`: its third trial's adapter went through MLflow, with the reason
+    on the run. Then `best:1` keeps the best and a registered trial, and evaluate says why a
+    dropped one has no adapter."""
+    from hpo_peft import retention
+    from hpo_peft.recovery import RUN_ID_ATTR
+    from hpo_peft.selection import selection_key
+    from hpo_peft.tracking import Tracker
+
+    study = chosen["study"]
+    ranked = sorted((t for t in study.trials if t.state.name == "COMPLETE"), key=selection_key)
+    assert len(ranked) == 3
+    best, second, third = (t.user_attrs[RUN_ID_ATTR] for t in ranked)
+    assert best == evaluated["mlflow_run_id"]
+    tracker = Tracker(chosen["uri"], "chosen", create=False)
+    client = tracker.client
+
+    def has_adapter(run_id):
+        return "adapter" in {a.path for a in client.list_artifacts(run_id)}
+
+    assert has_adapter(best) and has_adapter(second) and not has_adapter(third)
+    assert "best:2" in client.get_run(third).data.tags["hpo_peft.adapter_dropped"]
+    assert "hpo_peft.adapter_dropped" not in client.get_run(second).data.tags
+
+    tracker.register_adapter(second, "kept-by-hand", alias="mine")
+    assert retention.enforce(study, tracker, "best:1") == []
+    assert has_adapter(best) and has_adapter(second)
+
+    assert main(["evaluate", str(chosen["path"]), *chosen["options"], "--run-id", third]) == 2
+    assert "adapter was dropped" in capsys.readouterr().err
