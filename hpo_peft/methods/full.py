@@ -6,5 +6,5 @@ from hpo_peft.methods.base import MethodConfig, SelectiveMethod
 class Full(SelectiveMethod):
     name = "full"
 
-    def selects(self, name: str, config: MethodConfig) -> bool:
+    def selects(self, name: str, config: MethodConfig, names) -> bool:
         return True
