@@ -13,7 +13,11 @@ from pathlib import Path
 
 import torch
 
-from hpo_peft.demo_kit.tiny_clip import MODEL_IMAGE_SIZE, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from hpo_peft.demo_kit.tiny_clip import (
+    MODEL_IMAGE_SIZE,
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+)
 
 SEED = 7
 MODEL_CFG = {
