@@ -2,7 +2,7 @@
 needed to rebuild the model without the study (base model identity, method and its config,
 categories, prompts, pre-processing), a sha256 of every other file, and a sha256 of the metadata
 itself (`metadata_sha256`, over the rest of it), so no file and no value can change unnoticed.
-Loading checks all of them, then the base model: the fingerprint of every weight the adapter
+Loading checks all of them, then the base model: its family (hf_clip, open_clip, conch), the fingerprint of every weight the adapter
 depends on (vision tower, projection, logit scale), the revision and the pre-processing; each
 refusal says what differs.
 
@@ -41,7 +41,8 @@ def _metadata_digest(metadata: dict[str, Any]) -> str:
 
 
 def base_identity(base: BaseModel) -> dict[str, Any]:
-    return {"name_or_path": base.name_or_path, "revision": base.revision, "fingerprint": base.fingerprint()}
+    return {"name_or_path": base.name_or_path, "revision": base.revision, "fingerprint": base.fingerprint(),
+            "family": base.family.name}
 
 
 def _sha256(path: Path) -> str:
@@ -124,6 +125,13 @@ def verify_files(folder: Path, metadata: dict[str, Any]) -> None:
 def check_base(folder: Path, metadata: dict[str, Any], base: BaseModel) -> None:
     """The adapter's base model is this one: same weights, revision and pre-processing."""
     built_for = metadata["base_model"]
+    family = built_for.get("family", "hf_clip")  # adapters from before model families were HF CLIP's
+    if family != base.family.name:
+        raise UserError(
+            f"{folder}: adapter was built on a {family} model ({built_for.get('name_or_path')!r}), and the base "
+            f"model {base.name_or_path!r} is a {base.family.name} model; an adapter only loads on the model "
+            "family (and the model) it was trained on"
+        )
     if built_for.get("fingerprint") != base.fingerprint():
         raise UserError(
             f"{folder}: adapter was built for base model {built_for.get('name_or_path')!r} "

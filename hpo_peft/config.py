@@ -101,6 +101,7 @@ class DataConfig(Strict):
 class ModelConfig(Strict):
     name_or_path: str = "vinid/plip"
     revision: str | None = None
+    family: Literal["hf_clip", "open_clip", "conch"] | None = None  # None: inferred from name_or_path (models/)
 
 
 class PromptConfig(Strict):

@@ -41,6 +41,8 @@ def fingerprint(config: StudyConfig) -> dict[str, str]:
     """Flat `dotted.key -> JSON value` of everything that defines the study."""
     dumped = config.model_dump(mode="json")
     dumped["data"]["root"] = str(config.data.root.resolve())
+    if dumped["model"].get("family") is None:  # inferred from the source: studies from before the key match
+        dumped["model"].pop("family", None)
     out: dict[str, str] = {}
     for key in DEFINING:
         node = dumped

@@ -5,11 +5,11 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "hpo_peft"
 BRICKS = ["data", "model", "train", "evaluate", "features", "artifacts", "trial", "config", "demo_kit", "errors",
-          "runtime", "validation", "course", "identity", "predict"]
+          "runtime", "validation", "course", "identity", "predict", "models"]
 # the study's own rooms: Optuna and MLflow, but never the layers that call the study
 STUDY_ROOMS = ["search_space", "tracking", "recovery", "samplers", "stores", "run_record", "selection", "scoring",
                "interrupts", "preflight", "run_story", "ui_links", "pyfunc_model", "retention"]
-PACKAGES = ("methods", "demo_kit")
+PACKAGES = ("methods", "demo_kit", "models")
 MAX_LINES = 420  # "about 400": one idea per file
 
 
@@ -78,3 +78,15 @@ def test_no_method_name_comparisons_outside_the_methods():
             if isinstance(node, ast.Compare):
                 constants = [c.value for c in [node.left, *node.comparators] if isinstance(c, ast.Constant)]
                 assert not names & set(constants), f"{path.name}:{node.lineno} compares against a method name"
+
+
+def test_no_family_name_comparisons_outside_the_model_room():
+    """No `if family == "open_clip"`: what differs per model family lives in `hpo_peft/models/`."""
+    names = {"hf_clip", "open_clip", "conch"}
+    for path in PACKAGE.rglob("*.py"):
+        if path.parent.name == "models":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Compare):
+                constants = [c.value for c in [node.left, *node.comparators] if isinstance(c, ast.Constant)]
+                assert not names & set(constants), f"{path.name}:{node.lineno} compares against a family name"

@@ -303,6 +303,7 @@ def test_install_into_an_old_kit_replaces_only_its_parts_quietly(tmp_path, capsy
     for folder in (out, tmp):
         (folder / "model").mkdir(parents=True)
         (folder / "sicapv2").mkdir()
+        (folder / "open_clip_model").mkdir()
         (folder / "model" / "weights.bin").write_text(folder.name)
     (out / "kit.json").write_text('{"kit_version": %d}' % (KIT_VERSION - 1))
     (out / "mine.txt").write_text("mine")
@@ -341,5 +342,5 @@ def test_force_replaces_only_the_kit_parts_and_says_so(tmp_path, monkeypatch, ca
     assert (x / "data" / "table.csv").read_text() == "a,b\n"
     assert demo_kit._is_complete(x)
     assert not (x / "model" / "important.bin").exists()
-    assert sorted(p.name for p in x.iterdir()) == ["data", "kit.json", "model", "notes.txt", "sicapv2"]
+    assert sorted(p.name for p in x.iterdir()) == ["data", "kit.json", "model", "notes.txt", "open_clip_model", "sicapv2"]
     assert list(tmp_path.iterdir()) == [x]

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from hpo_peft.errors import UserError
 from hpo_peft.model import ImageClassifier
+from hpo_peft.models import ModuleNames
 
 WEIGHTS_FILE = "encoder_parameters.safetensors"
 
@@ -65,14 +66,16 @@ class Method:
 
 
 class SelectiveMethod(Method):
-    """Tunes an existing subset of the image encoder, chosen by parameter name."""
+    """Tunes an existing subset of the image encoder, chosen by parameter name; the encoder's
+    family says where its modules are (`ModuleNames`)."""
 
-    def selects(self, name: str, config: MethodConfig) -> bool:
+    def selects(self, name: str, config: MethodConfig, names: ModuleNames) -> bool:
         raise NotImplementedError
 
     def prepare(self, classifier: ImageClassifier, config: MethodConfig) -> ImageClassifier:
         classifier = super().prepare(classifier, config)
+        names = classifier.encoder.module_names
         for name, param in classifier.encoder.named_parameters():
-            if self.selects(name, config):
+            if self.selects(name, config, names):
                 param.requires_grad_(True)
         return classifier

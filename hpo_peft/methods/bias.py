@@ -1,4 +1,5 @@
-"""Bias tuning (BitFit): every bias of the vision tower (102,912 in ViT-B/32)."""
+"""Bias tuning (BitFit): every bias of the vision tower (102,912 in ViT-B/32), including fused
+ones such as `nn.MultiheadAttention`'s `in_proj_bias`."""
 
 from hpo_peft.methods.base import MethodConfig, SelectiveMethod
 
@@ -6,5 +7,5 @@ from hpo_peft.methods.base import MethodConfig, SelectiveMethod
 class Bias(SelectiveMethod):
     name = "bias"
 
-    def selects(self, name: str, config: MethodConfig) -> bool:
-        return name.endswith(".bias")
+    def selects(self, name: str, config: MethodConfig, names) -> bool:
+        return name.rpartition(".")[2].endswith("bias")

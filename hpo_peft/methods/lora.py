@@ -1,10 +1,13 @@
-"""LoRA through HF peft on the attention projections: out = W x + (alpha / r) B(A x).
+"""LoRA on the attention projections: out = W x + (alpha / r) B(A x), through HF peft where the
+family has separate q/k/v modules (HF CLIP), through `fused_lora` where they are fused (open_clip,
+CONCH): the family's `ModuleNames` says which.
 
 Defaults follow the course: q/k/v of every attention block, scale 1 (`lora_alpha = r`), no
 dropout, B = 0 so the adapted model starts equal to the base model. `b_init: random` keeps
 peft's `init_lora_weights=False`, i.e. PyTorch's default `nn.Linear` init for both matrices:
 A, B ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (fan_in 768 for A, r for B), so the model starts
-perturbed. The adapter is saved in peft's own format (`PeftModel.from_pretrained` loads it).
+perturbed. Through peft, the adapter is saved in peft's own format (`PeftModel.from_pretrained`
+loads it); fused, as the trained A and B matrices (`encoder_parameters.safetensors`).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from pydantic import Field
 
 from hpo_peft.errors import UserError
 from hpo_peft.methods.base import Method, MethodConfig
+from hpo_peft.methods.fused_lora import add_fused_lora
 from hpo_peft.model import ImageClassifier
 
 PEFT_FOLDER = "peft_adapter"
@@ -47,16 +51,26 @@ class LoRA(Method):
 
     def prepare(self, classifier: ImageClassifier, config: LoRAConfig) -> ImageClassifier:
         classifier = super().prepare(classifier, config)
+        names = classifier.encoder.module_names
+        if not names.qkv_linears:
+            add_fused_lora(classifier.encoder, names.fused_qkv, config.rank,
+                           config.alpha if config.alpha is not None else config.rank, config.b_init == "random",
+                           config.target_modules, config.dropout)
+            return classifier
         classifier.encoder = get_peft_model(classifier.encoder, peft_config(config))
         return classifier
 
     def save(self, classifier: ImageClassifier, folder: Path, base_name: str | None = None) -> list[str]:
+        if not isinstance(classifier.encoder, PeftModel):
+            return super().save(classifier, folder, base_name)
         # adapter_config.json then names the base model, as peft's own adapters do
         classifier.encoder.peft_config["default"].base_model_name_or_path = base_name
         classifier.encoder.save_pretrained(folder / PEFT_FOLDER)
         return [PEFT_FOLDER]
 
     def load(self, classifier: ImageClassifier, config: LoRAConfig, folder: Path) -> ImageClassifier:
+        if not classifier.encoder.module_names.qkv_linears:
+            return super().load(classifier, config, folder)
         if not (folder / PEFT_FOLDER / "adapter_config.json").is_file():
             raise UserError(f"{folder / PEFT_FOLDER}: peft adapter missing")
         classifier.encoder = PeftModel.from_pretrained(classifier.encoder, folder / PEFT_FOLDER)
