@@ -1,0 +1,264 @@
+"""Studies across machines, for real: a `mlflow server` on a PostgreSQL backend store with served
+artifacts, Optuna on PostgreSQL, and workers that know both only by URL (as on other hosts, named
+by HPO_PEFT_WORKER_HOST). One server for the module; the outage test stops and restarts it last."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import optuna
+import pytest
+import requests
+from mlflow import MlflowClient
+
+from hpo_peft.commands import prepare_study_config
+from hpo_peft.recovery import RUN_ID_ATTR
+from hpo_peft.study import StudyLocation, load_study, run_study
+
+ROOT = Path(__file__).resolve().parents[1]
+SEARCH = {
+    "n_trials": 4,
+    "sampler": {"name": "random", "seed": 1},
+    "pruner": {"name": "none"},
+    "params": {"method": {"choices": ["bias", "lora"]}, "learning_rate": {"low": 0.002, "high": 0.01, "log": True},
+               "max_epochs": 2, "patience": None},
+    "methods": {"lora": {"rank": {"choices": [1, 2]}}},
+    "heartbeat_interval": 1.0,
+    "grace_period": 8.0,  # other hosts: only the heartbeat tells a dead worker
+}
+SLOW = ["--set", "search.params.max_epochs=100000"]  # a trial that runs until it is killed
+
+
+def create_database(postgres_url: str, name: str) -> str:
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(postgres_url, isolation_level="AUTOCOMMIT")
+    with engine.connect() as connection:
+        connection.execute(sqlalchemy.text(f"CREATE DATABASE {name}"))
+    engine.dispose()
+    return postgres_url.rsplit("/", 1)[0] + "/" + name
+
+
+class MlflowServer:
+    """`mlflow server` on loopback: PostgreSQL backend store, artifacts served from a folder."""
+
+    def __init__(self, backend: str, folder: Path):
+        self.backend, self.folder = backend, folder
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", self.backend, "--serve-artifacts",
+                   "--artifacts-destination", str(self.folder / "artifacts"), "--host", "127.0.0.1",
+                   "--port", str(self.port), "--workers", "1"]
+        log = open(self.folder / "server.log", "a")
+        self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, (self.folder / "server.log").read_text()[-3000:]
+            try:
+                if requests.get(self.url + "/health", timeout=2).ok:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.2)
+        pytest.fail("mlflow server did not start: " + (self.folder / "server.log").read_text()[-3000:])
+
+    def stop(self) -> None:
+        """SIGTERM to its process group (uvicorn ends the requests in flight), then wait."""
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+@pytest.fixture(scope="module")
+def server(postgres_url, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("mlflow_server")
+    server = MlflowServer(create_database(postgres_url, f"mlflow_{uuid.uuid4().hex[:8]}"), folder)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def location(server, postgres_url):
+    """A fresh Optuna database and study on the shared server."""
+    return StudyLocation("across", storage=create_database(postgres_url, f"optuna_{uuid.uuid4().hex[:8]}"),
+                         tracking_uri=server.url)
+
+
+def cli(command: str, config: Path, where: StudyLocation, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "hpo_peft.cli", *command.split(), str(config), "--study-name", where.study_name,
+            "--storage", where.storage, "--tracking-uri", where.tracking_uri, *extra]
+
+
+def as_host(host: str) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "HPO_PEFT_WORKER_HOST": host}
+
+
+def trial_runs(where: StudyLocation) -> tuple[list, list]:
+    """(child runs of the study's trials, all its runs), through the server."""
+    client = MlflowClient(where.tracking_uri)
+    experiment = client.get_experiment_by_name(where.study_name)
+    runs = client.search_runs([experiment.experiment_id], max_results=10_000)
+    return [r for r in runs if r.data.tags.get("hpo_peft.run_kind") == "trial"], runs
+
+
+def assert_consistent(where: StudyLocation) -> tuple[optuna.Study, list]:
+    study = load_study(where)
+    children, runs = trial_runs(where)
+    assert sorted(int(r.data.tags["hpo_peft.trial_number"]) for r in children) == [t.number for t in study.trials]
+    assert [(r.info.run_name, r.info.status) for r in runs if r.info.status == "RUNNING"] == []
+    return study, children
+
+
+def download_adapter(where: StudyLocation, run_id: str, destination: Path) -> Path:
+    folder = Path(MlflowClient(where.tracking_uri).download_artifacts(run_id, "adapter", str(destination)))
+    assert (folder / "hpo_peft_adapter.json").is_file() and (folder / "head.safetensors").is_file()
+    return folder
+
+
+def wait_for(condition, process: subprocess.Popen, what: str, timeout: float = 180):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()
+        try:
+            found = condition()
+        except Exception:  # the study may not exist yet
+            found = None
+        if found:
+            return found
+        time.sleep(0.3)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def test_workers_share_a_tracking_server_recover_a_killed_one_and_evaluate_reproduces(
+        server, location, write_config, demo_workspace, tmp_path):
+    from hpo_peft.artifacts import load_adapter
+    from hpo_peft.data import load_test
+    from hpo_peft.evaluate import evaluate_as_trained
+
+    config = write_config("study.yaml", search=SEARCH)
+    doomed = subprocess.Popen(cli("study run", config, location, "--n-trials", "1", "--accept-changes", *SLOW),
+                              env=as_host("node-a"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    workers = [subprocess.Popen(cli("study worker", config, location, "--n-trials", "4", "--accept-changes"),
+                                env=as_host(host), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for host in ("node-b", "node-c")]
+
+    def doomed_trial():
+        return [t for t in load_study(location).trials if t.state.name == "RUNNING" and RUN_ID_ATTR in t.user_attrs
+                and t.user_attrs.get("worker", {}).get("host") == "node-a"]
+
+    killed = wait_for(doomed_trial, doomed, "node-a's trial")[0]
+    wait_for(lambda: load_study(location).trials[killed.number].user_attrs.get("heartbeat"), doomed, "a heartbeat")
+    doomed.kill()  # SIGKILL mid-trial: nothing of it closes its trial or runs
+    doomed.communicate()
+    outputs = []
+    for worker in workers:
+        out, err = worker.communicate(timeout=400)
+        assert worker.returncode == 0, err[-3000:]
+        assert "the study's budget is used up: 4 of 4 trials ended" in out, out
+        assert f"MLflow {server.url}, experiment 'across', session run" in out, out  # where it logs
+        outputs.append(out)
+    assert any(f"recovered stale trials [{killed.number}]" in out for out in outputs), outputs
+
+    study, children = assert_consistent(location)
+    stale = study.trials[killed.number]
+    assert stale.state.name == "FAIL" and "worker stopped" in stale.user_attrs["fail_reason"]
+    retry = [t for t in study.trials if t.user_attrs.get("retry_of") == killed.number]
+    assert len(retry) == 1 and retry[0].params == stale.params and retry[0].state.name == "COMPLETE"
+    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert len(complete) == 4 and len(study.trials) == 5  # the total, shared: the killed trial's retry took its place
+    assert {t.user_attrs["worker"]["host"] for t in complete} <= {"node-b", "node-c"}
+    status = {r.info.run_id: r.info.status for r in children}
+    assert status[stale.user_attrs[RUN_ID_ATTR]] == "KILLED"
+    for trial in complete:  # adapters live in the server's artifact store and come back through it
+        run = MlflowClient(location.tracking_uri).get_run(trial.user_attrs[RUN_ID_ATTR])
+        assert status[run.info.run_id] == "FINISHED" and run.info.artifact_uri.startswith("mlflow-artifacts:")
+        download_adapter(location, run.info.run_id, tmp_path / f"adapter{trial.number}")
+
+    # evaluate from a third process that knows the study only by the two URLs (no local store)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    result = subprocess.run(cli("evaluate", config, location, "--json", "--register", "across-best"),
+                            env=as_host("node-d"), cwd=elsewhere, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    scored = json.loads(result.stdout[result.stdout.index("{"):])
+    assert not (elsewhere / "mlruns").exists()
+    by_run = {t.user_attrs[RUN_ID_ATTR]: t for t in complete}
+    assert scored["val_balanced_accuracy"] == pytest.approx(by_run[scored["mlflow_run_id"]].value)
+    assert scored["val_balanced_accuracy"] == pytest.approx(max(t.value for t in complete))  # the best one
+    client = MlflowClient(location.tracking_uri)
+    logged = client.get_run(scored["mlflow_run_id"]).data.metrics["test_balanced_accuracy"]
+    assert logged == pytest.approx(scored["balanced_accuracy"])
+    version = client.get_model_version("across-best", str(scored["registered_version"]))
+    assert version.run_id == scored["mlflow_run_id"]
+    # ... and the adapter fetched here through the server gives the same test score
+    study_config = prepare_study_config(config, [])
+    classifier, _ = load_adapter(download_adapter(location, scored["mlflow_run_id"], tmp_path / "best"),
+                                 demo_workspace.base, study_config.data.categories)
+    test = load_test(study_config.data, demo_workspace.base.preprocessing)
+    again = evaluate_as_trained(classifier, test, demo_workspace.base.preprocessing, study_config.data.categories,
+                                study_config.train)
+    assert again.balanced_accuracy == pytest.approx(scored["balanced_accuracy"])
+
+
+def test_a_server_outage_mid_study_loses_nothing(server, location, write_config, tmp_path):
+    """Runs last in this module: it stops the shared server and starts it again on the same port."""
+    config = prepare_study_config(write_config("study.yaml", search={**SEARCH, "n_trials": 3}), [])
+    outage = {}
+
+    def stop_mid_trial():
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and "stopped" not in outage:
+            try:
+                trials = load_study(location).trials
+            except Exception:
+                trials = []
+            running = [t for t in trials if t.state.name == "RUNNING" and RUN_ID_ATTR in t.user_attrs]
+            if running:
+                outage["trial"] = running[0].number
+                server.stop()
+                outage["stopped"] = True
+                time.sleep(3)  # the outage: every call meanwhile is refused and retried
+                server.start()
+                outage["restarted"] = True
+                return
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=stop_mid_trial)
+    watcher.start()
+    try:
+        run_study(config, location, n_trials=3, timeout=None)
+    finally:
+        watcher.join(timeout=300)
+    assert outage.get("restarted"), "the server was not stopped during the study"
+
+    study, children = assert_consistent(location)
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3
+    client = MlflowClient(location.tracking_uri)
+    for trial in study.trials:
+        run = client.get_run(trial.user_attrs[RUN_ID_ATTR])
+        assert run.info.status == "FINISHED" and run.data.tags["hpo_peft.trial_state"] == "COMPLETE"
+        assert run.data.metrics["final_val_balanced_accuracy"] == pytest.approx(trial.value)
+        history = client.get_metric_history(run.info.run_id, "val_loss")
+        assert sorted(m.step for m in history) == sorted({m.step for m in history}) and len(history) == 2
+        assert "wall_time_s" in run.data.metrics and "trainable_parameters" in run.data.metrics
+        download_adapter(location, run.info.run_id, tmp_path / f"adapter{trial.number}")
+    artifacts = {f.path for f in client.list_artifacts(trial.user_attrs[RUN_ID_ATTR])}
+    assert "validation_confusion_matrix.png" in artifacts
