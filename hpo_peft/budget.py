@@ -6,17 +6,21 @@ worker died, and queued once more, does not count: its retry takes its place. A 
 trial only while the budget has room, waits while other workers' running trials fill it (one of
 them may still die and be retried), and ends when the ended trials reach N.
 
-Workers that check at the same instant may both take the last place (Optuna has no atomic
-"create a trial if fewer than N"): a study can end one trial over N per such race.
+Optuna has no atomic "create a trial if fewer than N": a lock on the study (`ClaimLock`) is held from
+the check until the worker's trial exists, so two workers never both take the last place.
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import optuna
 from optuna.trial import TrialState
 
+from hpo_peft import stores
 from hpo_peft.recovery import RETRY_OF_ATTR
 
 ENDED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
@@ -39,3 +43,62 @@ def usage(study: optuna.Study) -> Usage:
     retried = {t.user_attrs[RETRY_OF_ATTR] for t in trials if RETRY_OF_ATTR in t.user_attrs}
     ended = sum(t.state in ENDED and not (t.state == TrialState.FAIL and t.number in retried) for t in trials)
     return Usage(ended=ended, running=sum(t.state == TrialState.RUNNING for t in trials))
+
+
+class ClaimLock:
+    """Held from the budget check until this worker's next trial exists, so two workers never both
+    take the last place: a PostgreSQL advisory lock (any host) or a file lock beside a journal or
+    SQLite file (one machine or a shared file system). Other databases: no lock (a race is possible)."""
+
+    def __init__(self, storage_url: str | None, study_name: str):
+        self.url, self.study_name = storage_url, study_name
+        self._release = None
+
+    def __enter__(self) -> "ClaimLock":
+        path = stores.journal_path(self.url)
+        url = None if path is not None else stores.database_url(self.url)
+        if path is None and url is not None:
+            path = stores.sqlite_path(url)
+        if path is not None:
+            self._release = _file_lock(path.with_name(path.name + ".budget.lock"))
+        elif url.startswith("postgresql"):
+            self._release = _advisory_lock(url, self.study_name)
+        return self
+
+    def release(self) -> None:
+        release, self._release = self._release, None
+        if release is not None:
+            release()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _file_lock(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(path, "a")
+    fcntl.flock(handle, fcntl.LOCK_EX)
+
+    def release() -> None:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
+
+    return release
+
+
+def _advisory_lock(url: str, study_name: str):
+    import sqlalchemy
+
+    key = int.from_bytes(hashlib.sha256(f"hpo_peft.budget:{study_name}".encode()).digest()[:8], "big", signed=True)
+    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+    connection = engine.connect()
+    connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": key})
+
+    def release() -> None:
+        try:
+            connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+        finally:  # closing the connection releases the lock in any case
+            connection.close()
+            engine.dispose()
+
+    return release

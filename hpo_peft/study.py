@@ -119,9 +119,12 @@ def load_study(options: StudyLocation) -> optuna.Study:
 
 
 def make_objective(workspace: Workspace, config: StudyConfig, tracker: Tracker, parent_id: str, study_name: str,
-                   heartbeat: Heartbeat):
-    """`config` holds the study's search space; `workspace` the data and model its trials train on."""
+                   heartbeat: Heartbeat, on_start=None):
+    """`config` holds the study's search space; `workspace` the data and model its trials train on;
+    `on_start()` is called once the trial exists (budget.ClaimLock's release)."""
     def objective(trial: optuna.Trial) -> float:
+        if on_start is not None:
+            on_start()
         trial.set_user_attr(WORKER_ATTR, worker_identity())
         heartbeat.attach(trial, None)
         plan = sample_plan(trial, config)
@@ -178,11 +181,11 @@ def release_accelerator_memory() -> None:
 
 
 def optimize(study: optuna.Study, workspace: Workspace, tracker: Tracker, parent_id: str,
-             n_trials: int | None, timeout: float | None, config: StudyConfig | None = None) -> None:
+             n_trials: int | None, timeout: float | None, config: StudyConfig | None = None, on_start=None) -> None:
     config = config or workspace.config
     with Heartbeat(tracker, None, config.search.heartbeat_interval) as heartbeat:
         study.optimize(
-            make_objective(workspace, config, tracker, parent_id, study.study_name, heartbeat),
+            make_objective(workspace, config, tracker, parent_id, study.study_name, heartbeat, on_start),
             n_trials=n_trials,
             timeout=timeout,
             catch=(Exception,),  # a failing trial is recorded as FAIL and the study goes on
@@ -253,18 +256,19 @@ def work_through_budget(study: optuna.Study, workspace: Workspace, tracker: Trac
         recovered = recover_stale(study, tracker, search.grace_period)
         if recovered:
             print(f"recovered stale trials {recovered}: marked FAIL, queued once more", flush=True)
-        used = budget.usage(study)
-        if used.used_up(total):
-            print(f"the study's budget is used up: {used.ended} of {total} trials ended", flush=True)
-            return
-        left = None if timeout is None else timeout - (time.monotonic() - started)
-        if left is not None and left <= 0:
-            print(f"--timeout reached: {used.ended} of {total} trials ended", flush=True)
-            return
-        if used.has_room(total):
-            optimize(study, workspace, tracker, parent_id, 1, left)
-        else:  # the running trials fill the budget; one may still die and be queued again
-            time.sleep(max(1.0, min(search.heartbeat_interval, 10.0)))
+        with budget.ClaimLock(options.storage, options.study_name) as claim:  # released once the trial exists
+            used = budget.usage(study)
+            if used.used_up(total):
+                print(f"the study's budget is used up: {used.ended} of {total} trials ended", flush=True)
+                return
+            left = None if timeout is None else timeout - (time.monotonic() - started)
+            if left is not None and left <= 0:
+                print(f"--timeout reached: {used.ended} of {total} trials ended", flush=True)
+                return
+            if used.has_room(total):
+                optimize(study, workspace, tracker, parent_id, 1, left, on_start=claim.release)
+                continue
+        time.sleep(max(1.0, min(search.heartbeat_interval, 10.0)))  # running trials fill the budget; one may die
 
 
 def _worker(config_json: str, options: StudyLocation, parent_id: str, n_trials: int, timeout: float | None) -> None:

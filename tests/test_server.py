@@ -175,7 +175,7 @@ def test_workers_share_a_tracking_server_recover_a_killed_one_and_evaluate_repro
         assert "the study's budget is used up: 4 of 4 trials ended" in out, out
         assert f"MLflow {server.url}, experiment 'across', session run" in out, out  # where it logs
         outputs.append(out)
-    assert any(f"recovered stale trials [{killed.number}]" in out for out in outputs), outputs
+    assert any(f"recovered stale trials [{killed.number}]" in out for out in outputs), "\n".join(outputs)
 
     study, children = assert_consistent(location)
     stale = study.trials[killed.number]
