@@ -102,6 +102,89 @@ def location(server, postgres_url):
                          tracking_uri=server.url)
 
 
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    """A one-node SLURM cluster (Debian's slurm-wlm, run as root) with its own munge daemon and
+    ports: the environment in which `sbatch`, `squeue` and `scontrol` talk to it."""
+    import shutil
+
+    daemons = {name: shutil.which(name) or f"/usr/sbin/{name}" for name in ("munged", "slurmctld", "slurmd")}
+    if not all(os.path.exists(path) for path in daemons.values()) or shutil.which("sbatch") is None:
+        pytest.fail("SLURM not found; .ci/run installs Debian's slurm-wlm and munge")
+    folder = tmp_path_factory.mktemp("slurm")
+    key = folder / "munge.key"
+    key.write_bytes(os.urandom(1024))
+    key.chmod(0o400)
+    socket_path = folder / "munge.socket"
+    subprocess.run([daemons["munged"], "--force", f"--socket={socket_path}", f"--key-file={key}",
+                    f"--pid-file={folder / 'munged.pid'}", f"--log-file={folder / 'munged.log'}",
+                    f"--seed-file={folder / 'munged.seed'}"], check=True, capture_output=True)
+    ports = []
+    for _ in range(2):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            ports.append(probe.getsockname()[1])
+    host = socket.gethostname().split(".")[0]
+    (folder / "state").mkdir()
+    (folder / "spool").mkdir()
+    conf = folder / "slurm.conf"
+    conf.write_text("\n".join([
+        "ClusterName=hpopeft", f"SlurmctldHost={host}", "AuthType=auth/munge", f"AuthInfo=socket={socket_path}",
+        "SlurmUser=root", "SlurmdUser=root", f"SlurmctldPort={ports[0]}", f"SlurmdPort={ports[1]}",
+        f"StateSaveLocation={folder / 'state'}", f"SlurmdSpoolDir={folder / 'spool'}",
+        f"SlurmctldPidFile={folder / 'slurmctld.pid'}", f"SlurmdPidFile={folder / 'slurmd.pid'}",
+        f"SlurmctldLogFile={folder / 'slurmctld.log'}", f"SlurmdLogFile={folder / 'slurmd.log'}",
+        "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none", "SelectType=select/cons_tres",
+        "SelectTypeParameters=CR_CPU", "ReturnToService=2", "MpiDefault=none",
+        f"NodeName={host} CPUs={os.cpu_count()} RealMemory=1000 State=UNKNOWN",
+        f"PartitionName=test Nodes={host} Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES", ""]))
+    env = {**os.environ, "SLURM_CONF": str(conf)}
+    try:
+        for daemon in ("slurmctld", "slurmd"):
+            subprocess.run([daemons[daemon], "-f", str(conf)], check=True, capture_output=True, env=env)
+        deadline = time.monotonic() + 120
+        while subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, env=env).stdout.strip() != "idle":
+            if time.monotonic() > deadline:
+                pytest.fail("SLURM node not idle: " + (folder / "slurmctld.log").read_text()[-2000:])
+            time.sleep(0.3)
+        yield env
+    finally:
+        for name in ("slurmd", "slurmctld", "munged"):
+            pid_file = folder / f"{name}.pid"
+            if pid_file.exists():
+                try:
+                    os.kill(int(pid_file.read_text().split()[0]), signal.SIGTERM)
+                except (ProcessLookupError, ValueError):
+                    pass
+
+
+def sbatch_workers(slurm: dict, config: Path, where: StudyLocation, tasks: int, total: int, folder: Path,
+                   *extra: str) -> str:
+    """deploy/slurm_study.sh as a job array of `tasks` workers; returns the job id."""
+    env = {**slurm, "PYTHONPATH": str(ROOT), "CONFIG": str(config), "N_TRIALS": str(total),
+           "HPO_PEFT": f"{sys.executable} -m hpo_peft.cli", "HPO_PEFT_STORAGE": where.storage,
+           "HPO_PEFT_TRACKING_URI": where.tracking_uri, "HPO_PEFT_WORKER_HOST": "node"}
+    submitted = subprocess.run(
+        ["sbatch", "--parsable", f"--array=0-{tasks - 1}", "--cpus-per-task=1", "--mem=100M",
+         f"--output={folder}/worker-%a.log", f"--chdir={ROOT}", str(ROOT / "deploy" / "slurm_study.sh"),
+         "--study-name", where.study_name, *extra], capture_output=True, text=True, env=env, check=True)
+    return submitted.stdout.strip().split(";")[0]
+
+
+def wait_for_job(slurm: dict, job: str, timeout: float = 400) -> dict[int, str]:
+    """Until every task of the array has ended: {task id: "STATE exit code"}."""
+    deadline = time.monotonic() + timeout
+    while subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True, env=slurm).stdout.strip():
+        assert time.monotonic() < deadline, f"SLURM job {job} still running"
+        time.sleep(0.5)
+    shown = subprocess.run(["scontrol", "-o", "show", "job", job], capture_output=True, text=True, env=slurm).stdout
+    ended = {}
+    for line in shown.splitlines():
+        fields = dict(item.split("=", 1) for item in line.split() if "=" in item)
+        ended[int(fields["ArrayTaskId"])] = f"{fields['JobState']} {fields['ExitCode']}"
+    return ended
+
+
 def cli(command: str, config: Path, where: StudyLocation, *extra: str) -> list[str]:
     return [sys.executable, "-m", "hpo_peft.cli", *command.split(), str(config), "--study-name", where.study_name,
             "--storage", where.storage, "--tracking-uri", where.tracking_uri, *extra]
@@ -147,8 +230,9 @@ def wait_for(condition, process: subprocess.Popen, what: str, timeout: float = 1
     pytest.fail(f"timed out waiting for {what}")
 
 
-def test_workers_share_a_tracking_server_recover_a_killed_one_and_evaluate_reproduces(
-        server, location, write_config, demo_workspace, tmp_path):
+def test_a_slurm_job_array_shares_a_tracking_server_recovers_a_killed_worker_and_evaluate_reproduces(
+        server, slurm, location, write_config, demo_workspace, tmp_path):
+    """Two workers of deploy/slurm_study.sh (hosts node-0, node-1) and one more (node-a) killed mid-trial."""
     from hpo_peft.artifacts import load_adapter
     from hpo_peft.data import load_test
     from hpo_peft.evaluate import evaluate_as_trained
@@ -156,9 +240,7 @@ def test_workers_share_a_tracking_server_recover_a_killed_one_and_evaluate_repro
     config = write_config("study.yaml", search=SEARCH)
     doomed = subprocess.Popen(cli("study run", config, location, "--n-trials", "1", "--accept-changes", *SLOW),
                               env=as_host("node-a"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    workers = [subprocess.Popen(cli("study worker", config, location, "--n-trials", "4", "--accept-changes"),
-                                env=as_host(host), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-               for host in ("node-b", "node-c")]
+    job = sbatch_workers(slurm, config, location, 2, 4, tmp_path, "--accept-changes")
 
     def doomed_trial():
         return [t for t in load_study(location).trials if t.state.name == "RUNNING" and RUN_ID_ATTR in t.user_attrs
@@ -168,13 +250,12 @@ def test_workers_share_a_tracking_server_recover_a_killed_one_and_evaluate_repro
     wait_for(lambda: load_study(location).trials[killed.number].user_attrs.get("heartbeat"), doomed, "a heartbeat")
     doomed.kill()  # SIGKILL mid-trial: nothing of it closes its trial or runs
     doomed.communicate()
-    outputs = []
-    for worker in workers:
-        out, err = worker.communicate(timeout=400)
-        assert worker.returncode == 0, err[-3000:]
+    ended = wait_for_job(slurm, job)
+    outputs = [(tmp_path / f"worker-{task}.log").read_text() for task in (0, 1)]
+    assert ended == {0: "COMPLETED 0:0", 1: "COMPLETED 0:0"}, "\n".join(outputs)
+    for out in outputs:
         assert "the study's budget is used up: 4 of 4 trials ended" in out, out
         assert f"MLflow {server.url}, experiment 'across', session run" in out, out  # where it logs
-        outputs.append(out)
     assert any(f"recovered stale trials [{killed.number}]" in out for out in outputs), "\n".join(outputs)
 
     study, children = assert_consistent(location)
@@ -184,7 +265,7 @@ def test_workers_share_a_tracking_server_recover_a_killed_one_and_evaluate_repro
     assert len(retry) == 1 and retry[0].params == stale.params and retry[0].state.name == "COMPLETE"
     complete = [t for t in study.trials if t.state.name == "COMPLETE"]
     assert len(complete) == 4 and len(study.trials) == 5  # the total, shared: the killed trial's retry took its place
-    assert {t.user_attrs["worker"]["host"] for t in complete} <= {"node-b", "node-c"}
+    assert {t.user_attrs["worker"]["host"] for t in complete} <= {"node-0", "node-1"}
     status = {r.info.run_id: r.info.status for r in children}
     assert status[stale.user_attrs[RUN_ID_ATTR]] == "KILLED"
     for trial in complete:  # adapters live in the server's artifact store and come back through it
