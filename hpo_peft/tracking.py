@@ -28,6 +28,7 @@ from hpo_peft.errors import UserError
 from hpo_peft.runtime import worker_identity
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # adapters are small; keep output readable
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # a server's "View run" lines would break --json
 
 # A tracking server that stops answering for a while (a restart, the network) is waited for: MLflow's
 # client retries refused connections, timeouts and 408/429/5xx answers with exponential backoff,

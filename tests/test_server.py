@@ -97,8 +97,8 @@ def server(postgres_url, tmp_path_factory):
 
 @pytest.fixture
 def location(server, postgres_url):
-    """A fresh Optuna database and study on the shared server."""
-    return StudyLocation("across", storage=create_database(postgres_url, f"optuna_{uuid.uuid4().hex[:8]}"),
+    """A fresh Optuna database, and a study (MLflow experiment) of its own on the shared server."""
+    return StudyLocation(f"across-{uuid.uuid4().hex[:6]}", storage=create_database(postgres_url, f"optuna_{uuid.uuid4().hex[:8]}"),
                          tracking_uri=server.url)
 
 
@@ -255,7 +255,7 @@ def test_a_slurm_job_array_shares_a_tracking_server_recovers_a_killed_worker_and
     assert ended == {0: "COMPLETED 0:0", 1: "COMPLETED 0:0"}, "\n".join(outputs)
     for out in outputs:
         assert "the study's budget is used up: 4 of 4 trials ended" in out, out
-        assert f"MLflow {server.url}, experiment 'across', session run" in out, out  # where it logs
+        assert f"MLflow {server.url}, experiment {location.study_name!r}, session run" in out, out  # where it logs
     assert any(f"recovered stale trials [{killed.number}]" in out for out in outputs), "\n".join(outputs)
 
     study, children = assert_consistent(location)
@@ -279,7 +279,7 @@ def test_a_slurm_job_array_shares_a_tracking_server_recovers_a_killed_worker_and
     result = subprocess.run(cli("evaluate", config, location, "--json", "--register", "across-best"),
                             env=as_host("node-d"), cwd=elsewhere, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    scored = json.loads(result.stdout[result.stdout.index("{"):])
+    scored = json.loads(result.stdout)  # stdout is the JSON alone, also with a server
     assert not (elsewhere / "mlruns").exists()
     by_run = {t.user_attrs[RUN_ID_ATTR]: t for t in complete}
     assert scored["val_balanced_accuracy"] == pytest.approx(by_run[scored["mlflow_run_id"]].value)
@@ -297,6 +297,24 @@ def test_a_slurm_job_array_shares_a_tracking_server_recovers_a_killed_worker_and
     again = evaluate_as_trained(classifier, test, demo_workspace.base.preprocessing, study_config.data.categories,
                                 study_config.train)
     assert again.balanced_accuracy == pytest.approx(scored["balanced_accuracy"])
+
+
+def test_a_server_that_stays_away_is_named_in_one_line_after_the_retries(server, monkeypatch):
+    from hpo_peft.tracking import Tracker, TrackingUnavailable
+
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "8"  # the package's default: about 4 minutes of tries
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")  # quick: the defaults wait about 4 minutes
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    tracker = Tracker(server.url, experiment="gone")
+    tracker.uri, tracker.client = url, MlflowClient(url)  # as if the server went away after the session began
+    with pytest.raises(TrackingUnavailable) as raised:
+        tracker.log_metrics("0" * 32, {"val_loss": 1.0})
+    message = str(raised.value)
+    assert message.startswith(f"MLflow tracking server {url} did not answer log_metrics (1 retries over")
+    assert "connection refused" in message and "\n" not in message
 
 
 def test_a_server_outage_mid_study_loses_nothing(server, location, write_config, tmp_path):
