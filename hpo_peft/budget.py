@@ -86,10 +86,15 @@ def _file_lock(path: Path):
     return release
 
 
+def lock_key(study_name: str) -> int:
+    """The study's PostgreSQL advisory lock (a signed 64-bit number)."""
+    return int.from_bytes(hashlib.sha256(f"hpo_peft.budget:{study_name}".encode()).digest()[:8], "big", signed=True)
+
+
 def _advisory_lock(url: str, study_name: str):
     import sqlalchemy
 
-    key = int.from_bytes(hashlib.sha256(f"hpo_peft.budget:{study_name}".encode()).digest()[:8], "big", signed=True)
+    key = lock_key(study_name)
     engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
     connection = engine.connect()
     connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": key})
