@@ -89,10 +89,10 @@ def _study_trial(config: StudyConfig, name: str, report) -> dict:
         lines.append(f"best epoch {outcome.selected_epoch} (early stop: {outcome.training.stopped_early})")
     elif outcome.scheme == "kfold":
         lines.append(f"{len(outcome.folds)} folds; adapter refit on all {config.data.shots} shots/class for "
-                     f"{outcome.selected_epoch} epochs (median best epoch over folds)")
+                     f"{outcome.selected_epoch} epochs (the folds' mean curve's best epoch)")
     if outcome.validation is not None:
         lines.append(f"validation balanced accuracy: {outcome.validation.balanced_accuracy:.2f}%"
-                     + (" (mean over folds)" if outcome.scheme == "kfold" else ""))
+                     + (" (mean over folds, each at the epoch the other folds pick)" if outcome.scheme == "kfold" else ""))
     else:
         lines.append("no validation: too few shots to hold any out")
     lines.append(f"labels used per class: {outcome.labels_per_class}")
@@ -132,6 +132,7 @@ def prepare_study_config(path: Path, overrides: list[str]) -> StudyConfig:
 def run_study_command(path: Path, overrides: list[str], options: dict, n_trials: int | None, timeout: float | None,
                       jobs: int = 1, accept_changes: bool = False, total: bool = False) -> None:
     from hpo_peft.preflight import check_session
+    from hpo_peft.recovery import RUN_ID_ATTR
     from hpo_peft.selection import select_best
     from hpo_peft.study import StudyLocation, run_study
 
@@ -146,18 +147,24 @@ def run_study_command(path: Path, overrides: list[str], options: dict, n_trials:
     best = select_best(study.trials)
     if best is None:
         print("no completed trial yet")
-        return
-    print(f"best trial {best.number}: validation balanced accuracy {best.value:.2f}%  {best.params}")
+    else:
+        print(f"best trial {best.number}: validation balanced accuracy {best.value:.2f}%  {best.params}")
+    print_ui_links(where, best.user_attrs.get(RUN_ID_ATTR) if best is not None else None)
+
+
+def corrected_line(corrected: float) -> str:
+    return (f"expected on unseen images (the selection score less what choosing the best of the study's trials "
+            f"adds, estimated over its folds): {corrected:.2f}%")
 
 
 def best_command(path: Path, overrides: list[str], options: dict, as_json: bool) -> None:
     from hpo_peft.recovery import RUN_ID_ATTR
-    from hpo_peft.study import StudyLocation, best_trial
+    from hpo_peft.study import StudyLocation, best_and_corrected
     from hpo_peft.tracking import Tracker
 
     config = load_config(path, overrides)
     where = StudyLocation.of(config, **options)
-    best = best_trial(where)
+    best, corrected = best_and_corrected(where)
     run_id = best.user_attrs.get(RUN_ID_ATTR)
     test = None
     if run_id:  # the test score, once `evaluate` has scored this trial
@@ -167,16 +174,21 @@ def best_command(path: Path, overrides: list[str], options: dict, as_json: bool)
         "trial_number": best.number,
         "params": best.params,
         "val_balanced_accuracy": best.value,
+        "val_balanced_accuracy_corrected": corrected,
         "test_balanced_accuracy": test,
         "mlflow_run_id": run_id,
+        "mlflow_ui": ui_links(where, run_id),
     }
     if as_json:
         print(json.dumps(summary, indent=2))
         return
     print(f"best trial {best.number}: selection score (validation balanced accuracy) {best.value:.2f}%")
+    if corrected is not None:
+        print(corrected_line(corrected))
     print(f"test balanced accuracy: {f'{test:.2f}% (validation - test gap {best.value - test:+.2f})' if test is not None else 'not evaluated yet (hpo-peft evaluate)'}")
     print(f"parameters: {best.params}")
     print(f"MLflow run: {run_id}")
+    print_ui_links(where, run_id, summary["mlflow_ui"])
 
 
 def evaluate_command(
@@ -186,14 +198,17 @@ def evaluate_command(
     from hpo_peft.data import load_test
     from hpo_peft.model import load_base_model
     from hpo_peft.recovery import RUN_ID_ATTR
+    from hpo_peft.run_story import OBJECTIVE
     from hpo_peft.scoring import evaluate_run
-    from hpo_peft.study import StudyLocation, best_trial
+    from hpo_peft.study import StudyLocation, best_and_corrected
     from hpo_peft.tracking import Tracker
 
     config = prepare_config(path, overrides)
     where = StudyLocation.of(config, **options)
+    corrected = None  # only for the study's own choice
     if run_id is None:
-        run_id = best_trial(where).user_attrs.get(RUN_ID_ATTR)
+        best, corrected = best_and_corrected(where)
+        run_id = best.user_attrs.get(RUN_ID_ATTR)
         if run_id is None:
             raise UserError(f"the best trial of study {where.study_name!r} has no MLflow run")
     tracker = Tracker(where.tracking_uri, experiment=where.study_name, create=False)
@@ -201,9 +216,9 @@ def evaluate_command(
     base = load_base_model(config.model)
     test = load_test(config.data, base.preprocessing)
     metrics, metadata = evaluate_run(tracker, run_id, base, test, config)
-    selection = tracker.get_run(run_id).data.metrics.get("final_val_balanced_accuracy")
+    selection = tracker.get_run(run_id).data.metrics.get(OBJECTIVE)
     result = {"mlflow_run_id": run_id, "method": metadata["method"], "val_balanced_accuracy": selection,
-              **metrics.as_dict()}
+              "val_balanced_accuracy_corrected": corrected, **metrics.as_dict(), "mlflow_ui": ui_links(where, run_id)}
     if register:
         result["registered_version"] = tracker.register_adapter(run_id, register)
         result["registered_model"] = register
@@ -214,10 +229,13 @@ def evaluate_command(
         if selection is not None:
             print(f"selection score (validation balanced accuracy) {selection:.2f}%; "
                   f"validation - test gap {selection - metrics.balanced_accuracy:+.2f} points")
+        if corrected is not None:
+            print(corrected_line(corrected) + f"; minus test {corrected - metrics.balanced_accuracy:+.2f} points")
         print("per-class recall: " + ", ".join(f"{c} {r:.1f}%" for c, r in metrics.per_class_recall.items()))
         print(format_confusion(metrics.confusion, config.data.categories))
         if register:
             print(f"registered as {register} version {result['registered_version']} (alias 'best')")
+        print_ui_links(where, run_id, result["mlflow_ui"], "evaluated run")
     return result
 
 
@@ -236,3 +254,16 @@ def compare_command(path: Path, overrides: list[str], options: dict, shots: list
     table = run_compare(config, where, out)
     print(table.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
     print(f"table, per-run CSV and plot in {out}")
+
+
+def ui_links(where, run_id: str | None) -> dict[str, str]:
+    """The MLflow UI's run table (sorted by the objective) and the run's page (ui_links.py)."""
+    from hpo_peft.ui_links import study_links
+
+    return study_links(where.tracking_uri, where.study_name, run_id)
+
+
+def print_ui_links(where, run_id: str | None, links: dict[str, str] | None = None, label: str = "best run") -> None:
+    from hpo_peft.ui_links import print_links
+
+    print_links(links or ui_links(where, run_id), label)

@@ -3,10 +3,13 @@ becomes its run's state:
 
 | trial ends          | Optuna trial | MLflow run | recorded                                   |
 |---------------------|--------------|------------|--------------------------------------------|
-| returns a value     | COMPLETE     | FINISHED   | metrics, figures, adapter                  |
+| returns a value     | COMPLETE     | FINISHED   | `objective_val_balanced_accuracy`, metrics, figures, adapter |
 | pruned              | PRUNED       | FINISHED   | `pruned_at_epoch` (kfold: `pruned_after_fold`), tag state PRUNED |
 | raises              | FAIL         | FAILED     | `fail_reason`, traceback in `hpo_peft.error` |
 | Ctrl-C / SIGTERM    | FAIL         | KILLED     | `fail_reason` "interrupted (...)"          |
+
+Each run is named and described for the MLflow UI as it ends (run_story.py), and carries its
+dataset inputs; the study's best trial carries `hpo_peft.best=true`, moved as better ones appear.
 """
 
 from __future__ import annotations
@@ -19,12 +22,25 @@ from pathlib import Path
 import optuna
 
 from hpo_peft import interrupts
+from hpo_peft import run_story as story
 from hpo_peft.artifacts import save_adapter
+from hpo_peft.data import LabelledImages
 from hpo_peft.evaluate import Metrics, confusion_figure
 from hpo_peft.recovery import RUN_ID_ATTR
+from hpo_peft.run_story import OBJECTIVE, display_value
 from hpo_peft.selection import select_best
-from hpo_peft.tracking import TAG_BEST_RUN, Tracker, temporary_folder
+from hpo_peft.tracking import (
+    TAG_BEST_RUN,
+    TAG_KIND,
+    TAG_STATE,
+    TAG_STUDY,
+    TAG_TRIAL,
+    Tracker,
+    temporary_folder,
+)
 from hpo_peft.trial import TrialOutcome, Workspace
+
+TAG_SESSION = "hpo_peft.session"
 
 FAIL_REASON_ATTR = "fail_reason"
 
@@ -38,48 +54,89 @@ class Pruned(optuna.TrialPruned):
 @contextmanager
 def trial_run(tracker: Tracker, trial: optuna.Trial, parent_id: str, study_name: str, params: dict):
     """Open the trial's child run; close it with the state its outcome maps to (table above)."""
-    run_id = None
+    run_id, method, sampled = None, str(params.get("method")), dict(trial.params)
+
+    def tell(state: str, note: str, pruned_at: str | None = None) -> None:
+        name = story.trial_name(trial.number, method, sampled, state, pruned_at=pruned_at)
+        tracker.describe(run_id, name, story.trial_description(params, state, note=note))
+
     try:
         with interrupts.deferred():  # a run is never created without its id recorded on the trial
             run_id = tracker.start_trial(parent_id, study_name, trial.number, params)
             trial.set_user_attr(RUN_ID_ATTR, run_id)
+            tracker.describe(run_id, story.trial_name(trial.number, method, sampled, "RUNNING"))
         yield run_id  # a signal held back above is raised here, inside the try
     except optuna.TrialPruned as err:
+        at = None
         if isinstance(err, Pruned):
             tracker.log_metrics(run_id, {err.metric: err.step})
+            at = str(err.step) if err.metric == "pruned_at_epoch" else f"fold{err.step}"
+        tell("PRUNED", str(err), at)
         tracker.end_run(run_id, "FINISHED", state="PRUNED")
         raise
     except KeyboardInterrupt as err:
         trial.set_user_attr(FAIL_REASON_ATTR, interrupts.reason(err))
         if run_id is not None:
+            tell("KILLED", interrupts.reason(err))
             tracker.end_run(run_id, "KILLED", state="FAIL", error=interrupts.reason(err))
         raise
     except Exception as err:
         trial.set_user_attr(FAIL_REASON_ATTR, f"{type(err).__name__}: {err}")
         if run_id is not None:
+            tell("FAIL", f"{type(err).__name__}: {str(err)[:300]}")
             tracker.end_run(run_id, "FAILED", state="FAIL", error=traceback.format_exc())
         raise
     with interrupts.deferred():
         tracker.end_run(run_id, "FINISHED", state="COMPLETE")
 
 
-def log_outcome(tracker: Tracker, run_id: str, outcome: TrialOutcome, workspace: Workspace) -> None:
+def dataset_frame(images: LabelledImages, categories: list[str]):
+    import pandas as pd
+
+    return pd.DataFrame({"image_name": images.names, "label": [categories[i] for i in images.labels.tolist()]})
+
+
+def few_shot_inputs(workspace: Workspace) -> list[tuple]:
+    """The training shots and (holdout) validation images as MLflow dataset inputs."""
+    data, split = workspace.config.data, workspace.data
+    table = data.root / data.train_table
+    inputs = [(dataset_frame(split.train, data.categories), table, f"{data.root.name} train {data.shots}-shot", "training")]
+    if split.val is not None:
+        inputs.append((dataset_frame(split.val, data.categories), table,
+                       f"{data.root.name} validation {data.val_shots}-shot", "validation"))
+    return inputs
+
+
+def log_outcome(tracker: Tracker, run_id: str, outcome: TrialOutcome, workspace: Workspace,
+                trial: optuna.Trial | None = None, params: dict | None = None) -> float:
+    """Everything a completed trial keeps; returns the objective as logged (Optuna's value)."""
     config = workspace.config
     val = outcome.validation
+    objective = display_value(val.balanced_accuracy)
     for epoch in outcome.mean_history():  # kfold: the fold-mean curves under the plain names
         tracker.log_metrics(run_id, {"train_loss": epoch.train_loss, "val_loss": epoch.val_loss,
                                      "val_balanced_accuracy": epoch.val_balanced_accuracy}, step=epoch.epoch)
     tracker.log_metrics(run_id, {
         "trainable_parameters": outcome.trainable_parameters,
-        "best_epoch": outcome.selected_epoch or 0,
-        "final_val_balanced_accuracy": val.balanced_accuracy,
+        "selected_epoch": outcome.selected_epoch or 0,
+        OBJECTIVE: objective,
         "final_val_loss": val.loss,
         "wall_time_s": outcome.seconds,
         **{f"final_val_recall_{c}": r for c, r in val.per_class_recall.items()},
     })
     tracker.log_figure(run_id, confusion_figure(val, "validation"), "validation_confusion_matrix.png")
+    history = outcome.mean_history() if outcome.folds else outcome.training.history
+    name = story.trial_name(trial.number, outcome.method, dict(trial.params), "COMPLETE", objective) if trial else None
+    if history:
+        title = f"{name or outcome.method}" + (" (mean over folds)" if outcome.folds else "")
+        tracker.log_figure(run_id, story.learning_curve_figure(history, outcome.selected_epoch, title), "learning_curve.png")
+    tracker.log_datasets(run_id, few_shot_inputs(workspace))
+    if name:
+        tracker.describe(run_id, name, story.trial_description(
+            params or {}, "COMPLETE", objective, outcome.selected_epoch, outcome.trainable_parameters, outcome.scheme))
     tracker.log_dict(run_id, {**val.as_dict(), "scheme": outcome.scheme, "training": outcome.training.as_dict(),
-                              "folds": [f.as_dict() for f in outcome.folds]}, "validation_metrics.json")
+                              "folds": [f.as_dict() for f in outcome.folds], "scored_epochs": outcome.scored_epochs},
+                    "validation_metrics.json")
     with temporary_folder() as tmp:
         folder = save_adapter(
             Path(tmp) / "adapter", outcome.classifier, workspace.base, outcome.method, outcome.method_options, config,
@@ -88,9 +145,13 @@ def log_outcome(tracker: Tracker, run_id: str, outcome: TrialOutcome, workspace:
                             "labels_per_class": outcome.labels_per_class}},
         )
         tracker.log_adapter(run_id, folder)
+    return objective
 
 
-def log_test_result(tracker: Tracker, run_id: str, metrics: Metrics) -> None:
+def log_test_result(tracker: Tracker, run_id: str, metrics: Metrics, test: LabelledImages | None = None,
+                    config=None) -> None:
+    """The test score on the trial's run, the test table as its `testing` input, and validation
+    beside test in its description."""
     tracker.log_metrics(run_id, {
         "test_balanced_accuracy": metrics.balanced_accuracy,
         "test_loss": metrics.loss,
@@ -98,9 +159,69 @@ def log_test_result(tracker: Tracker, run_id: str, metrics: Metrics) -> None:
     })
     tracker.log_figure(run_id, confusion_figure(metrics, "test"), "test_confusion_matrix.png")
     tracker.log_dict(run_id, metrics.as_dict(), "test_metrics.json")
+    if test is not None and config is not None:
+        data = config.data
+        tracker.log_datasets(run_id, [(dataset_frame(test, data.categories), data.root / data.test_table,
+                                       f"{data.root.name} test", "testing")])
+    run = tracker.get_run(run_id)
+    note = run.data.tags.get("mlflow.note.content", "").split(story.TEST_HEADING)[0].rstrip()
+    section = story.test_section(run.data.metrics.get(OBJECTIVE), metrics.balanced_accuracy, metrics.per_class_recall)
+    tracker.describe(run_id, note=note + "\n" + section)
 
 
-def summarize(tracker: Tracker, parent_id: str, study: optuna.Study, figures: bool = True) -> None:
+def open_session(tracker: Tracker, parent_id: str, study_name: str, workspace: Workspace):
+    """Name and describe a new session parent and the experiment, log the few-shot inputs, and
+    start MLflow's system metrics on the parent (the returned monitor, or None; `.finish()` it)."""
+    config = workspace.config
+    session = len(tracker.runs_where(f"tags.`{TAG_KIND}` = 'study_session' and tags.`{TAG_STUDY}` = '{study_name}'"))
+    tracker.set_tags(parent_id, {TAG_SESSION: str(session)})
+    tracker.describe(parent_id, story.session_name(study_name, session))
+    tracker.describe_experiment(story.study_description(config, study_name))
+    tracker.log_datasets(parent_id, few_shot_inputs(workspace))
+    return tracker.system_metrics(parent_id)
+
+
+def best_marker(tracker: Tracker, parent_id: str):
+    """An Optuna callback: when a trial becomes the study's best, the `hpo_peft.best` tag moves to
+    its run and the session parent records it."""
+    def mark(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        best = select_best(study.get_trials(deepcopy=False))
+        if best is None or best.number != trial.number or RUN_ID_ATTR not in best.user_attrs:
+            return
+        with interrupts.deferred():
+            mark_best(tracker, parent_id, best)
+
+    return mark
+
+
+def mark_best(tracker: Tracker, parent_id: str, best: optuna.trial.FrozenTrial) -> None:
+    run_id = best.user_attrs[RUN_ID_ATTR]
+    tracker.move_best(run_id)
+    tracker.set_tags(parent_id, {TAG_BEST_RUN: run_id})
+    tracker.log_metrics(parent_id, {OBJECTIVE: best.value, "best_trial_number": best.number})
+
+
+def close_session(tracker: Tracker, parent_id: str, study: optuna.Study, config) -> None:
+    """The parent's final name (study, session, trial range) and description (the best trial linked)."""
+    parent = tracker.get_run(parent_id)
+    session = int(parent.data.tags.get(TAG_SESSION, "1"))
+    children = tracker.runs_where(f"tags.`mlflow.parentRunId` = '{parent_id}'")
+    numbers = sorted(int(r.data.tags[TAG_TRIAL]) for r in children if TAG_TRIAL in r.data.tags)
+    counts: dict[str, int] = {}
+    for run in children:
+        state = run.data.tags.get(TAG_STATE, "RUNNING")
+        counts[state] = counts.get(state, 0) + 1
+    best = select_best(study.get_trials(deepcopy=False))
+    linked = None
+    if best is not None and RUN_ID_ATTR in best.user_attrs:
+        run_id = best.user_attrs[RUN_ID_ATTR]
+        linked = (tracker.get_run(run_id).info.run_name, run_id, best.value)
+    name = story.session_name(study.study_name, session, numbers)
+    tracker.describe(parent_id, name, story.session_description(
+        study.study_name, session, config, numbers, counts, linked, tracker.experiment_id))
+
+
+def summarize(tracker: Tracker, parent_id: str, study: optuna.Study, figures: bool = True, config=None) -> None:
     """Counts, the best trial and Optuna's own plots on the session's parent run. `figures=False`
     (an interrupted session, which must end quickly) leaves the plots to the next session."""
     from optuna.visualization import matplotlib as plots
@@ -113,12 +234,14 @@ def summarize(tracker: Tracker, parent_id: str, study: optuna.Study, figures: bo
         "n_pruned": sum(t.state == optuna.trial.TrialState.PRUNED for t in trials),
         "n_failed": sum(t.state == optuna.trial.TrialState.FAIL for t in trials),
     })
+    if config is not None:
+        close_session(tracker, parent_id, study, config)
     if not completed:
         return
     best = select_best(trials)
-    tracker.log_params(parent_id, {f"best.{k}": v for k, v in best.params.items()})
-    tracker.log_metrics(parent_id, {"best_val_balanced_accuracy": best.value, "best_trial_number": best.number})
-    tracker.set_tags(parent_id, {TAG_BEST_RUN: best.user_attrs.get(RUN_ID_ATTR, "")})
+    tracker.log_params(parent_id, {f"best.{k}": story.display_param(v) for k, v in best.params.items()})
+    if RUN_ID_ATTR in best.user_attrs:
+        mark_best(tracker, parent_id, best)
     if not figures:
         return
     plotters = {
@@ -130,7 +253,7 @@ def summarize(tracker: Tracker, parent_id: str, study: optuna.Study, figures: bo
         warnings.simplefilter("ignore")
         for path, plot in plotters.items():
             try:
-                axes = plot(study)
+                axes = plot(study, target_name=OBJECTIVE)
             except (ValueError, RuntimeError, ZeroDivisionError) as err:  # e.g. too few trials for importances
                 tracker.set_tags(parent_id, {f"hpo_peft.skipped.{path}": str(err)[:500]})
                 continue

@@ -22,5 +22,5 @@ def evaluate_run(tracker: Tracker, run_id: str, base: BaseModel, test: LabelledI
         classifier, metadata = load_adapter(tracker.download_adapter(run_id, Path(tmp)), base, config.data.categories)
     classifier.to(resolve_device(config.train.device))
     metrics = evaluate_as_trained(classifier, test, base.preprocessing, config.data.categories, config.train)
-    log_test_result(tracker, run_id, metrics)
+    log_test_result(tracker, run_id, metrics, test, config)
     return metrics, metadata

@@ -4,6 +4,12 @@ The objective is the validation balanced accuracy (with `data.validation: kfold`
 folds). With a few validation images per class one image moves it by several points, so trials
 tie often; ties are broken by the lower validation loss, then by fewer trainable parameters, then
 by the earlier trial. Optuna's own `best_trial` would take the first of the tied trials.
+
+The best of many noisy scores is optimistic. With kfold, each trial's score is a mean over the same
+folds, so how much choosing the maximum flatters it can be estimated from the study itself
+(Tibshirani & Tibshirani, 2009, Ann. Appl. Stat. 3(2)): on each fold, how far the best trial of that
+fold is above the chosen trial, averaged over folds. `corrected_score` is the chosen trial's score
+less that amount: what to expect on images that chose nothing, reported beside the selection score.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 VAL_LOSS_ATTR = "val_loss"
 TRAINABLE_ATTR = "trainable_parameters"
+FOLD_SCORES_ATTR = "fold_scores"  # kfold: the trial's validation balanced accuracy on each fold
 
 
 def selection_key(trial: FrozenTrial) -> tuple:
@@ -26,3 +33,17 @@ def selection_key(trial: FrozenTrial) -> tuple:
 def select_best(trials: Iterable[FrozenTrial]) -> FrozenTrial | None:
     completed = [t for t in trials if t.state == TrialState.COMPLETE]
     return min(completed, key=selection_key) if completed else None
+
+
+def corrected_score(trials: Iterable[FrozenTrial], best: FrozenTrial) -> float | None:
+    """kfold: `best`'s score less the winner's-curse bias estimated over the completed trials scored
+    on the same folds; None without fold scores (holdout) or with fewer than two such trials."""
+    mine = best.user_attrs.get(FOLD_SCORES_ATTR)
+    if not mine:
+        return None
+    rows = [t.user_attrs.get(FOLD_SCORES_ATTR) for t in trials if t.state == TrialState.COMPLETE]
+    rows = [r for r in rows if r and len(r) == len(mine)]
+    if len(rows) < 2:
+        return None
+    bias = sum(max(r[k] for r in rows) - mine[k] for k in range(len(mine))) / len(mine)
+    return best.value - bias

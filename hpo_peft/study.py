@@ -25,14 +25,23 @@ from hpo_peft.recovery import (
 )
 from hpo_peft.run_record import (
     Pruned,
+    best_marker,
     log_outcome,
+    open_session,
     summarize,
     trial_run,
 )
+from hpo_peft.run_story import defining_params
 from hpo_peft.runtime import worker_identity
 from hpo_peft.samplers import make_pruner, make_sampler
 from hpo_peft.search_space import sample_plan
-from hpo_peft.selection import TRAINABLE_ATTR, VAL_LOSS_ATTR, select_best
+from hpo_peft.selection import (
+    FOLD_SCORES_ATTR,
+    TRAINABLE_ATTR,
+    VAL_LOSS_ATTR,
+    corrected_score,
+    select_best,
+)
 from hpo_peft.tracking import TAG_ERROR, Tracker, check_store
 from hpo_peft.train import EpochMetrics
 from hpo_peft.trial import Workspace, open_workspace, run_trial
@@ -130,7 +139,9 @@ def make_objective(workspace: Workspace, config: StudyConfig, tracker: Tracker, 
         plan = sample_plan(trial, config)
 
         budget = {"data.validation": workspace.plan.scheme, "labels_per_class": workspace.plan.labels_per_class}
-        with trial_run(tracker, trial, parent_id, study_name, {**plan.params(), **budget}) as run_id:
+        params = {**defining_params(plan.method, trial.params, plan.train.model_dump(), config.train.model_dump(),
+                                    plan.method_options), **budget}
+        with trial_run(tracker, trial, parent_id, study_name, params) as run_id:
             heartbeat.attach(trial, run_id)
 
             def on_epoch(metrics: EpochMetrics) -> None:
@@ -157,15 +168,17 @@ def make_objective(workspace: Workspace, config: StudyConfig, tracker: Tracker, 
                 outcome = run_trial(workspace, plan.method, plan.method_options, plan.train, on_epoch,
                                     progress=sys.stderr.isatty(),  # an epoch bar in a terminal, none in logs
                                     on_fold=on_fold)
-                log_outcome(tracker, run_id, outcome, workspace)
+                value = log_outcome(tracker, run_id, outcome, workspace, trial, params)
                 trial.set_user_attr(VAL_LOSS_ATTR, outcome.validation.loss)  # tie-breakers (selection.py)
                 trial.set_user_attr(TRAINABLE_ATTR, outcome.trainable_parameters)
+                if outcome.folds:
+                    trial.set_user_attr(FOLD_SCORES_ATTR, outcome.fold_scores())  # for corrected_score
             except Exception:
                 release_accelerator_memory()  # e.g. after CUDA out-of-memory, for the next trial
                 raise
             finally:
                 heartbeat.attach(None, None)
-        return outcome.validation.balanced_accuracy
+        return value  # the objective as logged on the run (rounded for display)
 
     return objective
 
@@ -190,6 +203,7 @@ def optimize(study: optuna.Study, workspace: Workspace, tracker: Tracker, parent
             timeout=timeout,
             catch=(Exception,),  # a failing trial is recorded as FAIL and the study goes on
             show_progress_bar=False,  # Optuna logs one line per trial instead
+            callbacks=[best_marker(tracker, parent_id)],  # the best tag moves as better trials appear
         )
 
 
@@ -213,12 +227,13 @@ def run_study(config: StudyConfig, options: StudyLocation, n_trials: int | None,
         print(f"recovered stale trials {recovered}: marked FAIL, queued once more")
     n_trials = n_trials if n_trials is not None else config.search.n_trials
     timeout = timeout if timeout is not None else config.search.timeout
-    status, parent_id = "FINISHED", None
+    status, parent_id, monitor = "FINISHED", None, None
     try:  # the parent run is closed on every path from here on
         with interrupts.deferred():
             parent_id = tracker.start_parent(options.study_name, {"hpo_peft.storage": str(options.storage or "default"),
                                                                   "hpo_peft.jobs": str(jobs)})
         tracker.log_dict(parent_id, config.model_dump(mode="json"), "config.json")
+        monitor = open_session(tracker, parent_id, options.study_name, workspace)
         with Heartbeat(tracker, parent_id, config.search.heartbeat_interval):
             if total:
                 work_through_budget(study, workspace, tracker, parent_id, n_trials, timeout, options)
@@ -235,9 +250,11 @@ def run_study(config: StudyConfig, options: StudyLocation, n_trials: int | None,
         status = "FAILED"
         raise
     finally:
+        if monitor is not None:
+            monitor.finish()
         if parent_id is not None:
             try:
-                summarize(tracker, parent_id, study, figures=status == "FINISHED")
+                summarize(tracker, parent_id, study, figures=status == "FINISHED", config=config)
             finally:
                 tracker.end_run(parent_id, status)
     return study
@@ -316,7 +333,13 @@ def run_workers(config: StudyConfig, options: StudyLocation, parent_id: str, n_t
 
 
 def best_trial(options: StudyLocation) -> optuna.trial.FrozenTrial:
-    best = select_best(load_study(options).get_trials(deepcopy=False))
+    return best_and_corrected(options)[0]
+
+
+def best_and_corrected(options: StudyLocation) -> tuple[optuna.trial.FrozenTrial, float | None]:
+    """The best trial, and (kfold) its score corrected for being the best of the study's trials."""
+    trials = load_study(options).get_trials(deepcopy=False)
+    best = select_best(trials)
     if best is None:
         raise UserError(f"study {options.study_name!r} has no completed trial yet")
-    return best
+    return best, corrected_score(trials, best)

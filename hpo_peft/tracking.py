@@ -15,6 +15,7 @@ import json
 import os
 import tempfile
 import time
+import warnings
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from mlflow.exceptions import MlflowException
 
 from hpo_peft import interrupts, stores
 from hpo_peft.errors import UserError
+from hpo_peft.run_story import TAG_BEST, display_value
 from hpo_peft.runtime import worker_identity
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # adapters are small; keep output readable
@@ -45,9 +47,10 @@ TAG_TRIAL = "hpo_peft.trial_number"
 TAG_STATE = "hpo_peft.trial_state"
 TAG_KIND = "hpo_peft.run_kind"
 TAG_ERROR = "hpo_peft.error"
-TAG_WORKER_HOST = "hpo_peft.worker_host"
-TAG_WORKER_PID = "hpo_peft.worker_pid"
-TAG_HEARTBEAT = "hpo_peft.heartbeat"
+# worker bookkeeping: under `mlflow.`, which the UI keeps out of its columns and Group-by list
+TAG_WORKER_HOST = "mlflow.hpo_peft.worker_host"
+TAG_WORKER_PID = "mlflow.hpo_peft.worker_pid"
+TAG_HEARTBEAT = "mlflow.hpo_peft.heartbeat"
 TAG_BEST_RUN = "hpo_peft.best_run_id"
 
 
@@ -184,7 +187,7 @@ class Tracker:
     @_whole
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
         now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        items = [Metric(k, display_value(v), now, step) for k, v in metrics.items()]  # full precision: JSON artifacts
         for chunk in _chunks(items, 500):
             self.client.log_batch(run_id, metrics=chunk)
 
@@ -261,6 +264,60 @@ class Tracker:
                     f" after fold {int(metrics['pruned_after_fold'])}" if "pruned_after_fold" in metrics else "")
         raise UserError(f"MLflow run {run_id} is {trial}, which was {state.lower()}{when} and kept no adapter; "
                         "evaluate a completed trial (`hpo-peft study best` names the best)")
+
+    # what the UI shows (run_story.py) ----------------------------------------------------------
+    @_whole
+    def describe(self, run_id: str, name: str | None = None, note: str | None = None) -> None:
+        """The run's name and its markdown description (the UI's "Description")."""
+        tags = {**({"mlflow.runName": name} if name else {}), **({"mlflow.note.content": note} if note else {})}
+        self.set_tags(run_id, tags)
+
+    @_whole
+    def describe_experiment(self, note: str) -> None:
+        self.client.set_experiment_tag(self.experiment_id, "mlflow.note.content", note)
+
+    @_whole
+    def runs_where(self, where: str, max_results: int = 10_000) -> list:
+        return self.client.search_runs([self.experiment_id], filter_string=where, max_results=max_results)
+
+    @_whole
+    def move_best(self, run_id: str) -> None:
+        """`hpo_peft.best=true` on this run and on no other run of the experiment."""
+        for run in self.runs_where(f"tags.`{TAG_BEST}` = 'true'"):
+            if run.info.run_id != run_id:
+                self.client.delete_tag(run.info.run_id, TAG_BEST)
+        self.set_tags(run_id, {TAG_BEST: "true"})
+
+    @_whole
+    def log_datasets(self, run_id: str, datasets: list[tuple]) -> None:
+        """(pandas DataFrame, source path, name, context) each: MLflow's dataset inputs, with a digest."""
+        import mlflow.data
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        inputs = []
+        for frame, source, name, context in datasets:
+            with warnings.catch_warnings():  # "source can be interpreted in multiple ways": a local file
+                warnings.simplefilter("ignore")
+                dataset = mlflow.data.from_pandas(frame, source=str(source), name=name, targets="label")
+            inputs.append(DatasetInput(Dataset(**dataset.to_dict()), [InputTag("mlflow.data.context", context)]))
+        self.client.log_inputs(run_id, datasets=inputs)
+
+    def system_metrics(self, run_id: str, interval: float = 10.0):
+        """MLflow's own CPU, memory, disk, network (and NVIDIA GPU) sampler on a run, or None
+        where it cannot run (it needs psutil); `.finish()` stops it."""
+        import logging
+
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no start/stop chatter per session
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import (
+                SystemMetricsMonitor,
+            )
+
+            monitor = SystemMetricsMonitor(run_id, sampling_interval=interval, tracking_uri=self.uri)
+        except Exception:  # e.g. psutil missing: the study runs without system metrics
+            return None
+        monitor.start()
+        return monitor
 
     # registry -------------------------------------------------------------------------------
     @_whole

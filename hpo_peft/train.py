@@ -42,6 +42,7 @@ class TrainResult:
     history: list[EpochMetrics] = field(default_factory=list)
     stopped_early: bool = False
     best_validation: Metrics | None = None  # the best epoch's full validation metrics
+    validations: list[Metrics] = field(default_factory=list)  # every validated epoch's, in order
 
     def as_dict(self) -> dict:
         return {"best": asdict(self.best) if self.best else None, "history": [asdict(m) for m in self.history]}
@@ -123,6 +124,7 @@ def train(
             val = compute_metrics(val_logits, data.val.labels, categories)
             metrics = EpochMetrics(epoch, float(np.mean(losses)), val.loss, val.balanced_accuracy)
             result.history.append(metrics)
+            result.validations.append(val)
             if _is_better(metrics, result.best):
                 result.best, result.best_validation = metrics, val
                 best_state = {n: p.detach().clone() for n, p in named}

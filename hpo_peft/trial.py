@@ -26,7 +26,12 @@ from hpo_peft.model import (
 )
 from hpo_peft.runtime import amp_dtype, resolve_device, set_seeds
 from hpo_peft.train import EpochMetrics, TrainResult, train
-from hpo_peft.validation import ValidationPlan, make_plan, refit_epochs
+from hpo_peft.validation import (
+    ValidationPlan,
+    best_epoch,
+    cross_fitted_epochs,
+    make_plan,
+)
 
 
 @dataclass
@@ -71,6 +76,11 @@ class TrialOutcome:
     labels_per_class: int
     folds: list[TrainResult] = field(default_factory=list)  # kfold: one per fold
     selected_epoch: int | None = None  # the epoch of the kept weights (holdout's best, kfold's refit length)
+    scored_epochs: list[int] = field(default_factory=list)  # kfold: the epoch each fold is scored at
+
+    def fold_scores(self) -> list[float]:
+        """kfold: each fold's validation balanced accuracy at the epoch it is scored at."""
+        return [f.history[e - 1].val_balanced_accuracy for f, e in zip(self.folds, self.scored_epochs)]
 
     def mean_history(self) -> list[EpochMetrics]:
         """kfold: per epoch, the mean over the folds that reached it."""
@@ -126,7 +136,7 @@ def run_trial(
         return train(classifier, split, workspace.base.preprocessing, categories, config, seed, hook, progress,
                      features=workspace.features)
 
-    classifier, folds, scores, selected = fresh(), [], [], None
+    classifier, folds, scores, selected, scored = fresh(), [], [], None, []
     trainable = count_trainable(classifier)
     if not method.trains:  # zero-shot: nothing to fit, score it on each validation split
         classifier.to(resolve_device(train_config.device))
@@ -141,10 +151,12 @@ def run_trial(
     else:
         for k, split in enumerate(plan.splits):
             folds.append(fit(fresh(), split, train_config, fold=k))
-            scores.append(folds[-1].best_validation)
-            if on_fold is not None:
-                on_fold(k, float(np.mean([m.balanced_accuracy for m in scores])))
-        selected = refit_epochs([f.best.epoch for f in folds], train_config.max_epochs)
+            if on_fold is not None:  # the pruner's view: the running mean of the folds' best epochs
+                on_fold(k, float(np.mean([f.best.val_balanced_accuracy for f in folds])))
+        histories = [f.history for f in folds]  # none for `fixed`: its settings run for max_epochs
+        scored = cross_fitted_epochs(histories) if folds else []
+        scores = [f.validations[e - 1] for f, e in zip(folds, scored)]
+        selected = best_epoch(histories) if folds else train_config.max_epochs
         classifier = fresh()
         result = fit(classifier, FewShotSplit(plan.refit, None),
                      train_config.model_copy(update={"max_epochs": selected, "patience": None}))
@@ -161,4 +173,5 @@ def run_trial(
         labels_per_class=plan.labels_per_class,
         folds=folds,
         selected_epoch=selected,
+        scored_epochs=scored,
     )

@@ -4,10 +4,12 @@
   trial trains once, stops early on the validation images and keeps its best epoch.
 - `kfold`: validation inside the K shots (budget K). Each class's shots are dealt in turn into
   `folds` folds, so every fold holds the same number of each class. A trial trains once per fold on
-  the other folds and validates on it; its score is the mean over folds of the best epoch's
-  validation balanced accuracy (mean validation loss breaks ties). The adapter it keeps is then
-  trained on all K shots for the median of the folds' best epochs (the lower middle one for an
-  even number of folds), without validation.
+  the other folds and validates on it every epoch. The adapter it keeps is trained on all K shots,
+  without validation, for the epoch where the folds' mean validation balanced accuracy is highest
+  (`best_epoch`). Its score is the mean over folds of each fold's validation balanced accuracy at
+  the epoch the *other* folds' mean curve picks (`cross_fitted_epochs`): a fold never scores its
+  own choice of epoch, which on a few images per class would be optimistic (mean validation loss
+  at the same epochs breaks ties).
 - `fixed`: too few shots to hold any out (kfold with K = 1): nothing is selected; the method's
   fixed settings train on all K shots for `max_epochs` (what `compare` reports, labelled as such).
 """
@@ -20,6 +22,7 @@ import torch
 
 from hpo_peft.config import Choices, DataConfig, StudyConfig
 from hpo_peft.data import FewShotSplit, LabelledImages
+from hpo_peft.train import EpochMetrics
 
 
 @dataclass(frozen=True)
@@ -75,9 +78,24 @@ def grid_point(config: StudyConfig, shots: int, seed: int, method: str | None = 
     return variant
 
 
-def refit_epochs(best_epochs: list[int], max_epochs: int) -> int:
-    """The epochs the kept adapter trains for: the folds' median best epoch (lower middle)."""
-    if not best_epochs:
-        return max_epochs
-    ordered = sorted(best_epochs)
-    return ordered[(len(ordered) - 1) // 2]
+def _mean_curve(histories: list[list[EpochMetrics]]) -> tuple[list[float], list[float]]:
+    """Per epoch, over the epochs every fold reached: mean validation balanced accuracy and loss."""
+    epochs = min(len(h) for h in histories)
+    return ([sum(h[e].val_balanced_accuracy for h in histories) / len(histories) for e in range(epochs)],
+            [sum(h[e].val_loss for h in histories) / len(histories) for e in range(epochs)])
+
+
+def best_epoch(histories: list[list[EpochMetrics]]) -> int:
+    """The epoch (1-based) with the highest fold-mean validation balanced accuracy, among the epochs
+    every fold reached; the lower mean validation loss, then the earlier epoch, break ties."""
+    accuracy, loss = _mean_curve(histories)
+    return 1 + min(range(len(accuracy)), key=lambda e: (-accuracy[e], loss[e], e))
+
+
+def cross_fitted_epochs(histories: list[list[EpochMetrics]]) -> list[int]:
+    """For each fold, the epoch at which it is scored: the one the *other* folds' mean curve picks
+    (`best_epoch`), never the fold's own best; so no fold's score includes choosing its own epoch,
+    and the fold mean estimates how the trial's refit, trained for `best_epoch` of all folds, does on
+    images that chose nothing. Early-stopped folds count up to the last epoch all folds reached."""
+    epochs = min(len(h) for h in histories)
+    return [best_epoch([h[:epochs] for j, h in enumerate(histories) if j != k]) for k in range(len(histories))]

@@ -11,7 +11,13 @@ from optuna.trial import TrialState, create_trial
 from hpo_peft.cli import main
 from hpo_peft.commands import prepare_study_config
 from hpo_peft.search_space import sample_plan
-from hpo_peft.selection import TRAINABLE_ATTR, VAL_LOSS_ATTR, select_best
+from hpo_peft.selection import (
+    FOLD_SCORES_ATTR,
+    TRAINABLE_ATTR,
+    VAL_LOSS_ATTR,
+    corrected_score,
+    select_best,
+)
 from hpo_peft.study import StudyLocation, best_trial, load_study
 
 COURSE_SGD = {"optimizer": "sgd", "learning_rate": 0.001, "max_epochs": 100, "patience": 20}
@@ -69,6 +75,23 @@ def test_ties_are_broken_by_validation_loss_then_fewer_trainable_parameters():
         study.add_trial(trial)
     assert study.best_trial.number == 0  # Optuna alone: the first of the tied trials
     assert select_best(study.trials).number == 2  # lower loss (1, 2), then fewer parameters (2)
+
+
+def with_folds(*scores):
+    trial = completed(sum(scores) / len(scores), 1.0, 10)
+    trial.user_attrs[FOLD_SCORES_ATTR] = list(scores)
+    return trial
+
+
+def test_the_best_of_many_kfold_trials_is_reported_less_what_choosing_it_adds():
+    trials = [with_folds(80, 60, 60, 60), with_folds(50, 90, 50, 50), with_folds(60, 50, 70, 50)]
+    best = select_best(trials)
+    assert best.value == 65
+    # per fold, the best trial there is 0, 30, 10 and 0 points above the chosen one: 10 on average
+    assert corrected_score(trials, best) == pytest.approx(55.0)
+    assert corrected_score([trials[0]], trials[0]) is None  # one trial: nothing to correct for
+    holdout = [completed(70.0, 1.0, 10), completed(60.0, 1.0, 10)]
+    assert corrected_score(holdout, holdout[0]) is None  # no folds, no estimate
 
 
 def test_study_best_uses_the_tie_break(tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -42,17 +44,47 @@ def test_folds_are_disjoint_stratified_and_cover_the_shots_and_nothing_else(kfol
     assert plan.refit.names == shots.names
 
 
+def curve(*accuracies, losses=None):
+    from hpo_peft.train import EpochMetrics
+
+    losses = losses or [1.0] * len(accuracies)
+    return [EpochMetrics(e + 1, 1.0, loss, acc) for e, (acc, loss) in enumerate(zip(accuracies, losses))]
+
+
+def test_no_fold_is_scored_at_its_own_best_epoch():
+    from hpo_peft.validation import best_epoch, cross_fitted_epochs
+
+    # fold A peaks alone at epoch 2, B and C at epoch 1: the mean of the folds' own bests would be 83.3
+    histories = [curve(50, 90, 50), curve(80, 50, 50), curve(80, 50, 50)]
+    assert best_epoch(histories) == 1  # fold means 70, 63.3, 50
+    assert cross_fitted_epochs(histories) == [1, 2, 2]  # A by B+C; B by A+C (means 65, 70, 50); C likewise
+    # epochs past the shortest fold do not count; ties go to the lower mean loss, then the earlier epoch
+    assert best_epoch([curve(60, 70, 99), curve(60, 70)]) == 2
+    assert best_epoch([curve(70, 70, losses=[0.9, 0.5]), curve(70, 70, losses=[0.9, 0.5])]) == 2
+    assert best_epoch([curve(70, 70), curve(70, 70)]) == 1
+
+
 def test_a_kfold_trial_scores_the_fold_mean_and_refits_on_all_shots(kfold_workspace):
     from hpo_peft.config import TrainConfig
 
     outcome = run_trial(kfold_workspace, "bias", {}, TrainConfig(max_epochs=5, patience=2, learning_rate=0.003, precision="fp32"),
                         progress=False)
     assert len(outcome.folds) == 4
-    bests = [f.best for f in outcome.folds]
-    assert outcome.validation.balanced_accuracy == pytest.approx(np.mean([b.val_balanced_accuracy for b in bests]))
-    assert outcome.validation.loss == pytest.approx(np.mean([b.val_loss for b in bests]))
+    accuracy = np.array([[m.val_balanced_accuracy for m in f.history] for f in outcome.folds], dtype=object)
+    epochs = min(len(f.history) for f in outcome.folds)
+    table = np.array([[m.val_balanced_accuracy for m in f.history[:epochs]] for f in outcome.folds])
+    losses = np.array([[m.val_loss for m in f.history[:epochs]] for f in outcome.folds])
+    expected_refit = 1 + min(range(epochs), key=lambda e: (-table[:, e].mean(), losses[:, e].mean(), e))
+    assert outcome.selected_epoch == expected_refit  # the fold-mean curve's best epoch
+    scored = []
+    for k in range(4):  # each fold at the epoch the other three pick
+        others, other_losses = np.delete(table, k, axis=0).mean(axis=0), np.delete(losses, k, axis=0).mean(axis=0)
+        scored.append(min(range(epochs), key=lambda e: (-others[e], other_losses[e], e)))
+    assert outcome.scored_epochs == [e + 1 for e in scored]
+    assert outcome.validation.balanced_accuracy == pytest.approx(np.mean([table[k, e] for k, e in enumerate(scored)]))
+    assert outcome.validation.loss == pytest.approx(np.mean([losses[k, e] for k, e in enumerate(scored)]))
+    assert outcome.validation.balanced_accuracy <= np.mean([max(row) for row in accuracy])  # never above the own-best mean
     assert np.sum(outcome.validation.confusion) == 32  # every shot validated once, out of fold
-    assert outcome.selected_epoch == sorted(b.epoch for b in bests)[1]  # lower median of 4
     assert len(outcome.training.history) == outcome.selected_epoch  # the refit: fixed epochs, no validation
     assert all(m.val_loss is None for m in outcome.training.history)
     assert outcome.labels_per_class == 8 and outcome.scheme == "kfold"
@@ -66,7 +98,7 @@ def test_one_shot_cannot_be_validated_in_folds(demo_kit, write_config, capsys):
     assert "kfold needs at least 2 shots per class" in capsys.readouterr().err
 
 
-def test_a_kfold_study_logs_its_budget_fold_curves_and_prunes_on_folds(write_config, tmp_path):
+def test_a_kfold_study_logs_its_budget_fold_curves_and_prunes_on_folds(write_config, tmp_path, capsys):
     search = {"n_trials": 3, "sampler": {"name": "random"}, "pruner": {"name": "percentile", "percentile": 99.0,
               "n_startup_trials": 1, "n_warmup_steps": 0},
               "params": {"method": {"choices": ["bias", "clap"]}, "learning_rate": {"low": 0.001, "high": 0.01, "log": True},
@@ -81,14 +113,26 @@ def test_a_kfold_study_logs_its_budget_fold_curves_and_prunes_on_folds(write_con
         assert set(trial.intermediate_values) <= {1, 2}  # reported per fold seen, not per epoch
         assert len(client.get_metric_history(run.info.run_id, "fold1.val_balanced_accuracy")) == 3
         if trial.state.name == "COMPLETE":
-            assert run.data.metrics["final_val_balanced_accuracy"] == pytest.approx(trial.value)
+            assert run.data.metrics["objective_val_balanced_accuracy"] == trial.value
             mean = client.get_metric_history(run.info.run_id, "val_balanced_accuracy")
             f1 = client.get_metric_history(run.info.run_id, "fold1.val_balanced_accuracy")
             f2 = client.get_metric_history(run.info.run_id, "fold2.val_balanced_accuracy")
-            assert [m.value for m in mean] == pytest.approx([(a.value + b.value) / 2 for a, b in zip(f1, f2)])
-            assert trial.intermediate_values[2] == pytest.approx(trial.value)
+            # logged values keep 6 significant digits (run_story.display_value)
+            assert [m.value for m in mean] == pytest.approx([(a.value + b.value) / 2 for a, b in zip(f1, f2)], rel=1e-5)
+            # the pruner saw the folds' own best epochs; the score takes each fold at the other's pick
+            assert trial.intermediate_values[2] >= trial.value - 1e-4
+            assert np.mean(trial.user_attrs["fold_scores"]) == pytest.approx(trial.value, rel=1e-5)
         else:
             assert trial.state.name == "PRUNED" and "pruned_after_fold" in run.data.metrics
+    capsys.readouterr()
+    assert main(["study", "best", str(config), "--study-name", "kf", "--storage", options.storage,
+                 "--tracking-uri", options.tracking_uri, "--json"]) == 0
+    best = json.loads(capsys.readouterr().out)
+    completed = [t for t in study.trials if t.state.name == "COMPLETE"]
+    if len(completed) >= 2:  # the best of several: reported less what choosing it adds (selection.corrected_score)
+        assert best["val_balanced_accuracy_corrected"] <= best["val_balanced_accuracy"]
+    else:
+        assert best["val_balanced_accuracy_corrected"] is None
 
 
 @pytest.mark.parametrize("validation, budget", [("kfold", lambda k: k), ("holdout", lambda k: 2 * k)])

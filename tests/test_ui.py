@@ -1,0 +1,237 @@
+"""The MLflow UI tells a study's story: run names, the objective's one metric, the best tag,
+descriptions, dataset inputs, figures and the links the commands print; checked through
+MLflow's client and, for the run table, in headless Chromium."""
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow import MlflowClient
+
+from hpo_peft.cli import main
+from hpo_peft.recovery import RUN_ID_ATTR
+from hpo_peft.run_story import (
+    OBJECTIVE,
+    TAG_BEST,
+    display_value,
+    session_name,
+    trial_name,
+)
+from hpo_peft.study import load_study
+from hpo_peft.ui_links import run_table_url, run_url
+
+ROOT = Path(__file__).resolve().parents[1]
+SEARCH = {  # as tests/test_study.py: random draws, and a pruner that prunes trials below the best so far
+    "n_trials": 5,
+    "sampler": {"name": "random", "seed": 2},
+    "pruner": {"name": "percentile", "percentile": 90.0, "n_startup_trials": 1, "n_warmup_steps": 0},
+    "params": {"method": {"choices": ["bias", "lora"]}, "learning_rate": {"low": 0.002, "high": 0.01, "log": True},
+               "max_epochs": {"choices": [4, 6]}, "patience": 3},
+    "methods": {"lora": {"rank": {"choices": [1, 2, 4]}, "b_init": {"choices": ["zeros", "random"]}}},
+}
+COMPLETE = re.compile(r"^t(\d{3}) (bias|lora)(?: [\w.-]+)*: (\d+\.\d)$")
+PRUNED = re.compile(r"^t(\d{3}) (bias|lora) pruned@(\d+)$")
+
+
+@pytest.fixture(scope="module")
+def story(tmp_path_factory, demo_kit):
+    """A 5-trial study, its best trial evaluated; the CLI's printed output kept."""
+    import os
+
+    import yaml
+    from conftest import demo_config_dict
+
+    tmp = tmp_path_factory.mktemp("ui")
+    raw = demo_config_dict(demo_kit)
+    raw["search"] = SEARCH
+    config = tmp / "study.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    store = f"sqlite:///{tmp / 'mlflow.db'}"
+    options = ["--study-name", "s", "--storage", str(tmp / "optuna.journal"), "--tracking-uri", store]
+    os.environ["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"] = "0.5"  # a sample within the short session
+    try:
+        run_out = run_cli(["study", "run", str(config), *options])
+    finally:
+        del os.environ["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"]
+    evaluate = json.loads(run_cli(["evaluate", str(config), *options, "--json"]))
+    client = MlflowClient(store)
+    experiment = client.get_experiment_by_name("s")
+    runs = client.search_runs([experiment.experiment_id], max_results=100)
+    return {"tmp": tmp, "config": config, "options": options, "store": store, "client": client,
+            "experiment": experiment, "runs": {r.info.run_id: r for r in runs}, "run_out": run_out,
+            "evaluate": evaluate, "study": load_study_of(tmp)}
+
+
+def run_cli(argv: list[str]) -> str:
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(argv) == 0
+    return out.getvalue()
+
+
+def load_study_of(tmp: Path) -> optuna.Study:
+    from hpo_peft.study import StudyLocation
+
+    return load_study(StudyLocation("s", storage=str(tmp / "optuna.journal")))
+
+
+def trials_and_runs(s):
+    return [(t, s["runs"][t.user_attrs[RUN_ID_ATTR]]) for t in s["study"].trials]
+
+
+def test_trial_runs_are_named_by_number_method_settings_and_score(story):
+    pairs = trials_and_runs(story)
+    states = {t.state for t, _ in pairs}
+    assert {optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED} <= states
+    for trial, run in pairs:
+        name = run.info.run_name
+        if trial.state == optuna.trial.TrialState.COMPLETE:
+            number, method, score = COMPLETE.match(name).groups()
+            assert score == f"{trial.value:.1f}" and method == trial.params["method"]
+            assert f"lr{trial.params['learning_rate']:.1e}".replace("e-0", "e-") in name
+            if method == "lora":
+                assert f" r{trial.params['lora.rank']} " in name
+        else:
+            number, method, epoch = PRUNED.match(name).groups()
+            assert float(epoch) == run.data.metrics["pruned_at_epoch"] == max(trial.intermediate_values)
+            assert OBJECTIVE not in run.data.metrics  # a pruned trial has no objective: it sorts last
+        assert int(number) == trial.number
+
+
+def test_names_of_failed_killed_and_kfold_pruned_trials():
+    assert trial_name(12, "full", {}, "FAIL") == "t012 full FAILED"
+    assert trial_name(12, "full", {}, "KILLED") == "t012 full KILLED"
+    assert trial_name(31, "zs_linear_probe", {}, "PRUNED", pruned_at="9") == "t031 zs_linear_probe pruned@9"
+    assert trial_name(31, "clap", {}, "PRUNED", pruned_at="fold2") == "t031 clap pruned@fold2"
+    sampled = {"method": "lora", "learning_rate": 0.010975055467388254, "max_epochs": 20,
+               "lora.b_init": "zeros", "lora.rank": 1}
+    assert trial_name(43, "lora", sampled, "COMPLETE", 81.25) == "t043 lora r1 zeros lr1.1e-2: 81.2"
+    assert session_name("demo", 2, [7, 6]) == "demo session 2: t006-t007"
+    assert display_value(57.49999999999999) == 57.5
+
+
+def test_the_objective_is_one_metric_equal_to_optunas_value(story):
+    study = story["study"]
+    for trial, run in trials_and_runs(story):
+        if trial.state == optuna.trial.TrialState.COMPLETE:
+            assert run.data.metrics[OBJECTIVE] == trial.value  # exactly: Optuna keeps the logged value
+            assert "final_val_balanced_accuracy" not in run.data.metrics
+            assert run.data.metrics["selected_epoch"] >= 1
+            # the per-epoch series is a different quantity under its own name
+            history = story["client"].get_metric_history(run.info.run_id, "val_balanced_accuracy")
+            assert max(m.value for m in history) == pytest.approx(trial.value, abs=1e-3)
+            assert all(m.value == display_value(m.value) for m in history)
+    parent = session_parent(story)
+    assert parent.data.metrics[OBJECTIVE] == study.best_value
+    best_id = study.best_trial.user_attrs[RUN_ID_ATTR]
+    assert parent.data.tags["hpo_peft.best_run_id"] == best_id
+    assert best_id in parent.data.tags["mlflow.note.content"]  # the parent's description links to it
+    assert parent.info.run_name == f"s session 1: t000-t{len(study.trials) - 1:03d}"
+
+
+def session_parent(s):
+    parents = [r for r in s["runs"].values() if r.data.tags.get("hpo_peft.run_kind") == "study_session"]
+    assert len(parents) == 1
+    return parents[0]
+
+
+def test_the_best_tag_is_on_the_best_trial_alone_and_moves(story):
+    from hpo_peft.tracking import Tracker
+
+    best_id = story["study"].best_trial.user_attrs[RUN_ID_ATTR]
+    client, experiment = story["client"], story["experiment"]
+
+    def tagged():
+        runs = client.search_runs([experiment.experiment_id], f"tags.`{TAG_BEST}` = 'true'")
+        return [r.info.run_id for r in runs]
+
+    assert tagged() == [best_id]
+    other = next(r for r in story["runs"] if r != best_id and r != session_parent(story).info.run_id)
+    tracker = Tracker(story["store"], experiment="s", create=False)
+    tracker.move_best(other)
+    assert tagged() == [other]
+    tracker.move_best(best_id)
+    assert tagged() == [best_id]
+
+
+def test_trials_log_only_their_defining_params_and_hide_bookkeeping(story):
+    for trial, run in trials_and_runs(story):
+        params = run.data.params
+        assert params["method"] == trial.params["method"]
+        assert not {"train.device", "train.precision", "train.momentum", "train.optimizer"} & set(params)
+        assert params["train.learning_rate"] == f"{trial.params['learning_rate']:.4g}"
+        visible = {k for k in run.data.tags if not k.startswith("mlflow.")}
+        assert not {k for k in visible if "worker" in k or "heartbeat" in k}
+        assert "mlflow.hpo_peft.heartbeat" in run.data.tags  # kept for recovery, out of the UI's way
+
+
+def test_descriptions_inputs_and_figures(story):
+    client = story["client"]
+    note = story["experiment"].tags["mlflow.note.content"]
+    for fact in ("sicapv2", "Train.xlsx", "Test.xlsx", "16 training + 16 validation images per class",
+                 "**Seed**: 1", "model", OBJECTIVE):
+        assert fact in note
+    parent = session_parent(story)
+    assert "**Label budget**" in parent.data.tags["mlflow.note.content"]
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(parent.data.metrics)
+    parent_files = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"optimization_history.png", "parallel_coordinate.png"} <= parent_files
+    for trial, run in trials_and_runs(story):
+        assert run.data.tags["mlflow.note.content"]
+        if trial.state != optuna.trial.TrialState.COMPLETE:
+            assert "pruned at epoch" in run.data.tags["mlflow.note.content"]
+            continue
+        assert f"`{OBJECTIVE}`: {trial.value:.2f}" in run.data.tags["mlflow.note.content"]
+        inputs = {i.tags[0].value: i.dataset for i in run.inputs.dataset_inputs}
+        assert {"training", "validation"} <= set(inputs)
+        assert all(inputs[c].digest and "Train.xlsx" in json.loads(inputs[c].source)["uri"]
+                   for c in ("training", "validation"))
+        assert "learning_curve.png" in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+
+def test_evaluate_logs_the_test_input_and_puts_test_beside_validation(story):
+    run = story["client"].get_run(story["evaluate"]["mlflow_run_id"])
+    inputs = {i.tags[0].value: i.dataset for i in run.inputs.dataset_inputs}
+    assert "Test.xlsx" in json.loads(inputs["testing"].source)["uri"]
+    note = run.data.tags["mlflow.note.content"]
+    assert "Evaluated on the test split" in note and f"{story['evaluate']['balanced_accuracy']:.2f}" in note
+    assert note.count("Evaluated on the test split") == 1
+
+
+def test_commands_print_the_run_table_sorted_by_the_objective_and_the_best_run(story):
+    experiment_id = story["experiment"].experiment_id
+    best_id = story["study"].best_trial.user_attrs[RUN_ID_ATTR]
+    table = run_table_url("http://127.0.0.1:5000", experiment_id)
+    assert table in story["run_out"] and run_url("http://127.0.0.1:5000", experiment_id, best_id) in story["run_out"]
+    assert "workflowType=machine_learning" in table and "orderByKey=metrics.%60" + OBJECTIVE + "%60" in table
+    assert f"mlflow ui --backend-store-uri {story['store']}" in story["run_out"]
+    assert story["evaluate"]["mlflow_ui"]["run_table"] == table
+
+
+def test_the_browser_lists_the_trials_by_name_in_objective_order(story):
+    """`mlflow ui` over the study's store; `study best` asked through it prints the links; headless
+    Chromium opens the run table and shows the trials by their names, best first, pruned last."""
+    sys.path.insert(0, str(ROOT))
+    from docs.screenshots import best_links, browse, start_ui, stop_ui
+
+    process, base = start_ui(story["store"], story["tmp"])
+    try:
+        best = best_links(str(story["config"]), story["options"], base)
+        assert best["mlflow_ui"]["run_table"].startswith(base + "/#/experiments/")
+        shown = browse(best["mlflow_ui"]["run_table"], story["tmp"] / "run_table.png", "t00")
+    finally:
+        stop_ui(process)
+    assert (story["tmp"] / "run_table.png").stat().st_size > 10_000
+    value_of = {r.info.run_name: t.value for t, r in trials_and_runs(story)}
+    shown_trials = [n for n in shown if n in value_of]
+    assert sorted(shown_trials) == sorted(value_of)  # every trial, by its new name
+    values = [value_of[n] for n in shown_trials]
+    completed = [v for v in values if v is not None]
+    assert values[:len(completed)] == completed  # pruned trials (no objective) last
+    assert completed == sorted(completed, reverse=True)  # best first
