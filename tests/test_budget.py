@@ -22,7 +22,7 @@ def test_a_retried_failure_does_not_count_twice():
     study.enqueue_trial({"x": 0.1}, user_attrs={RETRY_OF_ATTR: 2})  # trial 2's worker died: its retry waits
     counted = usage(study)
     assert (counted.ended, counted.running) == (3, 0)  # the dead worker's trial makes room for its retry
-    assert counted.has_room(4) and not counted.used_up(3) and not counted.has_room(3)
+    assert counted.has_room(4) and not counted.used_up(4) and counted.used_up(3) and not counted.has_room(3)
     trial = study.ask()  # the retry runs
     assert trial.user_attrs[RETRY_OF_ATTR] == 2 and usage(study).running == 1
     study.tell(trial, 0.7)
