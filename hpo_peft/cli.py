@@ -47,6 +47,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--jobs", type=int, default=1, help="worker processes on the same storage (default 1)")
     run.add_argument("--accept-changes", action="store_true",
                      help="continue an existing study although settings that define it changed")
+    worker = study.add_parser("worker", help="one worker of many (a job array): trials until the study's total is reached")
+    worker.set_defaults(handler=_study_worker)
+    _add_config(worker)
+    _add_study_options(worker)
+    worker.add_argument("--n-trials", type=int, default=None,
+                        help="the study's total over all workers (default: search.n_trials); exits 0 once used up")
+    worker.add_argument("--timeout", type=float, default=None, help="stop starting new trials after this many seconds")
+    worker.add_argument("--accept-changes", action="store_true",
+                        help="continue an existing study although settings that define it changed")
     best = study.add_parser("best", help="the best trial so far")
     best.set_defaults(handler=_study_best)
     _add_config(best)
@@ -121,6 +130,13 @@ def _study_run(args: argparse.Namespace) -> None:
 
     run_study_command(args.config, args.overrides, _study_options(args), n_trials=args.n_trials, timeout=args.timeout,
                       jobs=args.jobs, accept_changes=args.accept_changes)
+
+
+def _study_worker(args: argparse.Namespace) -> None:
+    from hpo_peft.commands import run_study_command
+
+    run_study_command(args.config, args.overrides, _study_options(args), n_trials=args.n_trials, timeout=args.timeout,
+                      accept_changes=args.accept_changes, total=True)
 
 
 def _study_best(args: argparse.Namespace) -> None:

@@ -130,7 +130,7 @@ def prepare_study_config(path: Path, overrides: list[str]) -> StudyConfig:
 
 
 def run_study_command(path: Path, overrides: list[str], options: dict, n_trials: int | None, timeout: float | None,
-                      jobs: int = 1, accept_changes: bool = False) -> None:
+                      jobs: int = 1, accept_changes: bool = False, total: bool = False) -> None:
     from hpo_peft.preflight import check_session
     from hpo_peft.recovery import RUN_ID_ATTR
     from hpo_peft.selection import select_best
@@ -139,7 +139,7 @@ def run_study_command(path: Path, overrides: list[str], options: dict, n_trials:
     check_session(n_trials, timeout, jobs)
     config = prepare_study_config(path, overrides)
     where = StudyLocation.of(config, **options)
-    study = run_study(config, where, n_trials, timeout, jobs, accept_changes)
+    study = run_study(config, where, n_trials, timeout, jobs, accept_changes, total)
     states = {}
     for trial in study.trials:
         states[trial.state.name] = states.get(trial.state.name, 0) + 1

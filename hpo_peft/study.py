@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import optuna
 
-from hpo_peft import identity, interrupts, preflight, retention, stores
+from hpo_peft import budget, identity, interrupts, preflight, retention, stores
 from hpo_peft.config import StudyConfig
 from hpo_peft.errors import UserError
 from hpo_peft.recovery import (
@@ -128,9 +128,12 @@ def load_study(options: StudyLocation) -> optuna.Study:
 
 
 def make_objective(workspace: Workspace, config: StudyConfig, tracker: Tracker, parent_id: str, study_name: str,
-                   heartbeat: Heartbeat):
-    """`config` holds the study's search space; `workspace` the data and model its trials train on."""
+                   heartbeat: Heartbeat, on_start=None):
+    """`config` holds the study's search space; `workspace` the data and model its trials train on;
+    `on_start()` is called once the trial exists (budget.ClaimLock's release)."""
     def objective(trial: optuna.Trial) -> float:
+        if on_start is not None:
+            on_start()
         trial.set_user_attr(WORKER_ATTR, worker_identity())
         heartbeat.attach(trial, None)
         plan = sample_plan(trial, config)
@@ -191,11 +194,11 @@ def release_accelerator_memory() -> None:
 
 
 def optimize(study: optuna.Study, workspace: Workspace, tracker: Tracker, parent_id: str,
-             n_trials: int | None, timeout: float | None, config: StudyConfig | None = None) -> None:
+             n_trials: int | None, timeout: float | None, config: StudyConfig | None = None, on_start=None) -> None:
     config = config or workspace.config
     with Heartbeat(tracker, None, config.search.heartbeat_interval) as heartbeat:
         study.optimize(
-            make_objective(workspace, config, tracker, parent_id, study.study_name, heartbeat),
+            make_objective(workspace, config, tracker, parent_id, study.study_name, heartbeat, on_start),
             n_trials=n_trials,
             timeout=timeout,
             catch=(Exception,),  # a failing trial is recorded as FAIL and the study goes on
@@ -214,7 +217,8 @@ def open_stores(config: StudyConfig, options: StudyLocation, accept_changes: boo
 
 
 def run_study(config: StudyConfig, options: StudyLocation, n_trials: int | None, timeout: float | None,
-              jobs: int = 1, accept_changes: bool = False) -> optuna.Study:
+              jobs: int = 1, accept_changes: bool = False, total: bool = False) -> optuna.Study:
+    """`total` (`study worker`): `n_trials` is the study's total over all workers (budget.py)."""
     preflight.check_study_data(config)
     # the model loads and every image decodes before anything is written (workers repeat it)
     workspace = open_workspace(config)
@@ -232,7 +236,9 @@ def run_study(config: StudyConfig, options: StudyLocation, n_trials: int | None,
         tracker.log_dict(parent_id, config.model_dump(mode="json"), "config.json")
         monitor = open_session(tracker, parent_id, options.study_name, workspace)
         with Heartbeat(tracker, parent_id, config.search.heartbeat_interval):
-            if jobs == 1:
+            if total:
+                work_through_budget(study, workspace, tracker, parent_id, n_trials, timeout, options)
+            elif jobs == 1:
                 optimize(study, workspace, tracker, parent_id, n_trials, timeout)
             else:
                 run_workers(config, options, parent_id, n_trials, timeout, jobs)
@@ -253,6 +259,34 @@ def run_study(config: StudyConfig, options: StudyLocation, n_trials: int | None,
             finally:
                 tracker.end_run(parent_id, status)
     return study
+
+
+def work_through_budget(study: optuna.Study, workspace: Workspace, tracker: Tracker, parent_id: str, total: int,
+                        timeout: float | None, options: StudyLocation) -> None:
+    """One worker of a job array: trials until the study's `total` is used up by all workers together.
+    Between trials it recovers other workers' dead trials (by heartbeat: they may run on other hosts)."""
+    search, me = workspace.config.search, worker_identity()
+    print(f"worker {me['host']} pid {me['pid']}: study {options.study_name!r} in "
+          f"{stores.redact(str(options.storage or stores.default_journal()))}, {total} trials in all; MLflow "
+          f"{stores.redact(tracker.uri)}, experiment {options.study_name!r}, session run {parent_id}", flush=True)
+    started = time.monotonic()
+    while True:
+        recovered = recover_stale(study, tracker, search.grace_period)
+        if recovered:
+            print(f"recovered stale trials {recovered}: marked FAIL, queued once more", flush=True)
+        with budget.ClaimLock(options.storage, options.study_name) as claim:  # released once the trial exists
+            used = budget.usage(study)
+            if used.used_up(total):
+                print(f"the study's budget is used up: {used.ended} of {total} trials ended", flush=True)
+                return
+            left = None if timeout is None else timeout - (time.monotonic() - started)
+            if left is not None and left <= 0:
+                print(f"--timeout reached: {used.ended} of {total} trials ended", flush=True)
+                return
+            if used.has_room(total):
+                optimize(study, workspace, tracker, parent_id, 1, left, on_start=claim.release)
+                continue
+        time.sleep(max(1.0, min(search.heartbeat_interval, 10.0)))  # running trials fill the budget; one may die
 
 
 def _worker(config_json: str, options: StudyLocation, parent_id: str, n_trials: int, timeout: float | None) -> None:

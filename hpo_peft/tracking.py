@@ -30,6 +30,16 @@ from hpo_peft.run_story import TAG_BEST, display_value
 from hpo_peft.runtime import worker_identity
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # adapters are small; keep output readable
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # a server's "View run" lines would break --json
+
+# A tracking server that stops answering for a while (a restart, the network) is waited for: MLflow's
+# client retries refused connections, timeouts and 408/429/5xx answers with exponential backoff,
+# 0, 2, 4, ... 64, 120 s (about 4 minutes in all), each request given 60 s. Set in the environment
+# before any client exists; a user's own MLFLOW_HTTP_REQUEST_* values win.
+HTTP_RETRY_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "8", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                       "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}
+for _name, _value in HTTP_RETRY_DEFAULTS.items():
+    os.environ.setdefault(_name, _value)
 
 ADAPTER_PATH = "adapter"
 TAG_STUDY = "hpo_peft.study"
@@ -50,14 +60,45 @@ def _worker_tags() -> dict[str, str]:
     return {TAG_WORKER_HOST: me["host"], TAG_WORKER_PID: str(me["pid"]), TAG_HEARTBEAT: f"{time.time():.0f}"}
 
 
+class TrackingUnavailable(UserError):
+    """The tracking server did not answer through all of MLflow's retries."""
+
+
+def _unreachable(err: Exception) -> bool:
+    import requests
+
+    text = str(err)
+    return isinstance(err, requests.RequestException) or (
+        isinstance(err, MlflowException) and ("Max retries exceeded" in text or "timeout exception" in text))
+
+
 def _whole(method):
-    """A signal arriving during a call to the store is raised after it, never inside a transaction."""
+    """A signal arriving during a call to the store is raised after it, never inside a transaction.
+    A server still unreachable after MLflow's retries is reported in one line naming it."""
     @functools.wraps(method)
-    def call(*args, **kwargs):
-        with interrupts.deferred():
-            return method(*args, **kwargs)
+    def call(self, *args, **kwargs):
+        started = time.monotonic()
+        try:
+            with interrupts.deferred():
+                return method(self, *args, **kwargs)
+        except (MlflowException, OSError) as err:
+            if not _unreachable(err):
+                raise
+            retries = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
+            raise TrackingUnavailable(
+                f"MLflow tracking server {stores.redact(self.uri)} did not answer {method.__name__} ({retries} retries "
+                f"over {time.monotonic() - started:.0f} s; {_reason(err)}); the trial fails, `study run` again "
+                "continues the study once the server is back") from err
 
     return call
+
+
+def _reason(err: Exception) -> str:
+    text = str(err)
+    for hint in ("Connection refused", "Read timed out", "timeout", "Max retries exceeded"):
+        if hint in text:
+            return hint.lower() if hint != "Max retries exceeded" else "too many failed tries"
+    return type(err).__name__
 
 
 def _chunks(items: list, size: int) -> list[list]:
@@ -196,6 +237,8 @@ class Tracker:
         try:
             path = self.client.download_artifacts(run_id, ADAPTER_PATH, str(destination))
         except (MlflowException, OSError) as err:
+            if _unreachable(err):
+                raise
             raise UserError(f"run {run_id}: no adapter artifact could be downloaded ({err})") from None
         return Path(path)
 
@@ -204,6 +247,8 @@ class Tracker:
         try:
             return self.client.get_run(run_id)
         except MlflowException as err:
+            if _unreachable(err):
+                raise
             raise UserError(f"MLflow run {run_id!r} not found in {stores.redact(self.uri)} ({err.message})") from None
 
     def check_has_adapter(self, run_id: str) -> None:

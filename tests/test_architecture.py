@@ -8,7 +8,7 @@ BRICKS = ["data", "model", "train", "evaluate", "features", "artifacts", "trial"
           "runtime", "validation", "course", "identity", "predict", "models"]
 # the study's own rooms: Optuna and MLflow, but never the layers that call the study
 STUDY_ROOMS = ["search_space", "tracking", "recovery", "samplers", "stores", "run_record", "selection", "scoring",
-               "interrupts", "preflight", "run_story", "ui_links", "pyfunc_model", "retention"]
+               "interrupts", "preflight", "run_story", "ui_links", "pyfunc_model", "retention", "budget"]
 PACKAGES = ("methods", "demo_kit", "models")
 MAX_LINES = 420  # "about 400": one idea per file
 
