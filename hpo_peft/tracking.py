@@ -93,6 +93,23 @@ def _whole(method):
     return call
 
 
+def _same_key_race(call):
+    """Workers may write the same row at once (the experiment's description, the best-trial tag, a
+    dataset every trial logs): MLflow's SQL store inserts when it found no row, and the second
+    insert breaks the unique key (PostgreSQL: duplicate key value; SQLite: UNIQUE constraint
+    failed). On the retry the row exists and is updated. A tag another worker already deleted is
+    already gone."""
+    try:
+        return call()
+    except MlflowException as err:
+        text = str(err)
+        if "duplicate key value" in text or "UNIQUE constraint failed" in text:
+            return call()
+        if err.error_code == "RESOURCE_DOES_NOT_EXIST" and "No tag with name" in text:
+            return None
+        raise
+
+
 def _reason(err: Exception) -> str:
     text = str(err)
     for hint in ("Connection refused", "Read timed out", "timeout", "Max retries exceeded"):
@@ -278,7 +295,7 @@ class Tracker:
 
     @_whole
     def describe_experiment(self, note: str) -> None:
-        self.client.set_experiment_tag(self.experiment_id, "mlflow.note.content", note)
+        _same_key_race(lambda: self.client.set_experiment_tag(self.experiment_id, "mlflow.note.content", note))
 
     @_whole
     def runs_where(self, where: str, max_results: int = 10_000) -> list:
@@ -289,8 +306,8 @@ class Tracker:
         """`hpo_peft.best=true` on this run and on no other run of the experiment."""
         for run in self.runs_where(f"tags.`{TAG_BEST}` = 'true'"):
             if run.info.run_id != run_id:
-                self.client.delete_tag(run.info.run_id, TAG_BEST)
-        self.set_tags(run_id, {TAG_BEST: "true"})
+                _same_key_race(lambda: self.client.delete_tag(run.info.run_id, TAG_BEST))
+        _same_key_race(lambda: self.client.log_batch(run_id, tags=[RunTag(TAG_BEST, "true")]))
 
     @_whole
     def log_datasets(self, run_id: str, datasets: list[tuple]) -> None:
@@ -304,7 +321,7 @@ class Tracker:
                 warnings.simplefilter("ignore")
                 dataset = mlflow.data.from_pandas(frame, source=str(source), name=name, targets="label")
             inputs.append(DatasetInput(Dataset(**dataset.to_dict()), [InputTag("mlflow.data.context", context)]))
-        self.client.log_inputs(run_id, datasets=inputs)
+        _same_key_race(lambda: self.client.log_inputs(run_id, datasets=inputs))  # workers share the datasets
 
     def system_metrics(self, run_id: str, interval: float = 10.0):
         """MLflow's own CPU, memory, disk, network (and NVIDIA GPU) sampler on a run, or None

@@ -235,3 +235,41 @@ def test_the_browser_lists_the_trials_by_name_in_objective_order(story):
     completed = [v for v in values if v is not None]
     assert values[:len(completed)] == completed  # pruned trials (no objective) last
     assert completed == sorted(completed, reverse=True)  # best first
+
+
+def test_workers_writing_the_same_tag_at_once_do_not_fail(tmp_path, monkeypatch):
+    """Seen with two workers on a PostgreSQL-backed server: both found no experiment description and
+    both inserted it; the second insert broke the unique key and ended its worker."""
+    from mlflow.exceptions import MlflowException
+
+    from hpo_peft.tracking import Tracker
+
+    tracker = Tracker(f"sqlite:///{tmp_path}/m.db", experiment="race")
+    experiment_id = tracker.experiment_id
+    real_set, real_delete = tracker.client.set_experiment_tag, tracker.client.delete_tag
+    calls = []
+
+    def set_after_another_worker(*args):  # the other worker's insert landed between our look and our insert
+        calls.append(args)
+        if len(calls) == 1:
+            real_set(*args)
+            raise MlflowException('(psycopg2.errors.UniqueViolation) duplicate key value violates unique constraint '
+                                  '"experiment_tag_pk"', error_code="BAD_REQUEST")
+        return real_set(*args)
+
+    monkeypatch.setattr(tracker.client, "set_experiment_tag", set_after_another_worker)
+    tracker.describe_experiment("## mine")
+    assert len(calls) == 2
+    assert MlflowClient(tracker.uri).get_experiment(experiment_id).tags["mlflow.note.content"] == "## mine"
+
+    first, second = (tracker.client.create_run(experiment_id).info.run_id for _ in range(2))
+    tracker.move_best(first)
+
+    def deleted_by_another_worker(run_id, key):  # it moved the tag off that run a moment before us
+        real_delete(run_id, key)
+        real_delete(run_id, key)
+
+    monkeypatch.setattr(tracker.client, "delete_tag", deleted_by_another_worker)
+    tracker.move_best(second)
+    tags = {run_id: MlflowClient(tracker.uri).get_run(run_id).data.tags.get(TAG_BEST) for run_id in (first, second)}
+    assert tags == {first: None, second: "true"}
