@@ -241,15 +241,19 @@ def test_a_slurm_job_array_shares_a_tracking_server_recovers_a_killed_worker_and
     config = write_config("study.yaml", search=SEARCH)
     doomed = subprocess.Popen(cli("study run", config, location, "--n-trials", "1", "--accept-changes", *SLOW),
                               env=as_host("node-a"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    job = sbatch_workers(slurm, config, location, 2, 4, tmp_path, "--accept-changes")
 
-    def doomed_trial():
+    def running_on(host):
         return [t for t in load_study(location).trials if t.state.name == "RUNNING" and RUN_ID_ATTR in t.user_attrs
-                and t.user_attrs.get("worker", {}).get("host") == "node-a"]
+                and t.user_attrs.get("worker", {}).get("host") == host]
 
-    killed = wait_for(doomed_trial, doomed, "node-a's trial")[0]
+    # node-a's trial holds one of the 4 places before the array starts (on a busy machine the array
+    # could otherwise use up the budget before node-a's trial even began, leaving nothing to recover)
+    killed = wait_for(lambda: running_on("node-a"), doomed, "node-a's trial")[0]
     wait_for(lambda: load_study(location).trials[killed.number].user_attrs.get("heartbeat"), doomed, "a heartbeat")
-    doomed.kill()  # SIGKILL mid-trial: nothing of it closes its trial or runs
+    job = sbatch_workers(slurm, config, location, 2, 4, tmp_path, "--accept-changes")
+    wait_for(lambda: [t for t in load_study(location).trials
+                      if t.user_attrs.get("worker", {}).get("host") in ("node-0", "node-1")], doomed, "an array worker's trial")
+    doomed.kill()  # SIGKILL mid-trial, beside the array's workers: nothing of it closes its trial or runs
     doomed.communicate()
     ended = wait_for_job(slurm, job)
     outputs = [(tmp_path / f"worker-{task}.log").read_text() for task in (0, 1)]
