@@ -26,20 +26,24 @@ def demo_config_dict(kit: Path) -> dict:
     return raw
 
 
+def write_demo_config(kit: Path, path: Path, **changes) -> Path:
+    """A demo config pointed at `kit`, with those top-level sections replaced (dicts merged), at `path`."""
+    raw = demo_config_dict(kit)
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(raw.get(key), dict):
+            raw[key] = {**raw[key], **value}
+        else:
+            raw[key] = value
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
 @pytest.fixture
 def write_config(demo_kit, tmp_path):
     """write_config(**sections) -> path of a demo config with those top-level sections replaced/merged."""
 
     def write(name: str = "config.yaml", **changes) -> Path:
-        raw = demo_config_dict(demo_kit)
-        for key, value in changes.items():
-            if isinstance(value, dict) and isinstance(raw.get(key), dict):
-                raw[key] = {**raw[key], **value}
-            else:
-                raw[key] = value
-        path = tmp_path / name
-        path.write_text(yaml.safe_dump(raw))
-        return path
+        return write_demo_config(demo_kit, tmp_path / name, **changes)
 
     return write
 

@@ -19,7 +19,6 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-import yaml
 from mlflow import MlflowClient
 
 from hpo_peft.cli import main
@@ -45,16 +44,13 @@ def fresh_env(uri: str) -> dict:
 @pytest.fixture(scope="module")
 def chosen(tmp_path_factory, demo_kit):
     """A 3-trial study (`keep_adapters: best:2`), then `evaluate --register` on its best trial."""
-    from conftest import demo_config_dict
+    from conftest import write_demo_config
 
     from hpo_peft.commands import prepare_study_config
     from hpo_peft.study import StudyLocation, run_study
 
     tmp = tmp_path_factory.mktemp("predict")
-    raw = demo_config_dict(demo_kit)
-    raw["search"] = SEARCH
-    path = tmp / "study.yaml"
-    path.write_text(yaml.safe_dump(raw))
+    path = write_demo_config(demo_kit, tmp / "study.yaml", search=SEARCH)
     uri = "sqlite:///" + str(tmp / "mlflow.db")
     where = StudyLocation("chosen", storage=str(tmp / "optuna.journal"), tracking_uri=uri)
     study = run_study(prepare_study_config(path, []), where, n_trials=3, timeout=None)

@@ -41,14 +41,10 @@ def story(tmp_path_factory, demo_kit):
     """A 5-trial study, its best trial evaluated; the CLI's printed output kept."""
     import os
 
-    import yaml
-    from conftest import demo_config_dict
+    from conftest import write_demo_config
 
     tmp = tmp_path_factory.mktemp("ui")
-    raw = demo_config_dict(demo_kit)
-    raw["search"] = SEARCH
-    config = tmp / "study.yaml"
-    config.write_text(yaml.safe_dump(raw))
+    config = write_demo_config(demo_kit, tmp / "study.yaml", search=SEARCH)
     store = f"sqlite:///{tmp / 'mlflow.db'}"
     options = ["--study-name", "s", "--storage", str(tmp / "optuna.journal"), "--tracking-uri", store]
     os.environ["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"] = "0.5"  # a sample within the short session
