@@ -60,6 +60,9 @@ class StudyLocation:
         return cls(study_name or config.name, storage, tracking_uri or config.tracking.uri)
 
 
+_DATABASES: dict[tuple[int, str], optuna.storages.RDBStorage] = {}  # (process id, URL): a forked child opens its own
+
+
 def open_storage(url: str | None, create: bool = True) -> optuna.storages.BaseStorage:
     """A journal file (default `mlruns/optuna.journal`) or any Optuna storage URL. `create=False`
     (commands that only read) refuses a journal or SQLite file that does not exist."""
@@ -77,11 +80,17 @@ def open_storage(url: str | None, create: bool = True) -> optuna.storages.BaseSt
     db = stores.sqlite_path(url)
     if db is not None and not create:
         stores.check_exists(db, "study storage")
-    engine = {"connect_args": {"connect_timeout": 10}} if url.startswith("postgresql") else None
+    opened = _DATABASES.get((os.getpid(), url))
+    if opened is not None:  # one engine (one connection pool) per server database and process: each
+        return opened       # new RDBStorage holds its connections until the garbage collector runs
+    engine = {"connect_args": {"connect_timeout": 10}, "pool_pre_ping": True} if url.startswith("postgresql") else None
     for attempt in range(3):
         try:  # processes starting together race to create the tables: a file lock for SQLite, ...
             with stores.lock_for(url):
-                return optuna.storages.RDBStorage(url, engine_kwargs=engine)
+                opened = optuna.storages.RDBStorage(url, engine_kwargs=engine)
+            if db is None:  # a database server (a SQLite file may be replaced under the same name)
+                _DATABASES[(os.getpid(), url)] = opened
+            return opened
         except Exception as err:
             raced = "already exists" in str(err) or type(err).__name__ == "IntegrityError"
             if raced and attempt < 2:  # ... and for a server, the loser finds the tables made on its retry

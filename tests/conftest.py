@@ -104,3 +104,14 @@ def postgres_url():
     finally:
         subprocess.run([*as_postgres, pg_ctl, "-D", str(data / "db"), "-m", "fast", "-w", "stop"], capture_output=True)
         shutil.rmtree(data, ignore_errors=True)
+
+
+def create_database(postgres_url: str, name: str) -> str:
+    """A new, empty database on the test server; its URL."""
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(postgres_url, isolation_level="AUTOCOMMIT")
+    with engine.connect() as connection:
+        connection.execute(sqlalchemy.text(f"CREATE DATABASE {name}"))
+    engine.dispose()
+    return postgres_url.rsplit("/", 1)[0] + "/" + name

@@ -13,11 +13,12 @@ import time
 import optuna
 import pytest
 import yaml
+from conftest import create_database
 from mlflow import MlflowClient
 
 from hpo_peft.commands import prepare_study_config
 from hpo_peft.recovery import RUN_ID_ATTR
-from hpo_peft.study import StudyLocation, load_study, run_study
+from hpo_peft.study import StudyLocation, load_study, open_storage, run_study
 from hpo_peft.train import NonFiniteLoss
 
 QUICK_SEARCH = {
@@ -185,6 +186,32 @@ def test_separate_workers_on_postgresql(setup, postgres_url):
     assert len(study.trials) == 6 and all(t.state.name == "COMPLETE" for t in study.trials)
     assert len({t.user_attrs["worker"]["pid"] for t in study.trials}) == 2
     assert len([r for r in runs if r.data.tags.get("hpo_peft.run_kind") == "study_session"]) == 2
+
+
+def test_watching_a_postgresql_study_holds_one_connection_pool(postgres_url):
+    """Each new Optuna RDBStorage holds its connections until the garbage collector runs: a loop that
+    watches a study (tests, `study best` in a shell loop's process, a dashboard) would use up the
+    server's 100 connections and lock out the workers. One storage per database and process."""
+    import gc
+    import uuid
+
+    import sqlalchemy
+
+    name = f"watch_{uuid.uuid4().hex[:8]}"
+    options = StudyLocation("watched", storage=create_database(postgres_url, name))
+    optuna.create_study(study_name="watched", storage=open_storage(options.storage))
+    monitor = sqlalchemy.create_engine(postgres_url, poolclass=sqlalchemy.pool.NullPool)
+    gc.disable()  # as between two collections on a busy machine
+    try:
+        for _ in range(40):
+            assert load_study(options).trials == []
+        with monitor.connect() as connection:
+            held = connection.execute(sqlalchemy.text("SELECT count(*) FROM pg_stat_activity WHERE datname = :name"),
+                                      {"name": name}).scalar()
+    finally:
+        gc.enable()
+        monitor.dispose()
+    assert 1 <= held <= 2
 
 
 def test_a_corrupt_image_stops_the_session_before_anything_is_written(setup, demo_kit, tmp_path):

@@ -18,6 +18,7 @@ from pathlib import Path
 import optuna
 import pytest
 import requests
+from conftest import create_database
 from mlflow import MlflowClient
 
 from hpo_peft.commands import prepare_study_config
@@ -37,16 +38,6 @@ SEARCH = {
     "grace_period": 8.0,  # other hosts: only the heartbeat tells a dead worker
 }
 SLOW = ["--set", "search.params.max_epochs=100000"]  # a trial that runs until it is killed
-
-
-def create_database(postgres_url: str, name: str) -> str:
-    import sqlalchemy
-
-    engine = sqlalchemy.create_engine(postgres_url, isolation_level="AUTOCOMMIT")
-    with engine.connect() as connection:
-        connection.execute(sqlalchemy.text(f"CREATE DATABASE {name}"))
-    engine.dispose()
-    return postgres_url.rsplit("/", 1)[0] + "/" + name
 
 
 class MlflowServer:
