@@ -153,7 +153,7 @@ def run_study_command(path: Path, overrides: list[str], options: dict, n_trials:
 
 
 def corrected_line(corrected: float) -> str:
-    return (f"conservative estimate for unseen images (the selection score less what choosing the best of the "
+    return (f"estimate for unseen images (the selection score less what choosing the best of the "
             f"study's trials adds, estimated over its folds): {corrected:.2f}%")
 
 

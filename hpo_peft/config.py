@@ -216,6 +216,10 @@ class SearchConfig(Strict):
     # which completed trials keep their adapter artifacts (retention.py): `all`, or `best:N` (the N
     # best trials); default (null): every PEFT adapter, and the best 3 full fine-tunings
     keep_adapters: str | None = None
+    # trials a new study runs first (Optuna's enqueue_trial), e.g. known-good settings:
+    # {parameter: value} named as the space names them (method, learning_rate, lora.rank); the
+    # parameters a trial draws that an entry leaves out are sampled as usual
+    enqueue: list[dict[str, Any]] = Field(default_factory=list)
 
     @field_validator("keep_adapters")
     @classmethod

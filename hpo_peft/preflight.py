@@ -15,6 +15,7 @@ from hpo_peft.config import (
     SEARCHABLE_TRAIN_KEYS,
     Choices,
     Range,
+    SearchConfig,
     StudyConfig,
     describe_validation_errors,
 )
@@ -54,6 +55,30 @@ def check_space(config: StudyConfig) -> None:
                 except ValidationError as err:
                     raise UserError(f"search.methods.{name}.{option}: value {value!r} is invalid: "
                                     f"{describe_validation_errors(err)[0]}") from None
+    check_enqueued(config.search)
+
+
+def check_enqueued(search: SearchConfig) -> None:
+    """Each `search.enqueue` entry names parameters the space draws, with values inside it."""
+    for number, entry in enumerate(search.enqueue):
+        for name, value in entry.items():
+            method, _, own = name.rpartition(".")
+            spec = search.methods.get(method, {}).get(own) if method else search.params.get(name)
+            where = f"search.enqueue[{number}]"
+            if spec is None or (method and entry.get("method") not in (None, method)):
+                names = [*search.params, *(f"{m}.{key}" for m, space in search.methods.items() for key in space)]
+                problem = (f"{name!r} is not a parameter the search space draws"
+                           f"{' in a ' + str(entry['method']) + ' trial' if method and 'method' in entry else ''}; it draws {names}")
+            elif isinstance(spec, Choices):
+                problem = None if value in spec.choices else f"{name} = {value!r} is not among its choices {spec.choices}"
+            elif isinstance(spec, Range):
+                inside = isinstance(value, (int, float)) and spec.low <= value <= spec.high
+                problem = None if inside else f"{name} = {value!r} is outside its range [{spec.low}, {spec.high}]"
+            else:
+                problem = None if value == spec else f"{name} is fixed at {spec!r} by the search space, not {value!r}"
+            if problem:
+                raise UserError(f"{where}: {problem} (a changed space: change the entry, or drop the entries "
+                                "with --set search.enqueue=[])")
 
 
 def check_session(n_trials: int | None, timeout: float | None, jobs: int) -> None:

@@ -110,6 +110,8 @@ def create_study(config: StudyConfig, options: StudyLocation, storage=None, acce
     except KeyError:
         study = optuna.create_study(study_name=options.study_name, storage=storage, sampler=sampler, pruner=pruner,
                                     direction="maximize", load_if_exists=True)
+        for params in config.search.enqueue:  # a new study's first trials (workers starting together: once)
+            study.enqueue_trial(params, skip_if_exists=True)
     current = identity.fingerprint(config)
     recorded = study.user_attrs.get(identity.FINGERPRINT_ATTR)
     if recorded is None:

@@ -31,6 +31,7 @@ from hpo_peft.validation import (
     best_epoch,
     cross_fitted_epochs,
     make_plan,
+    stopped_together,
 )
 
 
@@ -149,11 +150,12 @@ def run_trial(
         result = fit(classifier, plan.splits[0], train_config)
         scores, selected = [result.best_validation], result.best.epoch
     else:
-        for k, split in enumerate(plan.splits):
-            folds.append(fit(fresh(), split, train_config, fold=k))
+        for k, split in enumerate(plan.splits):  # patience applies to the folds' mean curve, below
+            folds.append(fit(fresh(), split, train_config.model_copy(update={"patience": None}), fold=k))
             if on_fold is not None:  # the pruner's view: the running mean of the folds' best epochs
                 on_fold(k, float(np.mean([f.best.val_balanced_accuracy for f in folds])))
-        histories = [f.history for f in folds]  # none for `fixed`: its settings run for max_epochs
+        # none for `fixed`: its settings run for max_epochs
+        histories = stopped_together([f.history for f in folds], train_config.patience) if folds else []
         scored = cross_fitted_epochs(histories) if folds else []
         scores = [f.validations[e - 1] for f, e in zip(folds, scored)]
         selected = best_epoch(histories) if folds else train_config.max_epochs

@@ -75,6 +75,7 @@ def grid_point(config: StudyConfig, shots: int, seed: int, method: str | None = 
     variant = config.model_copy(deep=True, update={"data": DataConfig.model_validate(data)})
     if method is not None:
         variant.search.params["method"] = Choices(choices=[method])
+        variant.search.enqueue = [entry for entry in variant.search.enqueue if entry.get("method", method) == method]
     return variant
 
 
@@ -83,6 +84,22 @@ def _mean_curve(histories: list[list[EpochMetrics]]) -> tuple[list[float], list[
     epochs = min(len(h) for h in histories)
     return ([sum(h[e].val_balanced_accuracy for h in histories) / len(histories) for e in range(epochs)],
             [sum(h[e].val_loss for h in histories) / len(histories) for e in range(epochs)])
+
+
+def stopped_together(histories: list[list[EpochMetrics]], patience: int | None) -> list[list[EpochMetrics]]:
+    """The folds' curves cut where early stopping on their *mean* curve stops: `patience` epochs
+    after its best (`best_epoch`'s order), as if the folds trained in lockstep. The folds train
+    without stopping on their own: a fold that stopped while still at the zero-shot level would cut
+    every fold's curve there (slow starters, e.g. LoRA at 1e-3, scored before they learn)."""
+    accuracy, loss = _mean_curve(histories)
+    best, stop = 0, len(accuracy)
+    for e in range(1, len(accuracy)):
+        if (-accuracy[e], loss[e]) < (-accuracy[best], loss[best]):
+            best = e
+        if patience is not None and e - best >= patience:
+            stop = e + 1
+            break
+    return [h[:stop] for h in histories]
 
 
 def best_epoch(histories: list[list[EpochMetrics]]) -> int:

@@ -85,3 +85,37 @@ def test_shipped_study_configs_are_valid(name, monkeypatch):
     if name == "sicapv2_plip.yaml":
         assert config.model.name_or_path == "vinid/plip"
         assert config.train_for("clap").optimizer == "sgd" and config.train_for("lora").optimizer == "adam"
+
+
+ENQUEUE_SPACE = {"params": {"method": {"choices": ["bias", "lora"]}, "learning_rate": {"low": 0.0001, "high": 0.01, "log": True}},
+                 "methods": {"lora": {"rank": {"choices": [1, 2, 4]}}}}
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"method": "lora", "lora.rank": 3}, "search.enqueue[0]: lora.rank = 3 is not among its choices [1, 2, 4]"),
+    ({"learning_rate": 0.5}, "search.enqueue[0]: learning_rate = 0.5 is outside its range [0.0001, 0.01]"),
+    ({"method": "bias", "lora.rank": 4}, "search.enqueue[0]: 'lora.rank' is not a parameter the search space draws in a bias trial"),
+    ({"patience": 5}, "search.enqueue[0]: 'patience' is not a parameter the search space draws"),
+])
+def test_an_enqueued_trial_outside_the_search_space_is_refused_naming_it(tmp_path, entry, message):
+    with pytest.raises(UserError) as err:
+        prepare_config(write(tmp_path, {**BASE, "search": {**ENQUEUE_SPACE, "enqueue": [entry]}}), [], study=True)
+    assert message in str(err.value)
+
+
+def test_a_new_study_runs_its_enqueued_trials_first_and_once(tmp_path):
+    import optuna
+
+    from hpo_peft.search_space import sample_plan
+    from hpo_peft.study import StudyLocation, create_study
+
+    entry = {"method": "lora", "learning_rate": 0.0005, "lora.rank": 2}
+    config = load_config(write(tmp_path, {**BASE, "search": {**ENQUEUE_SPACE, "enqueue": [entry],
+                                                             "sampler": {"name": "random", "seed": 3}}}))
+    options = StudyLocation("q", storage=str(tmp_path / "optuna.journal"))
+    study = create_study(config, options)
+    create_study(config, options)  # a second session, or a second worker: not enqueued again
+    assert [t.state for t in study.get_trials()] == [optuna.trial.TrialState.WAITING]
+    plans = [sample_plan(study.ask(), config) for _ in range(3)]
+    assert (plans[0].method, plans[0].train.learning_rate, plans[0].method_options["rank"]) == ("lora", 0.0005, 2)
+    assert all(p.train.learning_rate != 0.0005 for p in plans[1:])  # then the sampler's own draws

@@ -62,6 +62,7 @@ def base_raw(demo_kit):
 
     raw = demo_config_dict(demo_kit)
     raw["search"] = {**raw["search"], **SEARCH}
+    raw["search"].pop("enqueue")  # the demo's enqueued trial lies outside this space
     return raw
 
 

@@ -64,14 +64,38 @@ def test_no_fold_is_scored_at_its_own_best_epoch():
     assert best_epoch([curve(70, 70), curve(70, 70)]) == 1
 
 
+def test_folds_stop_together_on_their_mean_curve():
+    from hpo_peft.validation import stopped_together
+
+    # fold A alone would stop at epoch 4 (best at 2, patience 2) and cut B's curve before B learns;
+    # the mean curve (50, 55, 62.5, 67.5, 70, 80) keeps improving: both folds count to epoch 6
+    a, b = curve(50, 60, 55, 55, 55, 70), curve(50, 50, 70, 80, 85, 90)
+    assert [len(h) for h in stopped_together([a, b], patience=2)] == [6, 6]
+    # the mean curve peaks at epoch 2 (75) and does not beat it for 2 epochs: cut after epoch 4
+    c, d = curve(50, 80, 60, 70, 99), curve(50, 70, 60, 60, 99)
+    assert [len(h) for h in stopped_together([c, d], patience=2)] == [4, 4]
+    # a tie in accuracy with a lower mean loss is an improvement; no patience: nothing is cut
+    e = curve(50, 70, 70, 70, losses=[1.0, 0.9, 0.8, 0.7])
+    assert [len(h) for h in stopped_together([e, e], patience=2)] == [4, 4]
+    assert [len(h) for h in stopped_together([c, d], patience=None)] == [5, 5]
+
+
 def test_a_kfold_trial_scores_the_fold_mean_and_refits_on_all_shots(kfold_workspace):
     from hpo_peft.config import TrainConfig
 
     outcome = run_trial(kfold_workspace, "bias", {}, TrainConfig(max_epochs=5, patience=2, learning_rate=0.003, precision="fp32"),
                         progress=False)
     assert len(outcome.folds) == 4
-    accuracy = np.array([[m.val_balanced_accuracy for m in f.history] for f in outcome.folds], dtype=object)
-    epochs = min(len(f.history) for f in outcome.folds)
+    assert [len(f.history) for f in outcome.folds] == [5, 5, 5, 5]  # no fold stops on its own
+    accuracy = np.array([[m.val_balanced_accuracy for m in f.history] for f in outcome.folds])
+    mean, mean_loss = accuracy.mean(axis=0), np.array([[m.val_loss for m in f.history] for f in outcome.folds]).mean(axis=0)
+    epochs, best = 5, 0  # early stopping (patience 2) on the folds' mean curve
+    for e in range(1, 5):
+        if (-mean[e], mean_loss[e]) < (-mean[best], mean_loss[best]):
+            best = e
+        elif e - best >= 2:
+            epochs = e + 1
+            break
     table = np.array([[m.val_balanced_accuracy for m in f.history[:epochs]] for f in outcome.folds])
     losses = np.array([[m.val_loss for m in f.history[:epochs]] for f in outcome.folds])
     expected_refit = 1 + min(range(epochs), key=lambda e: (-table[:, e].mean(), losses[:, e].mean(), e))
