@@ -112,21 +112,28 @@ def create_study(config: StudyConfig, options: StudyLocation, storage=None, acce
                                     direction="maximize", load_if_exists=True)
         for params in config.search.enqueue:  # a new study's first trials (workers starting together: once)
             study.enqueue_trial(params, skip_if_exists=True)
-    current = identity.fingerprint(config)
-    recorded = study.user_attrs.get(identity.FINGERPRINT_ATTR)
+    if study.user_attrs.get(identity.FINGERPRINT_ATTR) is None:
+        study.set_user_attr(identity.FINGERPRINT_ATTR, identity.fingerprint(config))
+    else:
+        check_settings(study, config, options.study_name, accept_changes)
+    return study
+
+
+def check_settings(study: optuna.Study, config: StudyConfig, study_name: str, accept_changes: bool = False) -> None:
+    """The study was started with these settings (or `accept_changes` says the user means to change them)."""
+    current, recorded = identity.fingerprint(config), study.user_attrs.get(identity.FINGERPRINT_ATTR)
     if recorded is None:
-        study.set_user_attr(identity.FINGERPRINT_ATTR, current)
-    elif (differ := identity.differences(recorded, current)) and accept_changes:
-        print(f"continuing study {options.study_name!r} with changed settings: {', '.join(differ)}", file=sys.stderr)
+        return
+    if (differ := identity.differences(recorded, current)) and accept_changes:
+        print(f"continuing study {study_name!r} with changed settings: {', '.join(differ)}", file=sys.stderr)
     elif differ:
         first = differ[0]
         raise UserError(
-            f"study {options.study_name!r} was started with other settings: {', '.join(differ[:6])}"
+            f"study {study_name!r} was started with other settings: {', '.join(differ[:6])}"
             f"{f' and {len(differ) - 6} more' if len(differ) > 6 else ''} differ (e.g. {first}: "
             f"{recorded.get(first, 'unset')} then, {current.get(first, 'unset')} now); continue it with its "
-            f"own settings, start a new study with --study-name {options.study_name}-2, or pass --accept-changes"
+            f"own settings, start a new study with --study-name {study_name}-2, or pass --accept-changes"
         )
-    return study
 
 
 def load_study(options: StudyLocation) -> optuna.Study:
@@ -136,6 +143,14 @@ def load_study(options: StudyLocation) -> optuna.Study:
     except KeyError:
         where = options.storage or stores.default_journal()
         raise UserError(f"no study named {options.study_name!r} in storage {where}") from None
+
+
+def existing_study(options: StudyLocation) -> optuna.Study | None:
+    """The study if its storage and the study exist (an unreachable storage is reported later, by open_stores)."""
+    try:
+        return load_study(options)
+    except UserError:
+        return None
 
 
 def make_objective(workspace: Workspace, config: StudyConfig, tracker: Tracker, parent_id: str, study_name: str,
@@ -231,6 +246,8 @@ def run_study(config: StudyConfig, options: StudyLocation, n_trials: int | None,
               jobs: int = 1, accept_changes: bool = False, total: bool = False) -> optuna.Study:
     """`total` (`study worker`): `n_trials` is the study's total over all workers (budget.py)."""
     preflight.check_study_data(config)
+    if not accept_changes and (existing := existing_study(options)) is not None:
+        check_settings(existing, config, options.study_name)  # other settings: refused before the model loads
     # the model loads and every image decodes before anything is written (workers repeat it)
     workspace = open_workspace(config)
     study, tracker = open_stores(config, options, accept_changes)

@@ -104,14 +104,19 @@ def test_study_best_uses_the_tie_break(tmp_path):
     assert best_trial(options).number == 1
 
 
-def test_continuing_a_study_under_other_settings_is_refused_before_anything_is_written(write_config, tmp_path, capsys):
+def test_continuing_a_study_under_other_settings_is_refused_before_anything_is_written(write_config, tmp_path, capsys,
+                                                                                         monkeypatch):
     search = {"n_trials": 1, "sampler": {"name": "random"}, "pruner": {"name": "none"},
               "params": {"method": "zs_linear_probe", "max_epochs": 2}}
     config = write_config(search=search)
     where = ["--study-name", "s", "--storage", str(tmp_path / "s.journal"), "--tracking-uri", f"sqlite:///{tmp_path}/m.db"]
     assert main(["study", "run", str(config), *where]) == 0
     before = (tmp_path / "s.journal").read_bytes()
-    code = main(["study", "run", str(config), *where, "--set", "data.shots=8", "--set", "prompts.templates=[\"a [CLS]\"]"])
+    with monkeypatch.context() as patched:  # ... and before the model loads
+        from hpo_peft import trial
+
+        patched.setattr(trial, "load_base_model", lambda *a, **k: pytest.fail("the model loaded before the refusal"))
+        code = main(["study", "run", str(config), *where, "--set", "data.shots=8", "--set", "prompts.templates=[\"a [CLS]\"]"])
     err = capsys.readouterr().err
     assert code == 2
     line = [x for x in err.splitlines() if x.startswith("hpo-peft: error: ")]
