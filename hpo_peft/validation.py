@@ -88,17 +88,12 @@ def _mean_curve(histories: list[list[EpochMetrics]]) -> tuple[list[float], list[
 
 def stopped_together(histories: list[list[EpochMetrics]], patience: int | None) -> list[list[EpochMetrics]]:
     """The folds' curves cut where early stopping on their *mean* curve stops: `patience` epochs
-    after its best (`best_epoch`'s order), as if the folds trained in lockstep. The folds train
-    without stopping on their own: a fold that stopped while still at the zero-shot level would cut
-    every fold's curve there (slow starters, e.g. LoRA at 1e-3, scored before they learn)."""
-    accuracy, loss = _mean_curve(histories)
-    best, stop = 0, len(accuracy)
-    for e in range(1, len(accuracy)):
-        if (-accuracy[e], loss[e]) < (-accuracy[best], loss[best]):
-            best = e
-        if patience is not None and e - best >= patience:
-            stop = e + 1
-            break
+    after its best (`best_epoch`), as if the folds trained in lockstep. The folds train without
+    stopping on their own: a fold that stopped while still at the zero-shot level would cut every
+    fold's curve there (slow starters, e.g. LoRA at 1e-3, scored before they learn)."""
+    epochs = min(len(h) for h in histories)
+    stop = epochs if patience is None else next(
+        (e for e in range(1, epochs + 1) if e - best_epoch([h[:e] for h in histories]) >= patience), epochs)
     return [h[:stop] for h in histories]
 
 
