@@ -147,7 +147,10 @@ def machine_info(device: str) -> dict:
             versions[package] = version(package)
         except PackageNotFoundError:
             versions[package] = "not installed"
-    commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
+    try:  # a device machine may have the working tree without git or .git: HPO_PEFT_COMMIT names the commit there
+        commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
+    except OSError:
+        commit = ""
     return {
         "date": datetime.now().isoformat(timespec="seconds"),
         "cpu": cpu,
@@ -159,7 +162,7 @@ def machine_info(device: str) -> dict:
         "device": device,
         "python": platform.python_version(),
         "versions": versions,
-        "commit": commit or "unknown",
+        "commit": commit or os.environ.get("HPO_PEFT_COMMIT", "unknown"),
         "load_average_start": os.getloadavg()[0],
     }
 
