@@ -1,7 +1,7 @@
 """What model scale does to PEFT: PLIP's architecture (CLIP ViT-B/32, 224 px, HF CLIP family)
 against CONCH's (timm ViT-B/16 at 448 px with attentional pooling, conch family), random weights.
 
-    python benchmarks/model_scale.py [--device cpu|cuda] [--steps N] [--quick] [--out benchmarks/results/NAME.md]
+    python benchmarks/model_scale.py [--device cpu|cuda] [--steps N] [--quick] [--architectures plip conch] [--out benchmarks/results/NAME.md]
 
 Per architecture, method (Affine-LN, bias, LoRA rank 4, full fine-tuning, and a black-box
 adapter: zero-shot linear probe, whose step is a no-grad encoder pass plus the head's update when
@@ -150,10 +150,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (0: time the first step too)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--architectures", nargs="+", choices=ARCHITECTURES, default=list(ARCHITECTURES),
+                        help="which, in this order (each measurement is logged as it ends)")
     args = parser.parse_args()
     out = args.out or ROOT / "benchmarks" / "results" / f"{'quick-' if args.quick else ''}model-scale-{args.device}.md"
     results = {"quick": args.quick, "steps": args.steps, "warmup": args.warmup, "machine": machine_info(args.device), "rows": {}}
-    for arch in ARCHITECTURES:
+    for arch in args.architectures:
         for method in METHODS:
             row = {}
             for batch in BATCHES:
