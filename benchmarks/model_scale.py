@@ -112,7 +112,8 @@ def run_child(spec: dict) -> dict:
 def _env() -> dict:
     import os
 
-    return {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore", "TQDM_DISABLE": "1"}
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)  # keep the caller's path too
+    return {**os.environ, "PYTHONPATH": path, "PYTHONWARNINGS": "ignore", "TQDM_DISABLE": "1"}
 
 
 def report(results: dict) -> str:
