@@ -98,7 +98,7 @@ def defining_params(method: str, sampled: dict[str, Any], train: dict[str, Any],
 def _budget(data) -> str:
     if data.validation == "kfold":
         return (f"{data.shots} labelled images per class, validated inside them by {data.n_folds}-fold "
-                "cross-validation (adapter refit on all shots for the median best epoch)")
+                "cross-validation (adapter refit on all shots for the epoch where the folds' mean curve peaks)")
     return (f"{data.shots} training + {data.val_shots} validation images per class "
             f"({data.labels_per_class} labels per class; early stopping on the validation images)")
 
@@ -160,7 +160,7 @@ def trial_description(params: dict[str, Any], state: str, objective: float | Non
         lines.append(f"- **Objective** `{OBJECTIVE}`: {objective:.2f}"
                      + (" (mean over folds)" if scheme == "kfold" else ""))
     if selected_epoch:
-        kept = "refit length (median best epoch over folds)" if scheme == "kfold" else "best validation epoch, weights kept"
+        kept = "refit length (the peak of the folds' mean curve)" if scheme == "kfold" else "best validation epoch, weights kept"
         lines.append(f"- **Selected epoch**: {selected_epoch} ({kept})")
     if trainable is not None:
         lines.append(f"- **Trainable parameters**: {trainable:,}")
