@@ -272,10 +272,19 @@ def worker_pids(options):
     return {t.user_attrs["worker"]["pid"] for t in load_study(options).trials if "worker" in t.user_attrs}
 
 
+def running(pid) -> bool:
+    """Alive and not a zombie. The process can end between any two looks at /proc (reading its stat
+    then fails), and its name can hold spaces: the state is the first field after the last ')'."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def wait_gone(pids, timeout=60):
     deadline = time.time() + timeout
     while time.time() < deadline:
-        alive = [p for p in pids if os.path.exists(f"/proc/{p}") and "Z" not in Path(f"/proc/{p}/stat").read_text().split()[2]]
+        alive = [p for p in pids if running(p)]
         if not alive:
             return
         time.sleep(0.2)
