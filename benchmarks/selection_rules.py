@@ -27,11 +27,8 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import platform
 import statistics
-import subprocess
 import sys
-from datetime import datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,12 +96,10 @@ def scored_studies(out: Path) -> list[tuple[str, int, list, dict[int, float | No
 
 
 def report(studies, command: str) -> str:
-    commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True,
-                            check=False).stdout.strip()
+    info = bench.machine()
     lines = [f"# Selection rules on every trial ({command})", "",
-             f"- date: {datetime.now().isoformat(timespec='seconds')}; commit {commit or 'unknown'}; "
-             f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-             f"{len(studies)} studies from benchmarks/selection.py", "",
+             f"- date: {info['date']}; commit {info['commit']}; {info['cpu']}, {info['cores']} cores; torch "
+             f"{info['torch']}; {len(studies)} studies from benchmarks/selection.py", "",
              "Mean over the studies of each set-up: the picked trial's unseen balanced accuracy (%), the gap "
              "between its selection score and that accuracy, and the mean absolute gap.", "",
              "| set-up | rule | studies | unseen | gap | abs gap | picks without an adapter |", "|---|---|---|---|---|---|---|"]
