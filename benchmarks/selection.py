@@ -28,14 +28,11 @@ import argparse
 import contextlib
 import io
 import os
-import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,6 +40,7 @@ sys.path.insert(0, str(ROOT))  # this checkout's hpo_peft, not whichever one the
 os.environ.setdefault("TQDM_DISABLE", "1")  # no progress bars in the log
 
 import torch
+from harness import machine_info  # benchmarks/harness.py
 
 from hpo_peft.commands import evaluate_command, prepare_config, prepare_study_config
 from hpo_peft.course import run_course_trial
@@ -212,13 +210,9 @@ def goals(rows: list[Row], means: dict[str, dict], table: str) -> list[tuple[str
 
 
 def machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor() or "unknown")
-    commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True,
-                            check=False).stdout.strip()
-    return {"date": datetime.now().isoformat(timespec="seconds"), "cpu": cpu, "cores": os.cpu_count(),
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-            "commit": commit or "unknown", "load": os.getloadavg()[0]}
+    """harness.machine_info (the one machine description of the benchmarks), with this report's keys."""
+    info = machine_info("cpu")
+    return {**info, "torch": torch.__version__, "load": info["load_average_start"]}
 
 
 def fmt(value: float | None) -> str:
