@@ -27,12 +27,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import json
+import math
 import os
 import shutil
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -187,15 +189,26 @@ def goals(rows: list[Row], means: dict[str, dict], table: str) -> list[tuple[str
     """(statement, passed, the numbers behind it). The gap goal compares sizes: a mean gap below zero
     (a pessimistic selection score) counts by its size, as an optimistic one does."""
     a, b = means["a"], means["b"]
+    by = {(r.setup, r.seed): r for r in rows}
+
+    def paired_se(value) -> str:
+        """Standard error of a per-seed difference between kfold's study and holdout 8+8's: how far
+        chance alone moves the margin with this many seeds."""
+        diffs = [value(by["a", s], by["b", s]) for s in sorted({r.seed for r in rows}) if ("a", s) in by and ("b", s) in by]
+        se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else math.nan
+        return f"standard error over {len(diffs)} seeds, paired by seed: {se:.2f}"
+
     course = {r.seed: r.score(table) for r in rows if r.setup == COURSE_KEY}
     losers = [f"{label_of(r.setup)} seed {r.seed}: {r.score(table):.2f} vs {course[r.seed]:.2f}"
               for r in rows if r.setup != COURSE_KEY and not r.score(table) > course[r.seed]]
     studies = sum(r.setup != COURSE_KEY for r in rows)
     return [
         ("at equal budget (16 labels/class) kfold's mean test > holdout 8+8's mean test",
-         a["test"] > b["test"], f"{a['test']:.2f} vs {b['test']:.2f} ({a['test'] - b['test']:+.2f})"),
+         a["test"] > b["test"], f"{a['test']:.2f} vs {b['test']:.2f} ({a['test'] - b['test']:+.2f}; "
+         f"{paired_se(lambda x, y: x.score(table) - y.score(table))})"),
         ("|kfold's mean gap| <= half |holdout 8+8's mean gap|",
-         abs(a["gap"]) <= abs(b["gap"]) / 2, f"|{a['gap']:+.2f}| vs |{b['gap']:+.2f}| / 2 = {abs(b['gap']) / 2:.2f}"),
+         abs(a["gap"]) <= abs(b["gap"]) / 2, f"|{a['gap']:+.2f}| vs |{b['gap']:+.2f}| / 2 = {abs(b['gap']) / 2:.2f} "
+         f"(kfold's gap less half holdout's: {paired_se(lambda x, y: x.gap(table) - y.gap(table) / 2)})"),
         ("|kfold's mean gap| <= half |holdout 8+8's mean gap|, kfold's score corrected for the best-of-trials choice",
          a["corrected_gap"] is not None and abs(a["corrected_gap"]) <= abs(b["gap"]) / 2,
          f"|{fmt(a['corrected_gap'])}| vs |{b['gap']:+.2f}| / 2 = {abs(b['gap']) / 2:.2f}"),
@@ -303,6 +316,7 @@ def main() -> None:
     print("\n" + text)
     out_md.parent.mkdir(parents=True, exist_ok=True)
     out_md.write_text(text)
+    out_md.with_suffix(".json").write_text(json.dumps([asdict(r) for r in rows], indent=1))  # for further analyses
     log(f"report: {out_md}")
 
 

@@ -91,8 +91,9 @@ def _study_trial(config: StudyConfig, name: str, report) -> dict:
         lines.append(f"{len(outcome.folds)} folds; adapter refit on all {config.data.shots} shots/class for "
                      f"{outcome.selected_epoch} epochs (the folds' mean curve's best epoch)")
     if outcome.validation is not None:
-        lines.append(f"validation balanced accuracy: {outcome.validation.balanced_accuracy:.2f}%"
-                     + (" (mean over folds, each at the epoch the other folds pick)" if outcome.scheme == "kfold" else ""))
+        where = "mean over folds, each around the epoch the other folds pick" if outcome.scheme == "kfold" else \
+            "the best epoch and its neighbours"
+        lines.append(f"validation balanced accuracy: {outcome.validation.balanced_accuracy:.2f}% ({where})")
     else:
         lines.append("no validation: too few shots to hold any out")
     lines.append(f"labels used per class: {outcome.labels_per_class}")

@@ -5,7 +5,8 @@ training table's content), categories, shots, validation scheme and seed, prompt
 revision, precision and training settings, methods and search space. `study run` on an existing
 study whose fingerprint differs stops before anything is written and names the keys that differ.
 How long it runs (n_trials, timeout), how it samples and prunes, where it logs, and `compare`'s grid
-may change between sessions.
+may change between sessions. How a trial is scored (`selection.score_radius`, validation.py) is part
+of it too: a study scored before that window existed does not mix with one scored with it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import json
 from typing import Any
 
 from hpo_peft.config import StudyConfig
+from hpo_peft.validation import SCORE_RADIUS
 
 FINGERPRINT_ATTR = "hpo_peft.fingerprint"
 DEFINING = ("protocol", "data", "model", "prompts", "train", "method", "methods", "method_train",
@@ -51,6 +53,7 @@ def fingerprint(config: StudyConfig) -> dict[str, str]:
         _flatten(node, key, out)
     for key in MACHINE_KEYS:
         out.pop(key, None)
+    out["selection.score_radius"] = json.dumps(SCORE_RADIUS)
     out["data.train_table.sha256"] = json.dumps(_file_digest(config.data.root / config.data.train_table))
     return out
 

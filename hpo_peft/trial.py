@@ -31,6 +31,7 @@ from hpo_peft.validation import (
     best_epoch,
     cross_fitted_epochs,
     make_plan,
+    score_window,
     stopped_together,
 )
 
@@ -71,17 +72,18 @@ class TrialOutcome:
     train_config: TrainConfig
     trainable_parameters: int
     training: TrainResult  # holdout: the run; kfold: the refit on all shots
-    validation: Metrics  # the selection score: holdout's best epoch, or the mean over folds
+    validation: Metrics  # the selection score: holdout's best epoch, or the mean over folds (score_window)
     seconds: float
     scheme: str
     labels_per_class: int
     folds: list[TrainResult] = field(default_factory=list)  # kfold: one per fold
     selected_epoch: int | None = None  # the epoch of the kept weights (holdout's best, kfold's refit length)
     scored_epochs: list[int] = field(default_factory=list)  # kfold: the epoch each fold is scored at
+    fold_validations: list[Metrics] = field(default_factory=list)  # kfold: each fold's score there
 
     def fold_scores(self) -> list[float]:
-        """kfold: each fold's validation balanced accuracy at the epoch it is scored at."""
-        return [f.history[e - 1].val_balanced_accuracy for f, e in zip(self.folds, self.scored_epochs)]
+        """kfold: each fold's validation balanced accuracy around the epoch it is scored at."""
+        return [m.balanced_accuracy for m in self.fold_validations]
 
     def mean_history(self) -> list[EpochMetrics]:
         """kfold: per epoch, the mean over the folds that reached it."""
@@ -148,7 +150,7 @@ def run_trial(
         result = TrainResult(best=None)
     elif plan.scheme == "holdout":
         result = fit(classifier, plan.splits[0], train_config)
-        scores, selected = [result.best_validation], result.best.epoch
+        scores, selected = [score_window(result.validations, result.best.epoch)], result.best.epoch
     else:
         for k, split in enumerate(plan.splits):  # patience applies to the folds' mean curve, below
             folds.append(fit(fresh(), split, train_config.model_copy(update={"patience": None}), fold=k))
@@ -157,7 +159,7 @@ def run_trial(
         # none for `fixed`: its settings run for max_epochs
         histories = stopped_together([f.history for f in folds], train_config.patience) if folds else []
         scored = cross_fitted_epochs(histories) if folds else []
-        scores = [f.validations[e - 1] for f, e in zip(folds, scored)]
+        scores = [score_window(f.validations, e, len(h)) for f, e, h in zip(folds, scored, histories)]
         selected = best_epoch(histories) if folds else train_config.max_epochs
         classifier = fresh()
         result = fit(classifier, FewShotSplit(plan.refit, None),
@@ -176,4 +178,5 @@ def run_trial(
         folds=folds,
         selected_epoch=selected,
         scored_epochs=scored,
+        fold_validations=scores if folds else [],
     )

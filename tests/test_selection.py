@@ -127,6 +127,12 @@ def test_continuing_a_study_under_other_settings_is_refused_before_anything_is_w
     # what only says how long to run or how to sample may change
     assert main(["study", "run", str(config), *where, "--set", "search.sampler.name=tpe", "--n-trials", "1"]) == 0
     assert len(load_study(StudyLocation("s", storage=str(tmp_path / "s.journal"))).trials) == 2
+    # a study whose trials were scored another way (e.g. before the score window) does not mix either
+    from hpo_peft import identity
+
+    monkeypatch.setattr(identity, "SCORE_RADIUS", 0)
+    assert main(["study", "run", str(config), *where]) == 2
+    assert "selection.score_radius differ" in capsys.readouterr().err
 
 
 def test_a_changed_training_table_is_a_changed_study(write_config, demo_kit, tmp_path, capsys):

@@ -64,6 +64,25 @@ def test_no_fold_is_scored_at_its_own_best_epoch():
     assert best_epoch([curve(70, 70), curve(70, 70)]) == 1
 
 
+def test_a_score_averages_the_chosen_epoch_with_its_neighbours():
+    from hpo_peft.evaluate import Metrics
+    from hpo_peft.validation import score_window
+
+    def run(*accuracies):
+        return [Metrics(a, a / 100, {"x": float(e)}, [[e]], ["x"]) for e, a in enumerate(accuracies, start=1)]
+
+    spike, plateau = run(40, 45, 90, 40, 45), run(60, 70, 75, 70, 60)
+    # the spike's best epoch alone (90) beats the plateau's (75); with its neighbours it does not
+    assert score_window(spike, 3).balanced_accuracy == pytest.approx(175 / 3)
+    assert score_window(plateau, 3).balanced_accuracy == pytest.approx(215 / 3)
+    assert score_window(spike, 3).loss == pytest.approx(1.75 / 3)
+    assert score_window(spike, 3).confusion == [[3]] and score_window(spike, 3).per_class_recall == {"x": 3.0}
+    # at the edges the window is cut: the first epoch and the last one counted (`reached`)
+    assert score_window(spike, 1).balanced_accuracy == pytest.approx(42.5)
+    assert score_window(spike, 3, reached=3).balanced_accuracy == pytest.approx(67.5)
+    assert score_window(spike, 5).balanced_accuracy == pytest.approx(42.5)
+
+
 def test_folds_stop_together_on_their_mean_curve():
     from hpo_peft.validation import stopped_together
 
@@ -105,8 +124,12 @@ def test_a_kfold_trial_scores_the_fold_mean_and_refits_on_all_shots(kfold_worksp
         others, other_losses = np.delete(table, k, axis=0).mean(axis=0), np.delete(losses, k, axis=0).mean(axis=0)
         scored.append(min(range(epochs), key=lambda e: (-others[e], other_losses[e], e)))
     assert outcome.scored_epochs == [e + 1 for e in scored]
-    assert outcome.validation.balanced_accuracy == pytest.approx(np.mean([table[k, e] for k, e in enumerate(scored)]))
-    assert outcome.validation.loss == pytest.approx(np.mean([losses[k, e] for k, e in enumerate(scored)]))
+    # each fold's score: its epochs around the scored one, within the epochs counted
+    window = [range(max(0, e - 1), min(epochs, e + 2)) for e in scored]
+    fold_scores = [table[k, w].mean() for k, w in enumerate(window)]
+    assert outcome.fold_scores() == pytest.approx(fold_scores)
+    assert outcome.validation.balanced_accuracy == pytest.approx(np.mean(fold_scores))
+    assert outcome.validation.loss == pytest.approx(np.mean([losses[k, w].mean() for k, w in enumerate(window)]))
     assert outcome.validation.balanced_accuracy <= np.mean([max(row) for row in accuracy])  # never above the own-best mean
     assert np.sum(outcome.validation.confusion) == 32  # every shot validated once, out of fold
     assert len(outcome.training.history) == outcome.selected_epoch  # the refit: fixed epochs, no validation
