@@ -17,20 +17,21 @@ def demo_kit(tmp_path_factory) -> Path:
     return build_demo_kit(tmp_path_factory.mktemp("kit") / "demo", progress=False)
 
 
-def demo_config_dict(kit: Path) -> dict:
-    """studies/demo.yaml, pointed at the session's kit."""
+def demo_config_dict(kit: Path, search: dict | None = None) -> dict:
+    """studies/demo.yaml, pointed at the session's kit; `search` merged into its search section (a
+    test's own space: the demo's enqueued trial may lie outside it, so it is dropped)."""
     raw = yaml.safe_load((ROOT / "studies" / "demo.yaml").read_text())
     raw["demo_kit"] = None
     raw["data"]["root"] = str(kit / "sicapv2")
     raw["model"]["name_or_path"] = str(kit / "model")
+    if search is not None:
+        raw["search"] = {**{key: value for key, value in raw["search"].items() if key != "enqueue"}, **search}
     return raw
 
 
 def write_demo_config(kit: Path, path: Path, **changes) -> Path:
     """A demo config pointed at `kit`, with those top-level sections replaced (dicts merged), at `path`."""
-    raw = demo_config_dict(kit)
-    if "search" in changes:  # a test's own space: the demo's enqueued trial may lie outside it
-        raw["search"].pop("enqueue", None)
+    raw = demo_config_dict(kit, changes.pop("search", None))
     for key, value in changes.items():
         if isinstance(value, dict) and isinstance(raw.get(key), dict):
             raw[key] = {**raw[key], **value}

@@ -60,10 +60,7 @@ TYPO_SECTIONS = ["data", "train", "model", "search", "tracking", "prompts", "com
 def base_raw(demo_kit):
     from conftest import demo_config_dict
 
-    raw = demo_config_dict(demo_kit)
-    raw["search"] = {**raw["search"], **SEARCH}
-    raw["search"].pop("enqueue")  # the demo's enqueued trial lies outside this space
-    return raw
+    return demo_config_dict(demo_kit, search=SEARCH)
 
 
 pytestmark = pytest.mark.usefixtures("refuse_model_loading")  # the config is fully checked before any model loads
