@@ -183,13 +183,19 @@ def open_session(tracker: Tracker, parent_id: str, study_name: str, workspace: W
 
 def best_marker(tracker: Tracker, parent_id: str):
     """An Optuna callback: when a trial becomes the study's best, the `hpo_peft.best` tag moves to
-    its run and the session parent records it."""
+    its run and the session parent records it. Two workers whose trials finish together may each
+    look for the tag before the other sets it; so after moving it, a worker looks at the study
+    again and moves it on to a better trial finished meanwhile (whose own worker, having looked
+    before, could not take it off ours): the tag ends on the best trial alone either way."""
     def mark(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         best = select_best(study.get_trials(deepcopy=False))
         if best is None or best.number != trial.number or RUN_ID_ATTR not in best.user_attrs:
             return
         with interrupts.deferred():
             mark_best(tracker, parent_id, best)
+            now = select_best(study.get_trials(deepcopy=False))
+            if now is not None and now.number != best.number and RUN_ID_ATTR in now.user_attrs:
+                tracker.move_best(now.user_attrs[RUN_ID_ATTR])
 
     return mark
 

@@ -160,6 +160,36 @@ def test_the_best_tag_is_on_the_best_trial_alone_and_moves(story):
     assert tagged() == [best_id]
 
 
+def test_two_workers_finishing_together_leave_the_best_tag_on_the_better_trial_alone(tmp_path, monkeypatch):
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import TrialState, create_trial
+
+    from hpo_peft.run_record import best_marker
+    from hpo_peft.tracking import Tracker
+
+    tracker = Tracker(f"sqlite:///{tmp_path}/m.db", experiment="race")
+    parent, mine, theirs = (tracker.client.create_run(tracker.experiment_id).info.run_id for _ in range(3))
+
+    def finished(value, run_id):
+        return create_trial(state=TrialState.COMPLETE, value=value, params={"x": 0.5},
+                            distributions={"x": FloatDistribution(0, 1)}, user_attrs={RUN_ID_ATTR: run_id})
+
+    study = optuna.create_study(direction="maximize")
+    study.add_trial(finished(70.0, mine))
+    real_move = tracker.move_best
+
+    def while_the_other_worker_finishes(run_id):
+        real_move(run_id)
+        if run_id == mine:  # its better trial completed, and its marking looked for the tag before ours landed
+            study.add_trial(finished(75.0, theirs))
+            tracker.client.set_tag(theirs, TAG_BEST, "true")
+
+    monkeypatch.setattr(tracker, "move_best", while_the_other_worker_finishes)
+    best_marker(tracker, parent)(study, study.trials[0])
+    runs = MlflowClient(tracker.uri).search_runs([tracker.experiment_id], f"tags.`{TAG_BEST}` = 'true'")
+    assert [r.info.run_id for r in runs] == [theirs]
+
+
 def test_trials_log_only_their_defining_params_and_hide_bookkeeping(story):
     for trial, run in trials_and_runs(story):
         params = run.data.params
