@@ -20,7 +20,6 @@ import binascii
 import io
 import logging
 import re
-import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -42,10 +41,6 @@ from hpo_peft.model import load_base_model
 from hpo_peft.stores import redact
 from hpo_peft.tracking import Tracker, temporary_folder
 
-# the input is a DataFrame checked by the signature below, not by type hints: MLflow's advice to add
-# them (printed on every import of a PythonModel subclass) does not apply
-warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method.*")
-
 MODEL_NAME = "model"
 TAG_MODEL_URI = "hpo_peft.model_uri"
 ADAPTER_ARTIFACT = "adapter"
@@ -63,7 +58,9 @@ class AdapterModel(PythonModel):
         base = load_base_model(predict.base_model_config(metadata, config.get("base_model")))
         self.predictor = predict.load_predictor(folder, base, device=config.get("device", "auto"))
 
-    def predict(self, context, model_input, params=None):
+    def predict(self, context, model_input: pd.DataFrame, params=None):
+        # a DataFrame hint: MLflow infers no schema from it (the logged signature checks the input)
+        # and no longer warns on every import that predict has no type hints
         frame = pd.DataFrame(model_input)
         if len(frame) == 0:
             raise _bad_input("empty batch: send at least one row with an 'image' (base64) or 'path' value")

@@ -114,6 +114,15 @@ def test_evaluate_logs_and_registers_a_pyfunc_model(chosen, evaluated):
     assert not any("model.safetensors" in f for f in files)
 
 
+def test_the_pyfunc_model_imports_without_mlflows_type_hint_advice():
+    """MLflow printed "Add type hints to the `predict` method" on every import of the model class,
+    so in every `evaluate` and `predict` (a warnings filter could not stop it: MLflow resets them)."""
+    done = subprocess.run([sys.executable, "-W", "always", "-c", "import hpo_peft.pyfunc_model"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "type hint" not in done.stderr.lower()
+
+
 def test_pyfunc_in_a_fresh_process_equals_evaluate(chosen, evaluated, test_images, reference):
     """`mlflow.pyfunc.load_model("models:/NAME@best")` in a new interpreter: probabilities equal
     the adapter's through `evaluate`'s path, its arg-max gives evaluate's confusion matrix, and a
