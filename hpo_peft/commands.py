@@ -149,7 +149,7 @@ def run_study_command(path: Path, overrides: list[str], options: dict, n_trials:
     if best is None:
         print("no completed trial yet")
     else:
-        print(f"best trial {best.number}: validation balanced accuracy {best.value:.2f}%  {best.params}")
+        print(f"best trial {best.number}: selection score {best.value:.2f}%  {best.params}")
     print_ui_links(where, best.user_attrs.get(RUN_ID_ATTR) if best is not None else None)
 
 
@@ -183,7 +183,7 @@ def best_command(path: Path, overrides: list[str], options: dict, as_json: bool)
     if as_json:
         print(json.dumps(summary, indent=2))
         return
-    print(f"best trial {best.number}: selection score (validation balanced accuracy) {best.value:.2f}%")
+    print(f"best trial {best.number}: selection score (validation balanced accuracy around the chosen epoch) {best.value:.2f}%")
     if corrected is not None:
         print(corrected_line(corrected))
     print(f"test balanced accuracy: {f'{test:.2f}% (validation - test gap {best.value - test:+.2f})' if test is not None else 'not evaluated yet (hpo-peft evaluate)'}")
@@ -231,7 +231,7 @@ def evaluate_command(
     else:
         print(f"run {run_id} ({metadata['method']['name']}): test balanced accuracy {metrics.balanced_accuracy:.2f}%")
         if selection is not None:
-            print(f"selection score (validation balanced accuracy) {selection:.2f}%; "
+            print(f"selection score (validation balanced accuracy around the chosen epoch) {selection:.2f}%; "
                   f"validation - test gap {selection - metrics.balanced_accuracy:+.2f} points")
         if corrected is not None:
             print(corrected_line(corrected) + f"; minus test {corrected - metrics.balanced_accuracy:+.2f} points")
