@@ -33,7 +33,7 @@ def test_early_stopping_restores_the_best_epoch(demo_workspace):
     assert again.balanced_accuracy == pytest.approx(best.val_balanced_accuracy)
     assert again.loss == pytest.approx(best.val_loss, rel=1e-5)
     # the score: the best epoch's balanced accuracy averaged with its neighbours' (never above it)
-    window = seen[best.epoch - 2:best.epoch + 1] if best.epoch > 1 else seen[:2]
+    window = seen[max(0, best.epoch - 2):best.epoch + 1]
     assert outcome.validation.balanced_accuracy == pytest.approx(sum(m.val_balanced_accuracy for m in window) / len(window))
     assert outcome.validation.balanced_accuracy <= best.val_balanced_accuracy
     assert outcome.validation.loss == pytest.approx(sum(m.val_loss for m in window) / len(window))
