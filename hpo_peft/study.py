@@ -7,6 +7,7 @@ machines). The same study name and storage continue a study where it stopped.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -158,16 +159,18 @@ def make_objective(workspace: Workspace, config: StudyConfig, tracker: Tracker, 
     """`config` holds the study's search space; `workspace` the data and model its trials train on;
     `on_start()` is called once the trial exists (budget.ClaimLock's release)."""
     def objective(trial: optuna.Trial) -> float:
-        if on_start is not None:
-            on_start()
-        trial.set_user_attr(WORKER_ATTR, worker_identity())
-        heartbeat.attach(trial, None)
-        plan = sample_plan(trial, config)
-
-        budget = {"data.validation": workspace.plan.scheme, "labels_per_class": workspace.plan.labels_per_class}
-        params = {**defining_params(plan.method, trial.params, plan.train.model_dump(), config.train.model_dump(),
-                                    plan.method_options), **budget}
-        with trial_run(tracker, trial, parent_id, study_name, params) as run_id:
+        with contextlib.ExitStack() as opened:
+            with interrupts.deferred():  # a stop before the trial's run exists waits for the run: no trial without one
+                if on_start is not None:
+                    on_start()
+                trial.set_user_attr(WORKER_ATTR, worker_identity())
+                heartbeat.attach(trial, None)
+                plan = sample_plan(trial, config)
+                budget = {"data.validation": workspace.plan.scheme, "labels_per_class": workspace.plan.labels_per_class}
+                params = {**defining_params(plan.method, trial.params, plan.train.model_dump(), config.train.model_dump(),
+                                            plan.method_options), **budget}
+                run_id = opened.enter_context(trial_run(tracker, trial, parent_id, study_name, params))
+            # a stop held back above is raised here, and trial_run closes the run as KILLED
             heartbeat.attach(trial, run_id)
 
             def on_epoch(metrics: EpochMetrics) -> None:

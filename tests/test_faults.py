@@ -302,6 +302,39 @@ def test_sigterm_to_the_parent_stops_its_workers(slow):
     assert all(t.state.name == "FAIL" and t.user_attrs["fail_reason"] == "interrupted (SIGTERM)" for t in study.trials)
 
 
+def test_a_stop_before_a_trials_run_exists_still_closes_the_trial_with_a_killed_run(demo_workspace, tmp_path,
+                                                                                   monkeypatch):
+    """A worker stopped while its trial was being sampled (a second worker a step behind the first,
+    seen in CI) left a FAIL trial with no MLflow run: the stop now waits until the run exists."""
+    import optuna
+
+    from hpo_peft import interrupts
+    from hpo_peft import study as study_module
+    from hpo_peft.recovery import Heartbeat
+    from hpo_peft.tracking import Tracker
+
+    real_sample = study_module.sample_plan
+
+    def sample_then_stop(trial, config):
+        plan = real_sample(trial, config)
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives before the trial's run is opened
+        return plan
+
+    monkeypatch.setattr(study_module, "sample_plan", sample_then_stop)
+    monkeypatch.setattr(interrupts, "_watchdog", lambda signum: None)  # no clean-up deadline inside pytest
+    tracker = Tracker(f"sqlite:///{tmp_path}/m.db", experiment="stop")
+    parent = tracker.start_parent("stop", {})
+    study = optuna.create_study(direction="maximize")
+    with interrupts.handled(), Heartbeat(tracker, None, 60.0) as heartbeat:
+        objective = study_module.make_objective(demo_workspace, demo_workspace.config, tracker, parent, "stop", heartbeat)
+        with pytest.raises(KeyboardInterrupt):
+            study.optimize(objective, n_trials=1)
+    trial = study.trials[0]
+    assert trial.state.name == "FAIL" and trial.user_attrs["fail_reason"] == "interrupted (SIGTERM)"
+    run = tracker.client.get_run(trial.user_attrs[RUN_ID_ATTR])
+    assert run.info.status == "KILLED" and run.data.tags["hpo_peft.trial_number"] == "0"
+
+
 def children_of(pid):
     out = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
