@@ -72,7 +72,7 @@ class TrialOutcome:
     train_config: TrainConfig
     trainable_parameters: int
     training: TrainResult  # holdout: the run; kfold: the refit on all shots
-    validation: Metrics  # the selection score: holdout's best epoch, or the mean over folds (score_window)
+    validation: Metrics  # the selection score: around holdout's best epoch, or the mean over folds (score_window)
     seconds: float
     scheme: str
     labels_per_class: int

@@ -272,13 +272,19 @@ def worker_pids(options):
     return {t.user_attrs["worker"]["pid"] for t in load_study(options).trials if "worker" in t.user_attrs}
 
 
-def running(pid) -> bool:
-    """Alive and not a zombie. The process can end between any two looks at /proc (reading its stat
-    then fails), and its name can hold spaces: the state is the first field after the last ')'."""
+def stat_fields(stat: Path) -> list[str] | None:
+    """The fields of /proc/PID/stat after the process name (state, ppid, ...): the name can hold
+    spaces, so they follow its last ')'. None when the process ended between two looks at /proc."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        return stat.read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
-        return False
+        return None
+
+
+def running(pid) -> bool:
+    """Alive and not a zombie."""
+    fields = stat_fields(Path(f"/proc/{pid}/stat"))
+    return fields is not None and fields[0] != "Z"
 
 
 def wait_gone(pids, timeout=60):
@@ -338,11 +344,8 @@ def test_a_stop_before_a_trials_run_exists_still_closes_the_trial_with_a_killed_
 def children_of(pid):
     out = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
+        fields = stat_fields(stat)
+        if fields is not None and int(fields[1]) == pid:
             out.append(int(stat.parent.name))
     return out
 
