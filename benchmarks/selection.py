@@ -72,6 +72,7 @@ class Row:
     corrected: float | None = None  # kfold: the selection score less the best-of-trials bias (selection.py)
     trials: str = ""  # e.g. "12 (5 pruned)"
     seconds: float = 0.0
+    epochs: int = 0  # epochs trained by the study's trials (kfold: every fold's and the refits'); the compute
 
     def score(self, table: str) -> float:
         return self.test if table == "test" else self.unseen
@@ -130,6 +131,25 @@ def fresh_stores(folder: Path) -> dict:
             "tracking_uri": f"sqlite:///{folder.resolve()}/mlflow.db"}
 
 
+def epochs_trained(tracking_uri: str) -> int:
+    """Epochs the study's trials trained, from their MLflow metrics: a kfold trial's epochs of every
+    fold (`fold1.train_loss`, ...) and its refit's (`selected_epoch`), a holdout trial's `train_loss`
+    steps; pruned trials up to where they stopped."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    total = 0
+    for run in client.search_runs(experiments, max_results=10_000):
+        folds = [k for k in run.data.metrics if k.startswith("fold") and k.endswith(".train_loss")]
+        if folds:
+            total += sum(len(client.get_metric_history(run.info.run_id, k)) for k in folds)
+            total += int(run.data.metrics.get("selected_epoch", 0))
+        elif "train_loss" in run.data.metrics:
+            total += len(client.get_metric_history(run.info.run_id, "train_loss"))
+    return total
+
+
 def trial_counts(study) -> str:
     states = [t.state.name for t in study.trials]
     other = {s: states.count(s) for s in sorted(set(states)) if s != "COMPLETE"}
@@ -149,7 +169,7 @@ def run_setup(key: str, seed: int, kit: Path, out: Path, n_trials: int) -> Row:
                                   run_id=result["mlflow_run_id"], register=None, as_json=True)
     return Row(key, seed, config.data.labels_per_class, result["method"]["name"], result["val_balanced_accuracy"],
                result["balanced_accuracy"], unseen["balanced_accuracy"], result["val_balanced_accuracy_corrected"],
-               trial_counts(study), time.perf_counter() - started)
+               trial_counts(study), time.perf_counter() - started, epochs_trained(options["tracking_uri"]))
 
 
 def run_course(seed: int, kit: Path) -> Row:
@@ -179,6 +199,7 @@ def summary(rows: list[Row], table: str) -> dict[str, dict]:
         gaps = [r.gap(table) for r in mine if r.validation is not None]
         corrected = [r.corrected_gap(table) for r in mine if r.corrected is not None]
         out[key] = {"test": statistics.mean(r.score(table) for r in mine),
+                    "epochs": statistics.mean(r.epochs for r in mine), "seconds": statistics.mean(r.seconds for r in mine),
                     "corrected_gap": statistics.mean(corrected) if len(corrected) == len(mine) else None,
                     "gap": statistics.mean(gaps) if gaps else None,
                     "abs_gap": statistics.mean(abs(g) for g in gaps) if gaps else None}
@@ -243,11 +264,11 @@ def table(rows: list[Row]) -> list[str]:
 
 
 def means_table(means: dict[str, dict]) -> list[str]:
-    lines = ["| set-up | mean test | mean gap (val - test) | mean abs(gap) | mean gap (corrected - test) |",
-             "|---|---|---|---|---|"]
+    lines = ["| set-up | mean test | mean gap (val - test) | mean abs(gap) | mean gap (corrected - test) | "
+             "epochs trained per study | seconds per study |", "|---|---|---|---|---|---|---|"]
     for key, m in means.items():
         lines.append(f"| {key}: {label_of(key)} | {fmt(m['test'])} | {fmt(m['gap'])} | {fmt(m['abs_gap'])} | "
-                     f"{fmt(m['corrected_gap'])} |")
+                     f"{fmt(m['corrected_gap'])} | {'-' if key == COURSE_KEY else round(m['epochs'])} | {m['seconds']:.0f} |")
     return lines
 
 

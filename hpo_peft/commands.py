@@ -52,7 +52,8 @@ def run_single_trial(path: Path, overrides: list[str], method: str | None, save:
     def report(epoch):
         if as_json:
             return
-        fold = "" if getattr(epoch, "fold", None) is None else f"fold {epoch.fold + 1}  "
+        fold = f"fold {epoch.fold + 1}  " if getattr(epoch, "fold", None) is not None else \
+            "mean    " if config.data.validation == "kfold" else ""
         val = "" if getattr(epoch, "val_loss", None) is None else (
             f"  val loss {epoch.val_loss:.4f}  val balanced acc {epoch.val_balanced_accuracy:.2f}%")
         print(f"{fold}epoch {epoch.epoch:3d}  train loss {epoch.train_loss:.4f}{val}")

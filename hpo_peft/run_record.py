@@ -4,7 +4,7 @@ becomes its run's state:
 | trial ends          | Optuna trial | MLflow run | recorded                                   |
 |---------------------|--------------|------------|--------------------------------------------|
 | returns a value     | COMPLETE     | FINISHED   | `objective_val_balanced_accuracy`, metrics, figures, adapter |
-| pruned              | PRUNED       | FINISHED   | `pruned_at_epoch` (kfold: `pruned_after_fold`), tag state PRUNED |
+| pruned              | PRUNED       | FINISHED   | `pruned_at_epoch` (older kfold runs: `pruned_after_fold`), tag state PRUNED |
 | raises              | FAIL         | FAILED     | `fail_reason`, traceback in `hpo_peft.error` |
 | Ctrl-C / SIGTERM    | FAIL         | KILLED     | `fail_reason` "interrupted (...)"          |
 
@@ -46,9 +46,9 @@ FAIL_REASON_ATTR = "fail_reason"
 
 
 class Pruned(optuna.TrialPruned):
-    def __init__(self, step: int, metric: str = "pruned_at_epoch"):
-        super().__init__(f"{metric.replace('_', ' ')} {step}")
-        self.step, self.metric = step, metric
+    def __init__(self, epoch: int):
+        super().__init__(f"pruned at epoch {epoch}")
+        self.epoch = epoch
 
 
 @contextmanager
@@ -69,8 +69,8 @@ def trial_run(tracker: Tracker, trial: optuna.Trial, parent_id: str, study_name:
     except optuna.TrialPruned as err:
         at = None
         if isinstance(err, Pruned):
-            tracker.log_metrics(run_id, {err.metric: err.step})
-            at = str(err.step) if err.metric == "pruned_at_epoch" else f"fold{err.step}"
+            tracker.log_metrics(run_id, {"pruned_at_epoch": err.epoch})
+            at = str(err.epoch)
         tell("PRUNED", str(err), at)
         tracker.end_run(run_id, "FINISHED", state="PRUNED")
         raise
@@ -113,9 +113,6 @@ def log_outcome(tracker: Tracker, run_id: str, outcome: TrialOutcome, workspace:
     config = workspace.config
     val = outcome.validation
     objective = display_value(val.balanced_accuracy)
-    for epoch in outcome.mean_history():  # kfold: the fold-mean curves under the plain names
-        tracker.log_metrics(run_id, {"train_loss": epoch.train_loss, "val_loss": epoch.val_loss,
-                                     "val_balanced_accuracy": epoch.val_balanced_accuracy}, step=epoch.epoch)
     tracker.log_metrics(run_id, {
         "trainable_parameters": outcome.trainable_parameters,
         "selected_epoch": outcome.selected_epoch or 0,

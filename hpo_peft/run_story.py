@@ -6,7 +6,7 @@ Names (set when a run ends; `trial_name`, `session_name`):
 | run                   | name                                  |
 |-----------------------|---------------------------------------|
 | completed trial       | `t043 lora r1 lr1.1e-2: 81.3`         |
-| pruned trial          | `t031 zs_linear_probe pruned@9` (kfold: `pruned@fold2`) |
+| pruned trial          | `t031 zs_linear_probe pruned@9` (older kfold runs: `pruned@fold2`) |
 | failed / interrupted  | `t012 full FAILED` / `t012 full KILLED` |
 | session parent        | `demo session 2: t006-t007`           |
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import random
 import socket
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
@@ -26,6 +26,28 @@ def set_seeds(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+class RandomStream:
+    """A torch random stream of its own (the CPU's and, on CUDA, the device's), starting where the
+    global one is now. Runs that take turns (kfold's folds, trained in lockstep) each draw inside
+    `active()` exactly what they would draw alone, and leave the global stream as it was."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device if device.type == "cuda" else None
+        self.state = self._now()
+
+    def _now(self) -> tuple:
+        return torch.get_rng_state(), (torch.cuda.get_rng_state(self.cuda) if self.cuda else None)
+
+    @contextmanager
+    def active(self):
+        with torch.random.fork_rng(devices=[self.cuda] if self.cuda else []):
+            torch.set_rng_state(self.state[0])
+            if self.cuda:
+                torch.cuda.set_rng_state(self.state[1], self.cuda)
+            yield
+            self.state = self._now()
 
 
 def available_devices() -> list[str]:

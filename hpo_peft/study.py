@@ -174,29 +174,23 @@ def make_objective(workspace: Workspace, config: StudyConfig, tracker: Tracker, 
             heartbeat.attach(trial, run_id)
 
             def on_epoch(metrics: EpochMetrics) -> None:
-                fold = metrics.fold
-                prefix = "" if fold is None else f"fold{fold + 1}."  # kfold: fold means come at the end
+                fold = metrics.fold  # kfold: each fold's epoch, then (None) the folds' mean
+                prefix = "" if fold is None else f"fold{fold + 1}."
                 tracker.log_metrics(run_id, {
                     f"{prefix}train_loss": metrics.train_loss,
                     f"{prefix}val_loss": metrics.val_loss,
                     f"{prefix}val_balanced_accuracy": metrics.val_balanced_accuracy,
                 }, step=metrics.epoch)
-                if fold is None and report(metrics.val_balanced_accuracy, metrics.epoch):  # holdout: per epoch
-                    raise Pruned(metrics.epoch)
-
-            def on_fold(fold: int, mean_so_far: float) -> None:  # kfold: per fold, on the folds seen
-                if report(mean_so_far, fold + 1):
-                    raise Pruned(fold + 1, "pruned_after_fold")
-
-            def report(value: float, step: int) -> bool:
-                with interrupts.deferred():  # the journal is written whole
-                    trial.report(value, step)
-                    return trial.should_prune()
+                if fold is None:  # the trial's curve (holdout's, or the folds' mean): reported, maybe pruned
+                    with interrupts.deferred():  # the journal is written whole
+                        trial.report(metrics.val_balanced_accuracy, metrics.epoch)
+                        pruned = trial.should_prune()
+                    if pruned:
+                        raise Pruned(metrics.epoch)
 
             try:
                 outcome = run_trial(workspace, plan.method, plan.method_options, plan.train, on_epoch,
-                                    progress=sys.stderr.isatty(),  # an epoch bar in a terminal, none in logs
-                                    on_fold=on_fold)
+                                    progress=sys.stderr.isatty())  # an epoch bar in a terminal, none in logs
                 value = log_outcome(tracker, run_id, outcome, workspace, trial, params)
                 trial.set_user_attr(VAL_LOSS_ATTR, outcome.validation.loss)  # tie-breakers (selection.py)
                 trial.set_user_attr(TRAINABLE_ATTR, outcome.trainable_parameters)

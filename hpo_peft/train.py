@@ -20,7 +20,13 @@ from hpo_peft.config import TrainConfig
 from hpo_peft.data import FewShotSplit, LabelledImages, Preprocessing
 from hpo_peft.evaluate import Metrics, compute_metrics, predict_logits
 from hpo_peft.model import ImageClassifier, encoder_is_frozen
-from hpo_peft.runtime import amp_dtype, autocast, resolve_device, set_seeds
+from hpo_peft.runtime import (
+    RandomStream,
+    amp_dtype,
+    autocast,
+    resolve_device,
+    set_seeds,
+)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -63,6 +69,88 @@ def _is_better(current: EpochMetrics, best: EpochMetrics | None) -> bool:
     return current.val_loss < best.val_loss
 
 
+class Training:
+    """One training run, an epoch at a time: `epoch()` trains and validates one, `finish()` puts the
+    best epoch's weights back (the last epoch's without validation). `train` drives one to its end;
+    kfold (trial.py) drives its folds in lockstep, each on its own random stream (RandomStream), so a
+    fold draws the same batches and dropout masks as it would alone.
+
+    With a frozen encoder only the head trains, on features computed once (by `features`, a shared
+    cache, when given); otherwise the whole classifier runs on the uint8 images."""
+
+    def __init__(self, classifier: ImageClassifier, data: FewShotSplit, prep: Preprocessing, categories: list[str],
+                 config: TrainConfig, seed: int, features: Callable[[LabelledImages], torch.Tensor] | None = None):
+        self.classifier, self.data, self.categories, self.config = classifier, data, categories, config
+        self.blind = data.val is None
+        set_seeds(seed)
+        device = resolve_device(config.device)
+        self.device, self.dtype = device, amp_dtype(config.precision, device)
+        classifier.to(device)
+        self.named = [(n, p) for n, p in classifier.named_parameters() if p.requires_grad]
+        self.optimizer = make_optimizer([p for _, p in self.named], config)
+        self.labels = data.train.labels.to(device)
+        if not encoder_is_frozen(classifier):
+            self.model, self.prep = classifier, prep
+            self.train_inputs, self.val_inputs = data.train.images.to(device), None if self.blind else data.val.images
+        else:
+            encode = features or (lambda split: predict_logits(classifier.encoder, split.images, prep,
+                                                               config.eval_batch_size, self.dtype))
+            self.model, self.prep = classifier.head, None
+            self.train_inputs = encode(data.train).to(device)
+            self.val_inputs = None if self.blind else encode(data.val)
+            classifier.head.initialize_from_shots(self.train_inputs, self.labels)
+        self.order_rng = torch.Generator().manual_seed(seed)
+        self.stream = RandomStream(device)
+        self.result = TrainResult(best=None)
+        self.best_state: dict[str, torch.Tensor] = {}
+
+    def epoch(self) -> EpochMetrics:
+        epoch = len(self.result.history) + 1
+        with self.stream.active():
+            self.model.train()
+            losses = []
+            for batch in torch.randperm(len(self.train_inputs), generator=self.order_rng).split(self.config.batch_size):
+                batch = batch.to(self.device)
+                inputs = self.train_inputs[batch] if self.prep is None else self.prep.normalize(self.train_inputs[batch])
+                with autocast(self.device, self.dtype):
+                    logits = self.model(inputs)
+                loss = F.cross_entropy(logits.float(), self.labels[batch])
+                if (penalty := self.classifier.head.penalty()) is not None:
+                    loss = loss + penalty
+                if not torch.isfinite(loss):
+                    raise NonFiniteLoss(f"non-finite training loss at epoch {epoch}")
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
+                losses.append(loss.item())
+
+        if self.blind:  # nothing to select on: every epoch is the latest, the last one is kept
+            self.result.best = EpochMetrics(epoch, float(np.mean(losses)), None, None)
+            self.result.history.append(self.result.best)
+            return self.result.best
+        val_logits = predict_logits(self.model, self.val_inputs, self.prep, self.config.eval_batch_size, self.dtype)
+        val = compute_metrics(val_logits, self.data.val.labels, self.categories)
+        metrics = EpochMetrics(epoch, float(np.mean(losses)), val.loss, val.balanced_accuracy)
+        self.result.history.append(metrics)
+        self.result.validations.append(val)
+        if _is_better(metrics, self.result.best):
+            self.result.best, self.result.best_validation = metrics, val
+            self.best_state = {n: p.detach().clone() for n, p in self.named}
+        return metrics
+
+    def patience_ran_out(self) -> bool:
+        best, patience = self.result.best, self.config.patience
+        return not self.blind and patience is not None and len(self.result.history) - best.epoch >= patience
+
+    def finish(self) -> TrainResult:
+        with torch.no_grad():
+            for name, param in self.named:
+                if not self.blind:
+                    param.copy_(self.best_state[name])
+        self.classifier.eval()
+        return self.result
+
+
 def train(
     classifier: ImageClassifier,
     data: FewShotSplit,
@@ -74,70 +162,18 @@ def train(
     progress: bool = True,
     features: Callable[[LabelledImages], torch.Tensor] | None = None,
 ) -> TrainResult:
-    """With a frozen encoder only the head trains, on features computed once (by `features`, a
-    shared cache, when given); otherwise the whole classifier runs on the uint8 images."""
-    blind = data.val is None
-    set_seeds(seed)
-    device = resolve_device(config.device)
-    dtype = amp_dtype(config.precision, device)
-    classifier.to(device)
-    named = [(n, p) for n, p in classifier.named_parameters() if p.requires_grad]
-    optimizer = make_optimizer([p for _, p in named], config)
-    labels = data.train.labels.to(device)
-    if not encoder_is_frozen(classifier):
-        model, prep_inputs = classifier, prep
-        train_inputs, val_inputs = data.train.images.to(device), None if blind else data.val.images
-    else:
-        encode = features or (lambda split: predict_logits(classifier.encoder, split.images, prep, config.eval_batch_size, dtype))
-        model, prep_inputs = classifier.head, None
-        train_inputs, val_inputs = encode(data.train).to(device), None if blind else encode(data.val)
-        classifier.head.initialize_from_shots(train_inputs, labels)
-    order_rng = torch.Generator().manual_seed(seed)
-
-    result = TrainResult(best=None)
-    best_state: dict[str, torch.Tensor] = {}
-    with tqdm(range(1, config.max_epochs + 1), desc="epochs", leave=False, disable=not progress) as bar:
-        for epoch in bar:
-            model.train()
-            losses = []
-            for batch in torch.randperm(len(train_inputs), generator=order_rng).split(config.batch_size):
-                batch = batch.to(device)
-                inputs = train_inputs[batch] if prep_inputs is None else prep_inputs.normalize(train_inputs[batch])
-                with autocast(device, dtype):
-                    logits = model(inputs)
-                loss = F.cross_entropy(logits.float(), labels[batch])
-                if (penalty := classifier.head.penalty()) is not None:
-                    loss = loss + penalty
-                if not torch.isfinite(loss):
-                    raise NonFiniteLoss(f"non-finite training loss at epoch {epoch}")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                losses.append(loss.item())
-
-            if blind:  # nothing to select on: every epoch is the latest, the last one is kept
-                result.best = EpochMetrics(epoch, float(np.mean(losses)), None, None)
-                result.history.append(result.best)
-                bar.set_postfix(loss=f"{result.best.train_loss:.3f}")
+    """One run: up to `max_epochs`, stopped `patience` epochs after the best validated one."""
+    run = Training(classifier, data, prep, categories, config, seed, features)
+    with tqdm(range(config.max_epochs), desc="epochs", leave=False, disable=not progress) as bar:
+        for _ in bar:
+            metrics = run.epoch()
+            if run.blind:
+                bar.set_postfix(loss=f"{metrics.train_loss:.3f}")
                 continue
-            val_logits = predict_logits(model, val_inputs, prep_inputs, config.eval_batch_size, dtype)
-            val = compute_metrics(val_logits, data.val.labels, categories)
-            metrics = EpochMetrics(epoch, float(np.mean(losses)), val.loss, val.balanced_accuracy)
-            result.history.append(metrics)
-            result.validations.append(val)
-            if _is_better(metrics, result.best):
-                result.best, result.best_validation = metrics, val
-                best_state = {n: p.detach().clone() for n, p in named}
             bar.set_postfix(loss=f"{metrics.train_loss:.3f}", val_bacc=f"{metrics.val_balanced_accuracy:.1f}")
             if on_epoch is not None:
                 on_epoch(metrics)
-            if config.patience is not None and epoch - result.best.epoch >= config.patience:
-                result.stopped_early = True
+            if run.patience_ran_out():
+                run.result.stopped_early = True
                 break
-
-    with torch.no_grad():
-        for name, param in named:
-            if not blind:
-                param.copy_(best_state[name])
-    classifier.eval()
-    return result
+    return run.finish()

@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from hpo_peft.config import StudyConfig, TrainConfig
 from hpo_peft.data import FewShotSplit, few_shot_rows, load_few_shot
@@ -25,14 +26,14 @@ from hpo_peft.model import (
     text_prototypes,
 )
 from hpo_peft.runtime import amp_dtype, resolve_device, set_seeds
-from hpo_peft.train import EpochMetrics, TrainResult, train
+from hpo_peft.train import EpochMetrics, Training, TrainResult, train
 from hpo_peft.validation import (
     ValidationPlan,
     best_epoch,
     cross_fitted_epochs,
     make_plan,
     score_window,
-    stopped_together,
+    stop_together,
 )
 
 
@@ -86,14 +87,14 @@ class TrialOutcome:
         return [m.balanced_accuracy for m in self.fold_validations]
 
     def mean_history(self) -> list[EpochMetrics]:
-        """kfold: per epoch, the mean over the folds that reached it."""
-        curves = [f.history for f in self.folds]
-        out = []
-        for epoch in range(1, max((len(c) for c in curves), default=0) + 1):
-            seen = [c[epoch - 1] for c in curves if len(c) >= epoch]
-            out.append(EpochMetrics(epoch, *(float(np.mean([getattr(m, k) for m in seen]))
-                                             for k in ("train_loss", "val_loss", "val_balanced_accuracy"))))
-        return out
+        """kfold: the folds' mean curve (the folds train in lockstep: every one reaches every epoch)."""
+        return [fold_mean(list(epoch)) for epoch in zip(*(f.history for f in self.folds))]
+
+
+def fold_mean(epoch: list[EpochMetrics]) -> EpochMetrics:
+    """One epoch of the folds' mean curve (`fold` None: the trial's own curve)."""
+    return EpochMetrics(epoch[0].epoch, *(float(np.mean([getattr(m, k) for m in epoch]))
+                                          for k in ("train_loss", "val_loss", "val_balanced_accuracy")))
 
 
 def pooled(metrics: list[Metrics]) -> Metrics:
@@ -118,26 +119,20 @@ def run_trial(
     train_config: TrainConfig,
     on_epoch: Callable[[EpochMetrics], None] | None = None,
     progress: bool = True,
-    on_fold: Callable[[int, float], None] | None = None,
 ) -> TrialOutcome:
-    """Train (once for holdout, once per fold and a refit for kfold) and score on validation.
-    `on_epoch(metrics)` sees every validated epoch (`metrics.fold`: None for holdout); `on_fold(k, mean_so_far)`
-    the running fold mean after each fold: the study reports and prunes through them."""
+    """Train (once for holdout; for kfold, its folds in lockstep, then a refit) and score on validation.
+    `on_epoch(metrics)` sees every validated epoch: holdout's, and for kfold each fold's (`metrics.fold`
+    0, 1, ...) then the folds' mean (`fold` None): the study logs them and prunes on the `fold` None ones."""
     started = time.perf_counter()
     plan, seed = workspace.plan, workspace.config.data.seed
     method = get_method(method_name)
     options = method_config(method_name, method_options)
     categories = workspace.config.data.categories
+    prep = workspace.base.preprocessing
 
     def fresh() -> ImageClassifier:
         set_seeds(seed)  # the same initialisation (e.g. a linear probe's) every run
         return method.prepare(build_classifier(workspace.base, workspace.prototypes), options)
-
-    def fit(classifier, split, config, fold=None) -> TrainResult:
-        hook = None if on_epoch is None or split.val is None else on_epoch if fold is None else (
-            lambda m: on_epoch(replace(m, fold=fold)))
-        return train(classifier, split, workspace.base.preprocessing, categories, config, seed, hook, progress,
-                     features=workspace.features)
 
     classifier, folds, scores, selected, scored = fresh(), [], [], None, []
     trainable = count_trainable(classifier)
@@ -149,21 +144,21 @@ def run_trial(
             scores.append(compute_metrics(logits, split.val.labels, categories))
         result = TrainResult(best=None)
     elif plan.scheme == "holdout":
-        result = fit(classifier, plan.splits[0], train_config)
+        result = train(classifier, plan.splits[0], prep, categories, train_config, seed, on_epoch, progress,
+                       features=workspace.features)
         scores, selected = [score_window(result.validations, result.best.epoch)], result.best.epoch
     else:
-        for k, split in enumerate(plan.splits):  # patience applies to the folds' mean curve, below
-            folds.append(fit(fresh(), split, train_config.model_copy(update={"patience": None}), fold=k))
-            if on_fold is not None:  # the pruner's view: the running mean of the folds' best epochs
-                on_fold(k, float(np.mean([f.best.val_balanced_accuracy for f in folds])))
-        # none for `fixed`: its settings run for max_epochs
-        histories = stopped_together([f.history for f in folds], train_config.patience) if folds else []
+        if plan.splits:  # patience applies to the folds' mean curve (none for `fixed`: max_epochs)
+            folds = lockstep([Training(fresh(), split, prep, categories, train_config, seed, workspace.features)
+                              for split in plan.splits], train_config, on_epoch, progress)
+        histories = [f.history for f in folds]
         scored = cross_fitted_epochs(histories) if folds else []
-        scores = [score_window(f.validations, e, len(h)) for f, e, h in zip(folds, scored, histories)]
+        scores = [score_window(f.validations, e) for f, e in zip(folds, scored)]
         selected = best_epoch(histories) if folds else train_config.max_epochs
         classifier = fresh()
-        result = fit(classifier, FewShotSplit(plan.refit, None),
-                     train_config.model_copy(update={"max_epochs": selected, "patience": None}))
+        result = train(classifier, FewShotSplit(plan.refit, None), prep, categories,
+                       train_config.model_copy(update={"max_epochs": selected, "patience": None}), seed,
+                       progress=progress, features=workspace.features)
     return TrialOutcome(
         classifier=classifier,
         method=method_name,
@@ -180,3 +175,23 @@ def run_trial(
         scored_epochs=scored,
         fold_validations=scores if folds else [],
     )
+
+
+def lockstep(runs: list[Training], config: TrainConfig, on_epoch: Callable[[EpochMetrics], None] | None,
+             progress: bool) -> list[TrainResult]:
+    """kfold's folds, an epoch each in turn, until `patience` epochs pass without the folds' *mean*
+    curve improving (validation.stop_together) or `max_epochs`. No fold stops on its own: a fold
+    that stopped while still at the zero-shot level would stop every fold there (slow starters, e.g.
+    LoRA at 1e-3, scored before they learn). Holds every fold's model at once."""
+    with tqdm(range(config.max_epochs), desc=f"epochs ({len(runs)} folds)", leave=False, disable=not progress) as bar:
+        for _ in bar:
+            epoch = [run.epoch() for run in runs]
+            mean = fold_mean(epoch)
+            bar.set_postfix(loss=f"{mean.train_loss:.3f}", val_bacc=f"{mean.val_balanced_accuracy:.1f}")
+            if on_epoch is not None:
+                for k, metrics in enumerate(epoch):
+                    on_epoch(replace(metrics, fold=k))
+                on_epoch(mean)
+            if stop_together([run.result.history for run in runs], config.patience):
+                break
+    return [run.finish() for run in runs]

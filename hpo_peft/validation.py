@@ -4,7 +4,8 @@
   trial trains once, stops early on the validation images and keeps its best epoch.
 - `kfold`: validation inside the K shots (budget K). Each class's shots are dealt in turn into
   `folds` folds, so every fold holds the same number of each class. A trial trains once per fold on
-  the other folds and validates on it every epoch. The adapter it keeps is trained on all K shots,
+  the other folds and validates on it every epoch; the folds train in lockstep (trial.py) and stop
+  together when their mean curve stops improving (`stop_together`). The adapter it keeps is trained on all K shots,
   without validation, for the epoch where the folds' mean validation balanced accuracy is highest
   (`best_epoch`). Its score is the mean over folds of each fold's validation balanced accuracy at
   the epoch the *other* folds' mean curve picks (`cross_fitted_epochs`): a fold never scores its
@@ -96,15 +97,10 @@ def _mean_curve(histories: list[list[EpochMetrics]]) -> tuple[list[float], list[
             [sum(h[e].val_loss for h in histories) / len(histories) for e in range(epochs)])
 
 
-def stopped_together(histories: list[list[EpochMetrics]], patience: int | None) -> list[list[EpochMetrics]]:
-    """The folds' curves cut where early stopping on their *mean* curve stops: `patience` epochs
-    after its best (`best_epoch`), as if the folds trained in lockstep. The folds train without
-    stopping on their own: a fold that stopped while still at the zero-shot level would cut every
-    fold's curve there (slow starters, e.g. LoRA at 1e-3, scored before they learn)."""
-    epochs = min(len(h) for h in histories)
-    stop = epochs if patience is None else next(
-        (e for e in range(1, epochs + 1) if e - best_epoch([h[:e] for h in histories]) >= patience), epochs)
-    return [h[:stop] for h in histories]
+def stop_together(histories: list[list[EpochMetrics]], patience: int | None) -> bool:
+    """Whether folds trained in lockstep stop now: `patience` epochs after the best epoch of their
+    *mean* curve (`best_epoch`). Asked after every epoch, so they stop the first time it holds."""
+    return patience is not None and min(len(h) for h in histories) - best_epoch(histories) >= patience
 
 
 def best_epoch(histories: list[list[EpochMetrics]]) -> int:

@@ -84,19 +84,23 @@ def test_a_score_averages_the_chosen_epoch_with_its_neighbours():
 
 
 def test_folds_stop_together_on_their_mean_curve():
-    from hpo_peft.validation import stopped_together
+    from hpo_peft.validation import stop_together
+
+    def stops_after(histories, patience):  # lockstep: asked after every epoch, the first yes stops
+        return next((e for e in range(1, len(histories[0]) + 1)
+                     if stop_together([h[:e] for h in histories], patience)), None)
 
     # fold A alone would stop at epoch 4 (best at 2, patience 2) and cut B's curve before B learns;
-    # the mean curve (50, 55, 62.5, 67.5, 70, 80) keeps improving: both folds count to epoch 6
+    # the mean curve (50, 55, 62.5, 67.5, 70, 80) keeps improving: both folds go on
     a, b = curve(50, 60, 55, 55, 55, 70), curve(50, 50, 70, 80, 85, 90)
-    assert [len(h) for h in stopped_together([a, b], patience=2)] == [6, 6]
-    # the mean curve peaks at epoch 2 (75) and does not beat it for 2 epochs: cut after epoch 4
+    assert stops_after([a, b], patience=2) is None
+    # the mean curve peaks at epoch 2 (75) and does not beat it for 2 epochs: stop after epoch 4
     c, d = curve(50, 80, 60, 70, 99), curve(50, 70, 60, 60, 99)
-    assert [len(h) for h in stopped_together([c, d], patience=2)] == [4, 4]
-    # a tie in accuracy with a lower mean loss is an improvement; no patience: nothing is cut
+    assert stops_after([c, d], patience=2) == 4
+    # a tie in accuracy with a lower mean loss is an improvement; no patience: never stop
     e = curve(50, 70, 70, 70, losses=[1.0, 0.9, 0.8, 0.7])
-    assert [len(h) for h in stopped_together([e, e], patience=2)] == [4, 4]
-    assert [len(h) for h in stopped_together([c, d], patience=None)] == [5, 5]
+    assert stops_after([e, e], patience=2) is None
+    assert stops_after([c, d], patience=None) is None
 
 
 def test_a_kfold_trial_scores_the_fold_mean_and_refits_on_all_shots(kfold_workspace):
@@ -105,16 +109,18 @@ def test_a_kfold_trial_scores_the_fold_mean_and_refits_on_all_shots(kfold_worksp
     outcome = run_trial(kfold_workspace, "bias", {}, TrainConfig(max_epochs=5, patience=2, learning_rate=0.003, precision="fp32"),
                         progress=False)
     assert len(outcome.folds) == 4
-    assert [len(f.history) for f in outcome.folds] == [5, 5, 5, 5]  # no fold stops on its own
+    epochs = len(outcome.folds[0].history)
+    assert [len(f.history) for f in outcome.folds] == [epochs] * 4  # the folds stop together
     accuracy = np.array([[m.val_balanced_accuracy for m in f.history] for f in outcome.folds])
     mean, mean_loss = accuracy.mean(axis=0), np.array([[m.val_loss for m in f.history] for f in outcome.folds]).mean(axis=0)
-    epochs, best = 5, 0  # early stopping (patience 2) on the folds' mean curve
-    for e in range(1, 5):
+    stop, best = 5, 0  # early stopping (patience 2) on the folds' mean curve, epoch by epoch
+    for e in range(1, epochs):
         if (-mean[e], mean_loss[e]) < (-mean[best], mean_loss[best]):
             best = e
         elif e - best >= 2:
-            epochs = e + 1
+            stop = e + 1
             break
+    assert epochs == stop  # not before patience ran out, and no further: the folds' epochs are not wasted
     table = np.array([[m.val_balanced_accuracy for m in f.history[:epochs]] for f in outcome.folds])
     losses = np.array([[m.val_loss for m in f.history[:epochs]] for f in outcome.folds])
     expected_refit = 1 + min(range(epochs), key=lambda e: (-table[:, e].mean(), losses[:, e].mean(), e))
@@ -137,6 +143,29 @@ def test_a_kfold_trial_scores_the_fold_mean_and_refits_on_all_shots(kfold_worksp
     assert outcome.labels_per_class == 8 and outcome.scheme == "kfold"
 
 
+def test_folds_in_lockstep_train_as_each_would_alone(kfold_workspace):
+    """Lockstep interleaves the folds' epochs; each fold keeps its own random stream (batch order,
+    LoRA dropout), so its curve is the one it gets trained by itself for as many epochs."""
+    from hpo_peft.config import TrainConfig
+    from hpo_peft.methods import get_method, method_config
+    from hpo_peft.model import build_classifier
+    from hpo_peft.runtime import set_seeds
+    from hpo_peft.train import train
+
+    config = TrainConfig(max_epochs=4, patience=None, learning_rate=0.01, precision="fp32")
+    options = {"rank": 4, "b_init": "random", "dropout": 0.3}
+    outcome = run_trial(kfold_workspace, "lora", options, config, progress=False)
+    seed, categories = kfold_workspace.config.data.seed, kfold_workspace.config.data.categories
+    for k, split in enumerate(kfold_workspace.plan.splits):
+        set_seeds(seed)
+        alone = get_method("lora").prepare(build_classifier(kfold_workspace.base, kfold_workspace.prototypes),
+                                           method_config("lora", options))
+        history = train(alone, split, kfold_workspace.base.preprocessing, categories, config, seed, progress=False,
+                        features=kfold_workspace.features).history
+        assert [(m.train_loss, m.val_loss, m.val_balanced_accuracy) for m in history] == \
+            [(m.train_loss, m.val_loss, m.val_balanced_accuracy) for m in outcome.folds[k].history], f"fold {k + 1}"
+
+
 def test_one_shot_cannot_be_validated_in_folds(demo_kit, write_config, capsys):
     plan = open_workspace(kfold_config(demo_kit, shots=1)).plan
     assert plan.scheme == "fixed" and not plan.selects and plan.labels_per_class == 1
@@ -145,7 +174,7 @@ def test_one_shot_cannot_be_validated_in_folds(demo_kit, write_config, capsys):
     assert "kfold needs at least 2 shots per class" in capsys.readouterr().err
 
 
-def test_a_kfold_study_logs_its_budget_fold_curves_and_prunes_on_folds(write_config, tmp_path, capsys):
+def test_a_kfold_study_logs_its_budget_fold_curves_and_prunes_on_the_mean_curve(write_config, tmp_path, capsys):
     search = {"n_trials": 3, "sampler": {"name": "random"}, "pruner": {"name": "percentile", "percentile": 99.0,
               "n_startup_trials": 1, "n_warmup_steps": 0},
               "params": {"method": {"choices": ["bias", "clap"]}, "learning_rate": {"low": 0.001, "high": 0.01, "log": True},
@@ -157,20 +186,19 @@ def test_a_kfold_study_logs_its_budget_fold_curves_and_prunes_on_folds(write_con
     for trial in study.trials:
         run = client.get_run(trial.user_attrs[RUN_ID_ATTR])
         assert run.data.params["labels_per_class"] == "4" and run.data.params["data.validation"] == "kfold"
-        assert set(trial.intermediate_values) <= {1, 2}  # reported per fold seen, not per epoch
-        assert len(client.get_metric_history(run.info.run_id, "fold1.val_balanced_accuracy")) == 3
+        mean = client.get_metric_history(run.info.run_id, "val_balanced_accuracy")
+        f1 = client.get_metric_history(run.info.run_id, "fold1.val_balanced_accuracy")
+        f2 = client.get_metric_history(run.info.run_id, "fold2.val_balanced_accuracy")
+        # per epoch: each fold's curve and, as it ends, their mean, which is what the pruner sees
+        # (logged values keep 6 significant digits, run_story.display_value)
+        assert [m.step for m in mean] == [m.step for m in f1] == [m.step for m in f2] == sorted(trial.intermediate_values)
+        assert [m.value for m in mean] == pytest.approx([(a.value + b.value) / 2 for a, b in zip(f1, f2)], rel=1e-5)
+        assert [m.value for m in mean] == pytest.approx([trial.intermediate_values[m.step] for m in mean], rel=1e-5)
         if trial.state.name == "COMPLETE":
-            assert run.data.metrics["objective_val_balanced_accuracy"] == trial.value
-            mean = client.get_metric_history(run.info.run_id, "val_balanced_accuracy")
-            f1 = client.get_metric_history(run.info.run_id, "fold1.val_balanced_accuracy")
-            f2 = client.get_metric_history(run.info.run_id, "fold2.val_balanced_accuracy")
-            # logged values keep 6 significant digits (run_story.display_value)
-            assert [m.value for m in mean] == pytest.approx([(a.value + b.value) / 2 for a, b in zip(f1, f2)], rel=1e-5)
-            # the pruner saw the folds' own best epochs; the score takes each fold at the other's pick
-            assert trial.intermediate_values[2] >= trial.value - 1e-4
+            assert len(mean) == 3 and run.data.metrics["objective_val_balanced_accuracy"] == trial.value
             assert np.mean(trial.user_attrs["fold_scores"]) == pytest.approx(trial.value, rel=1e-5)
-        else:
-            assert trial.state.name == "PRUNED" and "pruned_after_fold" in run.data.metrics
+        else:  # stopped at an epoch of the mean curve, every fold with it
+            assert trial.state.name == "PRUNED" and run.data.metrics["pruned_at_epoch"] == len(mean)
     capsys.readouterr()
     assert main(["study", "best", str(config), "--study-name", "kf", "--storage", options.storage,
                  "--tracking-uri", options.tracking_uri, "--json"]) == 0
