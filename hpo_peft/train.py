@@ -71,17 +71,19 @@ def _is_better(current: EpochMetrics, best: EpochMetrics | None) -> bool:
 
 class Training:
     """One training run, an epoch at a time: `epoch()` trains and validates one, `finish()` puts the
-    best epoch's weights back (the last epoch's without validation). `train` drives one to its end;
-    kfold (trial.py) drives its folds in lockstep, each on its own random stream (RandomStream), so a
-    fold draws the same batches and dropout masks as it would alone.
+    best epoch's weights back (keeps the last epoch's without validation or with `keep_best=False`).
+    `train` drives one to its end; kfold (trial.py) drives its folds in lockstep, each on its own
+    random stream (RandomStream), so a fold draws the same batches and dropout masks as it would alone.
 
     With a frozen encoder only the head trains, on features computed once (by `features`, a shared
     cache, when given); otherwise the whole classifier runs on the uint8 images."""
 
     def __init__(self, classifier: ImageClassifier, data: FewShotSplit, prep: Preprocessing, categories: list[str],
-                 config: TrainConfig, seed: int, features: Callable[[LabelledImages], torch.Tensor] | None = None):
+                 config: TrainConfig, seed: int, features: Callable[[LabelledImages], torch.Tensor] | None = None,
+                 keep_best: bool = True):
         self.classifier, self.data, self.categories, self.config = classifier, data, categories, config
         self.blind = data.val is None
+        self.keep_best = keep_best and not self.blind  # False: no copy of the best weights (kfold's folds)
         set_seeds(seed)
         device = resolve_device(config.device)
         self.device, self.dtype = device, amp_dtype(config.precision, device)
@@ -135,7 +137,8 @@ class Training:
         self.result.validations.append(val)
         if _is_better(metrics, self.result.best):
             self.result.best, self.result.best_validation = metrics, val
-            self.best_state = {n: p.detach().clone() for n, p in self.named}
+            if self.keep_best:
+                self.best_state = {n: p.detach().clone() for n, p in self.named}
         return metrics
 
     def patience_ran_out(self) -> bool:
@@ -145,7 +148,7 @@ class Training:
     def finish(self) -> TrainResult:
         with torch.no_grad():
             for name, param in self.named:
-                if not self.blind:
+                if self.keep_best:
                     param.copy_(self.best_state[name])
         self.classifier.eval()
         return self.result

@@ -149,8 +149,8 @@ def run_trial(
         scores, selected = [score_window(result.validations, result.best.epoch)], result.best.epoch
     else:
         if plan.splits:  # patience applies to the folds' mean curve (none for `fixed`: max_epochs)
-            folds = lockstep([Training(fresh(), split, prep, categories, train_config, seed, workspace.features)
-                              for split in plan.splits], train_config, on_epoch, progress)
+            folds = lockstep([Training(fresh(), split, prep, categories, train_config, seed, workspace.features,
+                                       keep_best=False) for split in plan.splits], train_config, on_epoch, progress)
         histories = [f.history for f in folds]
         scored = cross_fitted_epochs(histories) if folds else []
         scores = [score_window(f.validations, e) for f, e in zip(folds, scored)]
@@ -182,7 +182,8 @@ def lockstep(runs: list[Training], config: TrainConfig, on_epoch: Callable[[Epoc
     """kfold's folds, an epoch each in turn, until `patience` epochs pass without the folds' *mean*
     curve improving (validation.stop_together) or `max_epochs`. No fold stops on its own: a fold
     that stopped while still at the zero-shot level would stop every fold there (slow starters, e.g.
-    LoRA at 1e-3, scored before they learn). Holds every fold's model at once."""
+    LoRA at 1e-3, scored before they learn). Holds every fold's model at once (a fold's weights are
+    only scored, never kept: no copy of its best epoch's)."""
     with tqdm(range(config.max_epochs), desc=f"epochs ({len(runs)} folds)", leave=False, disable=not progress) as bar:
         for _ in bar:
             epoch = [run.epoch() for run in runs]
