@@ -1,7 +1,8 @@
 """The training loop: epochs over the few-shot set, early stopping on the few-shot validation set
 (validation balanced accuracy, ties broken by validation loss), and the best epoch's weights restored.
 Without validation images (`data.val is None`, e.g. k-fold's final refit) it trains for
-`max_epochs` and keeps the last epoch's weights.
+`max_epochs` and keeps the last epoch's weights. `Training` is one run an epoch at a time (kfold's
+folds train in lockstep, trial.py); `train` drives one to its end.
 
 `on_epoch(metrics)` is the only way out: the study reports and prunes through it.
 """
@@ -146,9 +147,9 @@ class Training:
         return not self.blind and patience is not None and len(self.result.history) - best.epoch >= patience
 
     def finish(self) -> TrainResult:
-        with torch.no_grad():
-            for name, param in self.named:
-                if self.keep_best:
+        if self.keep_best:
+            with torch.no_grad():
+                for name, param in self.named:
                     param.copy_(self.best_state[name])
         self.classifier.eval()
         return self.result
