@@ -32,6 +32,7 @@ from hpo_peft.validation import (
     best_epoch,
     cross_fitted_epochs,
     make_plan,
+    mean_curve,
     score_window,
     stop_together,
 )
@@ -88,13 +89,7 @@ class TrialOutcome:
 
     def mean_history(self) -> list[EpochMetrics]:
         """kfold: the folds' mean curve (the folds train in lockstep: every one reaches every epoch)."""
-        return [fold_mean(list(epoch)) for epoch in zip(*(f.history for f in self.folds))]
-
-
-def fold_mean(epoch: list[EpochMetrics]) -> EpochMetrics:
-    """One epoch of the folds' mean curve (`fold` None: the trial's own curve)."""
-    return EpochMetrics(epoch[0].epoch, *(float(np.mean([getattr(m, k) for m in epoch]))
-                                          for k in ("train_loss", "val_loss", "val_balanced_accuracy")))
+        return mean_curve([f.history for f in self.folds])
 
 
 def pooled(metrics: list[Metrics]) -> Metrics:
@@ -187,7 +182,7 @@ def lockstep(runs: list[Training], config: TrainConfig, on_epoch: Callable[[Epoc
     with tqdm(range(config.max_epochs), desc=f"epochs ({len(runs)} folds)", leave=False, disable=not progress) as bar:
         for _ in bar:
             epoch = [run.epoch() for run in runs]
-            mean = fold_mean(epoch)
+            mean = mean_curve([run.result.history for run in runs])[-1]
             bar.set_postfix(loss=f"{mean.train_loss:.3f}", val_bacc=f"{mean.val_balanced_accuracy:.1f}")
             if on_epoch is not None:
                 for k, metrics in enumerate(epoch):

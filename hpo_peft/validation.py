@@ -90,11 +90,11 @@ def grid_point(config: StudyConfig, shots: int, seed: int, method: str | None = 
     return variant
 
 
-def _mean_curve(histories: list[list[EpochMetrics]]) -> tuple[list[float], list[float]]:
-    """Per epoch, over the epochs every fold reached: mean validation balanced accuracy and loss."""
-    epochs = min(len(h) for h in histories)
-    return ([sum(h[e].val_balanced_accuracy for h in histories) / len(histories) for e in range(epochs)],
-            [sum(h[e].val_loss for h in histories) / len(histories) for e in range(epochs)])
+def mean_curve(histories: list[list[EpochMetrics]]) -> list[EpochMetrics]:
+    """The folds' mean curve, over the epochs every fold reached (`fold` None: the trial's own)."""
+    return [EpochMetrics(epoch[0].epoch, *(sum(getattr(m, k) for m in epoch) / len(epoch)
+                                           for k in ("train_loss", "val_loss", "val_balanced_accuracy")))
+            for epoch in zip(*histories)]
 
 
 def stop_together(histories: list[list[EpochMetrics]], patience: int | None) -> bool:
@@ -106,8 +106,8 @@ def stop_together(histories: list[list[EpochMetrics]], patience: int | None) -> 
 def best_epoch(histories: list[list[EpochMetrics]]) -> int:
     """The epoch (1-based) with the highest fold-mean validation balanced accuracy, among the epochs
     every fold reached; the lower mean validation loss, then the earlier epoch, break ties."""
-    accuracy, loss = _mean_curve(histories)
-    return 1 + min(range(len(accuracy)), key=lambda e: (-accuracy[e], loss[e], e))
+    curve = mean_curve(histories)
+    return 1 + min(range(len(curve)), key=lambda e: (-curve[e].val_balanced_accuracy, curve[e].val_loss, e))
 
 
 def cross_fitted_epochs(histories: list[list[EpochMetrics]]) -> list[int]:
