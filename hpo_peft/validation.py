@@ -114,17 +114,16 @@ def cross_fitted_epochs(histories: list[list[EpochMetrics]]) -> list[int]:
     """For each fold, the epoch at which it is scored: the one the *other* folds' mean curve picks
     (`best_epoch`), never the fold's own best; so no fold's score includes choosing its own epoch,
     and the fold mean estimates how the trial's refit, trained for `best_epoch` of all folds, does on
-    images that chose nothing. Early-stopped folds count up to the last epoch all folds reached."""
+    images that chose nothing. Only the epochs every fold reached count."""
     epochs = min(len(h) for h in histories)
     return [best_epoch([h[:epochs] for j, h in enumerate(histories) if j != k]) for k in range(len(histories))]
 
 
-def score_window(validations: list[Metrics], epoch: int, reached: int | None = None) -> Metrics:
+def score_window(validations: list[Metrics], epoch: int) -> Metrics:
     """The score of a run at `epoch` (1-based): balanced accuracy and loss averaged over that epoch
-    and SCORE_RADIUS epochs either side among the first `reached` (default: all) validated epochs;
-    per-class recall and confusion matrix are `epoch`'s own."""
-    reached = len(validations) if reached is None else reached
-    window = validations[max(0, epoch - 1 - SCORE_RADIUS):min(reached, epoch + SCORE_RADIUS)]
+    and SCORE_RADIUS epochs either side among its validated epochs; per-class recall and confusion
+    matrix are `epoch`'s own."""
+    window = validations[max(0, epoch - 1 - SCORE_RADIUS):epoch + SCORE_RADIUS]
     return replace(validations[epoch - 1],
                    balanced_accuracy=float(sum(m.balanced_accuracy for m in window) / len(window)),
                    loss=float(sum(m.loss for m in window) / len(window)))
