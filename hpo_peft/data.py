@@ -8,6 +8,7 @@ and re-decoding 512x512 JPEGs every epoch is what made the course loop slow.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -239,8 +240,9 @@ def decode_image(source, prep: Preprocessing) -> torch.Tensor:
 def load_images(rows: pd.DataFrame, image_dir: Path, prep: Preprocessing, table: Path, desc: str) -> LabelledImages:
     names = list(rows["image_name"])
     images = []
-    # the context manager clears the bar before an error message is printed
-    with tqdm(total=len(names), desc=desc, leave=False, disable=len(names) < 64) as bar:
+    # a bar in a terminal, none in logs (as the study's epoch bars); the context manager clears it
+    # before an error message is printed
+    with tqdm(total=len(names), desc=desc, leave=False, disable=len(names) < 64 or not sys.stderr.isatty()) as bar:
         for name, row in zip(names, rows["row"]):
             images.append(load_image(image_dir / name, prep, f" (row {row} of {table})"))
             bar.update()

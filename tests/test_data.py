@@ -130,3 +130,16 @@ def test_missing_and_unreadable_images_name_file_and_row(dataset):
     (root / "images" / "G5_3.jpg").write_bytes(b"\xff\xd8 truncated")
     with pytest.raises(UserError, match=r"G5_3.jpg: cannot decode image \(row \d+ of"):
         load_few_shot(cfg(root, shots=11, val_shots=1), PREP)
+
+
+def test_decoding_shows_a_bar_in_a_terminal_and_none_in_a_log(tmp_path, capsys, monkeypatch):
+    """A log file (stderr not a terminal) gets no progress-bar frames; a terminal gets its bar."""
+    root = make_dataset(tmp_path / "big", per_class=4, test_per_class=20)  # 80 test images: a bar's worth
+    load_test(cfg(root), PREP)
+    assert "test images" not in capsys.readouterr().err
+    from hpo_peft import data
+
+    data._IMAGE_CACHE.clear()
+    monkeypatch.setattr("sys.stderr.isatty", lambda: True)
+    load_test(cfg(root), PREP)
+    assert "test images" in capsys.readouterr().err
