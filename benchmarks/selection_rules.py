@@ -15,6 +15,9 @@ gap between the pick's own selection score and its unseen accuracy:
   within one standard error of the highest score (the standard error of that trial's fold scores)
   ties with it, and the package's tie-break chooses among them (Hastie, Tibshirani & Friedman,
   *Elements of Statistical Learning*, 7.10);
+- course default unless beaten (kfold only): trial 0, which studies/demo.yaml enqueues with the
+  course's LoRA settings, unless the package's pick beats it by more than one standard error of
+  their fold-by-fold score differences;
 - lowest validation loss, whatever the score;
 - oracle: the trial with the best unseen accuracy (what no rule can know: the ceiling).
 
@@ -62,9 +65,23 @@ def one_standard_error(trials):
     return min((t for t in trials if t.value >= top.value - error), key=lambda t: selection_key(t)[1:])
 
 
+def default_unless_beaten(trials):
+    """The study's trial 0 (studies/demo.yaml enqueues the course's LoRA settings first) unless the
+    package's pick beats it by more than one standard error of their fold-by-fold differences (kfold
+    only; holdout, or a trial 0 that was pruned, keeps the package's pick)."""
+    best = select_best(trials)
+    default = next((t for t in trials if t.number == 0), None)
+    mine, theirs = (t.user_attrs.get(FOLD_SCORES_ATTR) or [] for t in (best, default or best))
+    if default is None or len(mine) < 2 or len(mine) != len(theirs):
+        return best
+    diffs = [a - b for a, b in zip(mine, theirs)]
+    return best if statistics.mean(diffs) > statistics.stdev(diffs) / math.sqrt(len(diffs)) else default
+
+
 RULES = {
     "package (hpo_peft.selection)": select_best,
     "one standard error": one_standard_error,
+    "course default unless beaten by one standard error": default_unless_beaten,
     "lowest validation loss": lambda trials: min(trials, key=lambda t: t.user_attrs.get(VAL_LOSS_ATTR, math.inf)),
 }
 
