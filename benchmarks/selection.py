@@ -108,8 +108,8 @@ def add_unseen_table(kit: Path, per_class: int) -> int:
 
     from hpo_peft.demo_kit import tissue
 
-    table = kit / "sicapv2" / UNSEEN_TABLE
-    if not table.exists() or len(pd.read_excel(table)) != per_class * len(tissue.CLASSES):
+    table, size = kit / "sicapv2" / UNSEEN_TABLE, per_class * len(tissue.CLASSES)
+    if not table.exists() or len(pd.read_excel(table)) != size:
         rows = []
         for c, cls in enumerate(tissue.CLASSES):
             for i in range(per_class):
@@ -119,7 +119,7 @@ def add_unseen_table(kit: Path, per_class: int) -> int:
                     kit / "sicapv2" / "images" / name, format="JPEG", quality=90)
                 rows.append({"image_name": name, **{k: int(k == cls) for k in tissue.CLASSES}, "G4C": 0})
         pd.DataFrame(rows).to_excel(table, index=False)
-    return len(pd.read_excel(table))
+    return size
 
 
 def kit_overrides(kit: Path, seed: int) -> list[str]:

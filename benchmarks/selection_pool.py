@@ -41,12 +41,9 @@ def pass_rates(rows: list[bench.Row], table: str, draw: int, samples: int) -> li
     """Per goal, the share of `samples` random draws of `draw` different seeds on which it passes."""
     seeds = sorted({r.seed for r in rows})
     rng = random.Random(0)
-    passes = [0] * len(verdicts(rows, table))
-    for _ in range(samples):
-        chosen = set(rng.sample(seeds, draw))
-        for i, ok in enumerate(verdicts([r for r in rows if r.seed in chosen], table)):
-            passes[i] += ok
-    return [p / samples for p in passes]
+    chosen = [set(rng.sample(seeds, draw)) for _ in range(samples)]
+    draws = [verdicts([r for r in rows if r.seed in pick], table) for pick in chosen]
+    return [sum(goal) / samples for goal in zip(*draws)]
 
 
 def report(rows: list[bench.Row], paths: list[Path], draw: int, samples: int) -> str:
