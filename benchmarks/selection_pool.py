@@ -33,16 +33,16 @@ def load(paths: list[Path]) -> list[bench.Row]:
     return rows
 
 
-def verdicts(rows: list[bench.Row], table: str) -> list[bool]:
-    return [ok for _, ok, _ in bench.goals(rows, bench.summary(rows, table), table)]
+def verdicts(rows: list[bench.Row], table: str, holdout: str) -> list[bool]:
+    return [ok for _, ok, _ in bench.goals(rows, bench.summary(rows, table), table, holdout)]
 
 
-def pass_rates(rows: list[bench.Row], table: str, draw: int, samples: int) -> list[float]:
+def pass_rates(rows: list[bench.Row], table: str, holdout: str, draw: int, samples: int) -> list[float]:
     """Per goal, the share of `samples` random draws of `draw` different seeds on which it passes."""
     seeds = sorted({r.seed for r in rows})
     rng = random.Random(0)
     chosen = [set(rng.sample(seeds, draw)) for _ in range(samples)]
-    draws = [verdicts([r for r in rows if r.seed in pick], table) for pick in chosen]
+    draws = [verdicts([r for r in rows if r.seed in pick], table, holdout) for pick in chosen]
     return [sum(goal) / samples for goal in zip(*draws)]
 
 
@@ -53,13 +53,17 @@ def report(rows: list[bench.Row], paths: list[Path], draw: int, samples: int) ->
              f"- `python benchmarks/selection_pool.py {' '.join(p.name for p in paths)} --draw {draw} --samples {samples}`", ""]
     for key, name in bench.TABLES.items():
         means = bench.summary(rows, key)
-        lines += [f"## On {name}", "", *bench.means_table(means), "", f"Goals over all {len(seeds)} seeds:", ""]
-        found = bench.goals(rows, means, key)
-        lines += [f"- **{'PASS' if ok else 'FAIL'}**: {text}: {numbers}" for text, ok, numbers in found]
-        lines += ["", f"Share of {samples} draws of {draw} seeds on which each goal passes:", ""]
-        rates = pass_rates(rows, key, draw, samples)
-        lines += [f"- {100 * rate:.1f} %: {text}" for (text, _, _), rate in zip(found, rates)]
-        lines.append("")
+        lines += [f"## On {name}", "", *bench.means_table(means), ""]
+        for holdout in bench.HOLDOUTS:
+            found = bench.goals(rows, means, key, holdout)
+            if not found:
+                continue
+            lines += [f"Goals over all {len(seeds)} seeds ({bench.label_of(holdout)} as the equal-budget holdout):", ""]
+            lines += [f"- **{'PASS' if ok else 'FAIL'}**: {text}: {numbers}" for text, ok, numbers in found]
+            lines += ["", f"Share of {samples} draws of {draw} seeds on which each goal passes:", ""]
+            rates = pass_rates(rows, key, holdout, draw, samples)
+            lines += [f"- {100 * rate:.1f} %: {text}" for (text, _, _), rate in zip(found, rates)]
+            lines.append("")
     return "\n".join(lines)
 
 

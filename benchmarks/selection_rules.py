@@ -123,6 +123,8 @@ def report(studies, command: str) -> str:
     rules = {**RULES, "oracle (knows the unseen scores)": None}
     for key in bench.SETUPS:
         mine = [s for s in studies if s[0] == key]
+        if not mine:  # a set-up selection.py did not run (--setups)
+            continue
         for name, rule in rules.items():
             picks, missing = [], 0
             for _, _, trials, unseen in mine:

@@ -87,7 +87,8 @@ def _study_trial(config: StudyConfig, name: str, report) -> dict:
                                outcome.train_config)
     lines = []
     if outcome.scheme == "holdout" and outcome.training.best is not None:
-        lines.append(f"best epoch {outcome.selected_epoch} (early stop: {outcome.training.stopped_early})")
+        lines.append(f"best epoch {outcome.selected_epoch} (early stop: {outcome.training.stopped_early})"
+                     + (f"; adapter refit on all {outcome.labels_per_class} labels/class for as many epochs" if outcome.refit else ""))
     elif outcome.scheme == "kfold":
         lines.append(f"{len(outcome.folds)} folds; adapter refit on all {config.data.shots} shots/class for "
                      f"{outcome.selected_epoch} epochs (the folds' mean curve's best epoch)")

@@ -68,6 +68,7 @@ class DataConfig(Strict):
     validation: Literal["holdout", "kfold"] = "holdout"
     val_shots: int = Field(16, ge=1)
     folds: int | None = Field(None, ge=2)
+    refit: bool = False  # holdout: train the kept adapter again on shots + val_shots for its best epoch (kfold always refits)
     seed: int = 1
 
     @property

@@ -52,6 +52,10 @@ class LabelledImages:
     def subset(self, index: list[int]) -> "LabelledImages":
         return LabelledImages([self.names[i] for i in index], self.labels[index], self.images[index])
 
+    def __add__(self, other: "LabelledImages") -> "LabelledImages":
+        return LabelledImages(self.names + other.names, torch.cat([self.labels, other.labels]),
+                              torch.cat([self.images, other.images]))
+
 
 @dataclass(frozen=True)
 class FewShotSplit:

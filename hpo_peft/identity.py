@@ -45,6 +45,8 @@ def fingerprint(config: StudyConfig) -> dict[str, str]:
     dumped["data"]["root"] = str(config.data.root.resolve())
     if dumped["model"].get("family") is None:  # inferred from the source: studies from before the key match
         dumped["model"].pop("family", None)
+    if not config.data.refit:  # likewise for studies from before holdout could refit
+        dumped["data"].pop("refit")
     out: dict[str, str] = {}
     for key in DEFINING:
         node = dumped

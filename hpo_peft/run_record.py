@@ -130,7 +130,8 @@ def log_outcome(tracker: Tracker, run_id: str, outcome: TrialOutcome, workspace:
     tracker.log_datasets(run_id, few_shot_inputs(workspace))
     if name:
         tracker.describe(run_id, name, story.trial_description(
-            params or {}, "COMPLETE", objective, outcome.selected_epoch, outcome.trainable_parameters, outcome.scheme))
+            params or {}, "COMPLETE", objective, outcome.selected_epoch, outcome.trainable_parameters, outcome.scheme,
+            refit=outcome.refit))
     tracker.log_dict(run_id, {**val.as_dict(), "scheme": outcome.scheme, "training": outcome.training.as_dict(),
                               "folds": [f.as_dict() for f in outcome.folds], "scored_epochs": outcome.scored_epochs},
                     "validation_metrics.json")
@@ -139,7 +140,7 @@ def log_outcome(tracker: Tracker, run_id: str, outcome: TrialOutcome, workspace:
             Path(tmp) / "adapter", outcome.classifier, workspace.base, outcome.method, outcome.method_options, config,
             extra={"train": outcome.train_config.model_dump(), "selected_epoch": outcome.selected_epoch,
                    "data": {"shots": config.data.shots, "seed": config.data.seed, "validation": outcome.scheme,
-                            "labels_per_class": outcome.labels_per_class}},
+                            "labels_per_class": outcome.labels_per_class, "refit": outcome.refit}},
         )
         tracker.log_adapter(run_id, folder)
     return objective

@@ -99,8 +99,9 @@ def _budget(data) -> str:
     if data.validation == "kfold":
         return (f"{data.shots} labelled images per class, validated inside them by {data.n_folds}-fold "
                 "cross-validation (adapter refit on all shots for the epoch where the folds' mean curve peaks)")
+    refit = "; adapter refit on all of them for the best epoch" if data.refit else ""
     return (f"{data.shots} training + {data.val_shots} validation images per class "
-            f"({data.labels_per_class} labels per class; early stopping on the validation images)")
+            f"({data.labels_per_class} labels per class; early stopping on the validation images{refit})")
 
 
 def objective_line(data) -> str:
@@ -154,13 +155,15 @@ def session_description(study: str, session: int, config, numbers: list[int], co
 
 def trial_description(params: dict[str, Any], state: str, objective: float | None = None,
                       selected_epoch: int | None = None, trainable: int | None = None, scheme: str | None = None,
-                      note: str | None = None) -> str:
+                      note: str | None = None, refit: bool = False) -> str:
     lines = []  # the UI shows the run's name above its description
     if objective is not None:
         lines.append(f"- **Objective** `{OBJECTIVE}`: {objective:.2f}"
                      + (" (mean over folds)" if scheme == "kfold" else ""))
     if selected_epoch:
-        kept = "refit length (the peak of the folds' mean curve)" if scheme == "kfold" else "best validation epoch, weights kept"
+        kept = ("refit length (the peak of the folds' mean curve)" if scheme == "kfold" else
+                "best validation epoch; adapter refit on all labels for as many epochs" if refit else
+                "best validation epoch, weights kept")
         lines.append(f"- **Selected epoch**: {selected_epoch} ({kept})")
     if trainable is not None:
         lines.append(f"- **Trainable parameters**: {trainable:,}")

@@ -73,7 +73,7 @@ class TrialOutcome:
     method_options: dict[str, Any]
     train_config: TrainConfig
     trainable_parameters: int
-    training: TrainResult  # holdout: the run; kfold: the refit on all shots
+    training: TrainResult  # holdout: the validated run (with refit too); kfold: the refit on all shots
     validation: Metrics  # the selection score: around holdout's best epoch, or the mean over folds (score_window)
     seconds: float
     scheme: str
@@ -82,6 +82,7 @@ class TrialOutcome:
     selected_epoch: int | None = None  # the epoch of the kept weights (holdout's best, kfold's refit length)
     scored_epochs: list[int] = field(default_factory=list)  # kfold: the epoch each fold is scored at
     fold_validations: list[Metrics] = field(default_factory=list)  # kfold: each fold's score there
+    refit: bool = False  # the kept adapter was trained again on all labels (kfold; holdout with data.refit)
 
     def fold_scores(self) -> list[float]:
         """kfold: each fold's validation balanced accuracy around the epoch it is scored at."""
@@ -142,6 +143,11 @@ def run_trial(
         result = train(classifier, plan.splits[0], prep, categories, train_config, seed, on_epoch, progress,
                        features=workspace.features)
         scores, selected = [score_window(result.validations, result.best.epoch)], result.best.epoch
+        if plan.refit is not None:  # the run above chose the epochs; the kept adapter trains on every label
+            classifier = fresh()
+            train(classifier, FewShotSplit(plan.refit, None), prep, categories,
+                  train_config.model_copy(update={"max_epochs": selected, "patience": None}), seed,
+                  progress=progress, features=workspace.features)
     else:
         if plan.splits:  # patience applies to the folds' mean curve (none for `fixed`: max_epochs)
             folds = lockstep([Training(fresh(), split, prep, categories, train_config, seed, workspace.features,
@@ -169,6 +175,7 @@ def run_trial(
         selected_epoch=selected,
         scored_epochs=scored,
         fold_validations=scores if folds else [],
+        refit=plan.refit is not None and method.trains,
     )
 
 

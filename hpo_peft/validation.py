@@ -1,7 +1,10 @@
 """How a trial is validated, within the labels the user has (`data.validation`; the label budget).
 
 - `holdout`: K training shots and K_val more validation images per class (budget K + K_val). A
-  trial trains once, stops early on the validation images and keeps its best epoch.
+  trial trains once, stops early on the validation images and keeps its best epoch. With
+  `data.refit` the adapter it keeps is instead trained again, without validation, on all K + K_val
+  images for that many epochs: every label the user paid for then trains the adapter, and the
+  selection score is that of the run on K shots, not of the adapter kept (as with kfold's refit).
 - `kfold`: validation inside the K shots (budget K). Each class's shots are dealt in turn into
   `folds` folds, so every fold holds the same number of each class. A trial trains once per fold on
   the other folds and validates on it every epoch; the folds train in lockstep (trial.py) and stop
@@ -40,7 +43,7 @@ SCORE_RADIUS = 1  # a score averages the chosen epoch and this many epochs eithe
 class ValidationPlan:
     scheme: str  # holdout | kfold | fixed
     splits: list[FewShotSplit]  # one trained and validated run each; none for `fixed`
-    refit: LabelledImages | None  # what the kept adapter finally trains on (kfold, fixed)
+    refit: LabelledImages | None  # what the kept adapter finally trains on (kfold, fixed, holdout with refit)
     labels_per_class: int
 
     @property
@@ -61,7 +64,7 @@ def fold_of(labels: torch.Tensor, folds: int) -> list[int]:
 def make_plan(config: DataConfig, data: FewShotSplit) -> ValidationPlan:
     """`data`: the K shots per class (and, for holdout, the K_val validation images)."""
     if config.validation == "holdout":
-        return ValidationPlan("holdout", [data], None, config.labels_per_class)
+        return ValidationPlan("holdout", [data], data.train + data.val if config.refit else None, config.labels_per_class)
     shots = data.train
     if config.n_folds < 2:
         return ValidationPlan("fixed", [], shots, config.labels_per_class)

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from conftest import demo_config_dict
 from mlflow import MlflowClient
 
@@ -245,3 +246,44 @@ def test_compare_reads_no_more_labels_than_its_budget(write_config, tmp_path, mo
     clap = [r for r in runs if r.data.params.get("method") == "clap"]
     assert clap and all(r.data.params["train.optimizer"] == "sgd" and r.data.params["train.learning_rate"] == "0.001"
                         for r in clap)  # the demo space's Adam learning rates do not reach a black-box adapter
+
+
+def test_a_holdout_trial_with_refit_keeps_an_adapter_trained_on_every_label(demo_kit):
+    """`data.refit`: the validated run (K shots) chooses the epochs and gives the score; the kept
+    adapter is trained again from scratch on the K shots and K_val validation images for that many."""
+    from hpo_peft.config import TrainConfig
+    from hpo_peft.data import FewShotSplit
+    from hpo_peft.identity import differences, fingerprint
+    from hpo_peft.methods import get_method, method_config
+    from hpo_peft.model import build_classifier
+    from hpo_peft.runtime import set_seeds
+    from hpo_peft.train import train
+
+    def holdout(refit):
+        raw = demo_config_dict(demo_kit)
+        raw["data"].update({"shots": 4, "val_shots": 4, "validation": "holdout", "refit": refit})
+        return StudyConfig.model_validate(raw)
+
+    plain, refit = open_workspace(holdout(False)), open_workspace(holdout(True))
+    assert plain.plan.refit is None
+    assert refit.plan.refit.names == refit.data.train.names + refit.data.val.names  # 8 labels per class, all of them
+    assert np.bincount(refit.plan.refit.labels.numpy()).tolist() == [8, 8, 8, 8] and refit.plan.labels_per_class == 8
+    config = TrainConfig(max_epochs=5, patience=2, learning_rate=0.01, precision="fp32")
+    kept, chosen = (run_trial(w, "bias", {}, config, progress=False) for w in (plain, refit))
+    assert (kept.refit, chosen.refit) == (False, True)
+    # the same validated run: the same curve, epoch and score
+    assert chosen.selected_epoch == kept.selected_epoch == kept.training.best.epoch
+    assert [m.val_balanced_accuracy for m in chosen.training.history] == [m.val_balanced_accuracy for m in kept.training.history]
+    assert chosen.validation.balanced_accuracy == kept.validation.balanced_accuracy
+    # the adapter kept is a run on all 8 labels per class for the chosen epochs, without validation
+    set_seeds(refit.config.data.seed)
+    alone = get_method("bias").prepare(build_classifier(refit.base, refit.prototypes), method_config("bias", {}))
+    history = train(alone, FewShotSplit(refit.plan.refit, None), refit.base.preprocessing, refit.config.data.categories,
+                    config.model_copy(update={"max_epochs": chosen.selected_epoch, "patience": None}),
+                    refit.config.data.seed, progress=False, features=refit.features).history
+    assert len(history) == chosen.selected_epoch
+    assert all(torch.equal(a, b) for a, b in zip(alone.state_dict().values(), chosen.classifier.state_dict().values()))
+    assert not all(torch.equal(a, b) for a, b in zip(kept.classifier.state_dict().values(), chosen.classifier.state_dict().values()))
+    # a study started before the key existed keeps its fingerprint; turning refit on changes it
+    assert "data.refit" not in fingerprint(plain.config)
+    assert differences(fingerprint(plain.config), fingerprint(refit.config)) == ["data.refit"]
