@@ -46,8 +46,10 @@ def run_single_trial(path: Path, overrides: list[str], method: str | None, save:
         raise UserError(f"{save}: adapter folder exists and is not empty")
     name = config.method.name
     if not as_json:
-        print(f"method {name}; model {config.model.name_or_path}; {config.data.shots} shots/class, seed {config.data.seed}; "
-              f"protocol {config.protocol}" + (f", {config.data.validation} validation" if config.protocol == "study" else ""))
+        data = config.data
+        scheme = f", {data.validation} validation" + (" (refit on all labels)" if data.validation == "holdout" and data.refit else "")
+        print(f"method {name}; model {config.model.name_or_path}; {data.shots} shots/class, seed {data.seed}; "
+              f"protocol {config.protocol}" + (scheme if config.protocol == "study" else ""))
 
     def report(epoch):
         if as_json:
@@ -94,7 +96,7 @@ def _study_trial(config: StudyConfig, name: str, report) -> dict:
                      f"{outcome.selected_epoch} epochs (the folds' mean curve's best epoch)")
     if outcome.validation is not None:
         where = "mean over folds, each around the epoch the other folds pick" if outcome.scheme == "kfold" else \
-            "the best epoch and its neighbours"
+            "the best epoch and its neighbours" + (", in the run before the refit" if outcome.refit else "")
         lines.append(f"validation balanced accuracy: {outcome.validation.balanced_accuracy:.2f}% ({where})")
     else:
         lines.append("no validation: too few shots to hold any out")
