@@ -1,9 +1,10 @@
 """Does the study's chosen configuration hold on unseen data? k-fold vs holdout selection on the demo kit.
 
-    python benchmarks/selection.py [--seeds 1 2 3] [--trials 12] [--unseen-per-class 1000]
+    python benchmarks/selection.py [--seeds 1 2 3] [--trials 12] [--unseen-per-class 1000] [--setups a b c e d]
+                                   [--set KEY=VALUE ...]
                                    [--out benchmarks/out/selection] [--report benchmarks/results/selection-DATE.md]
 
-For each sampling seed (`data.seed`), three studies with the demo config's search space, sampler
+For each sampling seed (`data.seed`), four studies with the demo config's search space, sampler
 and pruner (studies/demo.yaml, `train.precision: fp32`), each in its own fresh Optuna journal and
 SQLite MLflow store under --out:
 
@@ -24,7 +25,8 @@ both. Beside them, (d): the course's fixed LoRA settings (studies/course_noteboo
 1e-3, 20 epochs, batch 32, 16 shots, fp32) through the course protocol (`course.run_course_trial`)
 on the same kit and seed.
 The goals are judged with (b) and again with (e) as the equal-budget holdout. --setups runs some
-set-ups only (selection_pool.py pools the reports). Prints a Markdown report and writes it to
+set-ups only (selection_pool.py pools the reports); --set changes every study's config (a
+measurement of another setting, named in the report's header). Prints a Markdown report and writes it to
 --report. What it means: benchmarks/README.md.
 """
 
@@ -167,9 +169,9 @@ def trial_counts(study) -> str:
     return f"{len(states)}" + (f" ({', '.join(f'{n} {s.lower()}' for s, n in other.items())})" if other else "")
 
 
-def run_setup(key: str, seed: int, kit: Path, out: Path, n_trials: int) -> Row:
-    """Study (a), (b) or (c) for one seed, then `hpo-peft evaluate` on its best trial."""
-    overrides = [*kit_overrides(kit, seed), *SETUPS[key][1], "train.precision=fp32"]
+def run_setup(key: str, seed: int, kit: Path, out: Path, n_trials: int, extra: list[str]) -> Row:
+    """Study (a), (b), (c) or (e) for one seed (`extra`: --set overrides), then `hpo-peft evaluate` on its best trial."""
+    overrides = [*kit_overrides(kit, seed), *SETUPS[key][1], "train.precision=fp32", *extra]
     options = fresh_stores(out / f"{key}-seed{seed}")
     config = prepare_study_config(DEMO, overrides)
     started = time.perf_counter()
@@ -291,7 +293,8 @@ def means_table(means: dict[str, dict]) -> list[str]:
 
 def header(info: dict, args: argparse.Namespace, wall_s: float) -> list[str]:
     seeds = " ".join(map(str, args.seeds))
-    command = f"--seeds {seeds} --trials {args.trials} --unseen-per-class {args.unseen_per_class}"
+    command = (f"--seeds {seeds} --trials {args.trials} --unseen-per-class {args.unseen_per_class} --setups {' '.join(args.setups)}"
+               + "".join(f" --set {o}" for o in args.overrides))
     return [
         "# Selection on unseen data: kfold vs holdout (demo kit)",
         "",
@@ -331,6 +334,8 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=12, help="trials per study")
     parser.add_argument("--setups", nargs="+", choices=[*SETUPS, COURSE_KEY], default=[*SETUPS, COURSE_KEY],
                         help="which set-ups to run (default all; selection_pool.py pools reports of different set-ups)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for every study (not the course's run), e.g. search.pruner.n_warmup_steps=30")
     parser.add_argument("--unseen-per-class", type=int, default=1000, help="images per class of Unseen.xlsx")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "selection",
                         help="demo kit and the studies' stores (git-ignored)")
@@ -346,7 +351,7 @@ def main() -> None:
     for seed in args.seeds:
         for key in [k for k in SETUPS if k in args.setups]:
             log(f"seed {seed}: study ({key}) {label_of(key)}, {args.trials} trials")
-            rows.append(run_setup(key, seed, kit, args.out, args.trials))
+            rows.append(run_setup(key, seed, kit, args.out, args.trials, args.overrides))
             log(f"  best {rows[-1].method}: validation {rows[-1].validation:.2f}, test {rows[-1].test:.2f}, "
                 f"unseen {rows[-1].unseen:.2f} "
                 f"({rows[-1].seconds:.0f} s)")
