@@ -143,11 +143,6 @@ def run_trial(
         result = train(classifier, plan.splits[0], prep, categories, train_config, seed, on_epoch, progress,
                        features=workspace.features)
         scores, selected = [score_window(result.validations, result.best.epoch)], result.best.epoch
-        if plan.refit is not None:  # the run above chose the epochs; the kept adapter trains on every label
-            classifier = fresh()
-            train(classifier, FewShotSplit(plan.refit, None), prep, categories,
-                  train_config.model_copy(update={"max_epochs": selected, "patience": None}), seed,
-                  progress=progress, features=workspace.features)
     else:
         if plan.splits:  # patience applies to the folds' mean curve (none for `fixed`: max_epochs)
             folds = lockstep([Training(fresh(), split, prep, categories, train_config, seed, workspace.features,
@@ -156,10 +151,14 @@ def run_trial(
         scored = cross_fitted_epochs(histories) if folds else []
         scores = [score_window(f.validations, e) for f, e in zip(folds, scored)]
         selected = best_epoch(histories) if folds else train_config.max_epochs
+    refits = plan.refit is not None and method.trains
+    if refits:  # the runs above chose the epochs; the kept adapter trains on every label, without validation
         classifier = fresh()
-        result = train(classifier, FewShotSplit(plan.refit, None), prep, categories,
-                       train_config.model_copy(update={"max_epochs": selected, "patience": None}), seed,
-                       progress=progress, features=workspace.features)
+        refit = train(classifier, FewShotSplit(plan.refit, None), prep, categories,
+                      train_config.model_copy(update={"max_epochs": selected, "patience": None}), seed,
+                      progress=progress, features=workspace.features)
+        if plan.scheme != "holdout":  # kfold, fixed: the refit is the trial's training; holdout keeps its validated run's
+            result = refit
     return TrialOutcome(
         classifier=classifier,
         method=method_name,
@@ -175,7 +174,7 @@ def run_trial(
         selected_epoch=selected,
         scored_epochs=scored,
         fold_validations=scores if folds else [],
-        refit=plan.refit is not None and method.trains,
+        refit=refits,
     )
 
 
