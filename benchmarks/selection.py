@@ -311,15 +311,19 @@ def header(info: dict, args: argparse.Namespace, wall_s: float) -> list[str]:
     ]
 
 
+def goal_lines(found: list[tuple[str, bool, str]]) -> list[str]:
+    """`goals`' verdicts as Markdown bullets (this report's and selection_pool.py's)."""
+    return [f"- **{'PASS' if ok else 'FAIL'}**: {text}: {numbers}" for text, ok, numbers in found]
+
+
 def report(rows: list[Row], info: dict, args: argparse.Namespace, wall_s: float) -> str:
     lines = [*header(info, args, wall_s), *table(rows), ""]
     for key, name in TABLES.items():
         means = summary(rows, key)
         lines += [f"## On {name}", "", *means_table(means), ""]
         for holdout in HOLDOUTS:
-            found = goals(rows, means, key, holdout)
-            lines += [f"Goals ({label_of(holdout)} as the equal-budget holdout):", "",
-                      *(f"- **{'PASS' if ok else 'FAIL'}**: {text}: {numbers}" for text, ok, numbers in found), ""] if found else []
+            if found := goals(rows, means, key, holdout):
+                lines += [f"Goals ({label_of(holdout)} as the equal-budget holdout):", "", *goal_lines(found), ""]
     return "\n".join(lines)
 
 

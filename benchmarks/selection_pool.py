@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import selection as bench  # benchmarks/selection.py: Row, summary, goals, means_table
+import selection as bench  # benchmarks/selection.py: Row, summary, goals, goal_lines, means_table
 
 
 def load(paths: list[Path]) -> list[bench.Row]:
@@ -59,7 +59,7 @@ def report(rows: list[bench.Row], paths: list[Path], draw: int, samples: int) ->
             if not found:
                 continue
             lines += [f"Goals over all {len(seeds)} seeds ({bench.label_of(holdout)} as the equal-budget holdout):", ""]
-            lines += [f"- **{'PASS' if ok else 'FAIL'}**: {text}: {numbers}" for text, ok, numbers in found]
+            lines += bench.goal_lines(found)
             lines += ["", f"Share of {samples} draws of {draw} seeds on which each goal passes:", ""]
             rates = pass_rates(rows, key, holdout, draw, samples)
             lines += [f"- {100 * rate:.1f} %: {text}" for (text, _, _), rate in zip(found, rates)]
