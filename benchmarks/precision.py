@@ -11,7 +11,7 @@ from harness import ROOT, Children, Sizes, run_logged
 
 
 def child_accuracy(kit, methods, epochs, device) -> dict:
-    from hpo_peft.config import load_config
+    from hpo_peft.config_file import load_config
     from hpo_peft.trial import open_workspace, run_trial
 
     config = load_config(ROOT / "studies" / "demo.yaml", [

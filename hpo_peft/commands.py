@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from hpo_peft.config import StudyConfig, load_config
+from hpo_peft.config import StudyConfig
+from hpo_peft.config_file import load_config
 from hpo_peft.errors import UserError
 
 
@@ -47,7 +48,7 @@ def run_single_trial(path: Path, overrides: list[str], method: str | None, save:
     name = config.method.name
     if not as_json:
         data = config.data
-        scheme = f", {data.validation} validation" + (" (refit on all labels)" if data.validation == "holdout" and data.refit else "")
+        scheme = f", {data.validation} validation" + (" (refit on all labels)" if data.refit else "")
         print(f"method {name}; model {config.model.name_or_path}; {data.shots} shots/class, seed {data.seed}; "
               f"protocol {config.protocol}" + (scheme if config.protocol == "study" else ""))
 

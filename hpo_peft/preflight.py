@@ -3,7 +3,7 @@ written: the config's methods and options, the device, the search space, the sam
 the command-line numbers, the tables and images each grid point will read. A failing check is one
 `UserError` line naming the key, file or row (the CLI prints it, exit code 2).
 
-`config.py` already refuses unknown keys, wrong types and impossible ranges while it reads the YAML;
+`config.py` already refuses unknown keys, wrong types and impossible ranges as config_file.py reads the YAML;
 what needs the method registry, torch or the data files is checked here.
 """
 

@@ -167,7 +167,7 @@ def make_objective(workspace: Workspace, config: StudyConfig, tracker: Tracker, 
                 heartbeat.attach(trial, None)
                 plan = sample_plan(trial, config)
                 budget = {"data.validation": workspace.plan.scheme, "labels_per_class": workspace.plan.labels_per_class,
-                          **({"data.refit": True} if config.data.refit and workspace.plan.scheme == "holdout" else {})}
+                          **({"data.refit": True} if config.data.refit else {})}
                 params = {**defining_params(plan.method, trial.params, plan.train.model_dump(), config.train.model_dump(),
                                             plan.method_options), **budget}
                 run_id = opened.enter_context(trial_run(tracker, trial, parent_id, study_name, params))

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "hpo_peft"
-BRICKS = ["data", "model", "train", "evaluate", "features", "artifacts", "trial", "config", "demo_kit", "errors",
-          "runtime", "validation", "course", "identity", "predict", "models"]
+BRICKS = ["data", "model", "train", "evaluate", "features", "artifacts", "trial", "config", "config_file", "demo_kit",
+          "errors", "runtime", "validation", "course", "identity", "predict", "models"]
 # the study's own rooms: Optuna and MLflow, but never the layers that call the study
 STUDY_ROOMS = ["search_space", "tracking", "recovery", "samplers", "stores", "run_record", "selection", "scoring",
                "interrupts", "preflight", "run_story", "ui_links", "pyfunc_model", "retention", "budget"]
@@ -39,7 +39,8 @@ def test_bricks_never_import_optuna_or_mlflow():
 
 
 def test_config_knows_nothing_of_torch():
-    assert not {m for m in imports_of(PACKAGE / "config.py") if m.split(".")[0] in {"torch", "optuna", "mlflow"}}
+    for name in ("config.py", "config_file.py"):
+        assert not {m for m in imports_of(PACKAGE / name) if m.split(".")[0] in {"torch", "optuna", "mlflow"}}, name
 
 
 def test_nothing_imports_the_cli_and_nothing_below_the_study_imports_it():

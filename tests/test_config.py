@@ -2,7 +2,7 @@ import pytest
 import yaml
 
 from hpo_peft.commands import prepare_config
-from hpo_peft.config import apply_overrides, load_config
+from hpo_peft.config_file import apply_overrides, load_config
 from hpo_peft.errors import UserError
 
 
@@ -36,6 +36,7 @@ def test_defaults_are_the_course_settings(tmp_path):
         ({**BASE, "train": {"optimizer": "adamm"}}, "train.optimizer"),
         ({}, "data: Field required"),
         ({"data": {"root": "x", "categories": ["NC", "G3"]}}, "prompts.descriptions"),
+        ({"data": {"root": "x", "validation": "kfold", "refit": True}}, "data: refit: kfold always refits"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path, raw, key):

@@ -16,7 +16,8 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from hpo_peft.config import ModelConfig, StudyConfig, load_config
+from hpo_peft.config import ModelConfig, StudyConfig
+from hpo_peft.config_file import load_config
 from hpo_peft.course import course_shots, course_transform, run_course_trial
 from hpo_peft.data import load_image, read_table, sample_few_shot
 from hpo_peft.errors import UserError

@@ -11,7 +11,8 @@ import yaml
 from conftest import demo_config_dict
 
 from hpo_peft.cli import main
-from hpo_peft.config import DataConfig, load_config
+from hpo_peft.config import DataConfig
+from hpo_peft.config_file import load_config
 from hpo_peft.data import Preprocessing, load_test
 from hpo_peft.errors import UserError
 
