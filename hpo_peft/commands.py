@@ -4,6 +4,7 @@ demo kit if the config asks for it, then the work, then a readable report."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from hpo_peft.config import StudyConfig
@@ -71,7 +72,7 @@ def run_single_trial(path: Path, overrides: list[str], method: str | None, save:
     print(f"trainable parameters: {result['trainable_parameters']:,}")
     for line in result["lines"]:
         print(line)
-    print(f"test balanced accuracy: {result['test']['balanced_accuracy']:.2f}%")
+    print(f"test balanced accuracy: {result['test']['balanced_accuracy']:.2f}% ± {result['test']['standard_error']:.2f} (standard error)")
     print("test confusion matrix (rows true, columns predicted):")
     print(format_confusion(result["test"]["confusion_matrix"], config.data.categories))
     if save is not None:
@@ -98,7 +99,8 @@ def _study_trial(config: StudyConfig, name: str, report) -> dict:
     if outcome.validation is not None:
         where = "mean over folds, each around the epoch the other folds pick" if outcome.scheme == "kfold" else \
             "the best epoch and its neighbours" + (", in the run before the refit" if outcome.refit else "")
-        lines.append(f"validation balanced accuracy: {outcome.validation.balanced_accuracy:.2f}% ({where})")
+        lines.append(f"validation balanced accuracy: {outcome.validation.balanced_accuracy:.2f}% "
+                     f"± {outcome.validation.standard_error:.2f} ({where}; standard error from the validation images)")
     else:
         lines.append("no validation: too few shots to hold any out")
     lines.append(f"labels used per class: {outcome.labels_per_class}")
@@ -158,6 +160,11 @@ def run_study_command(path: Path, overrides: list[str], options: dict, n_trials:
     print_ui_links(where, best.user_attrs.get(RUN_ID_ATTR) if best is not None else None)
 
 
+def selection_line(score: float, standard_error: float | None) -> str:
+    spread = f" ± {standard_error:.2f} (standard error from the validation images)" if standard_error else ""
+    return f"selection score (validation balanced accuracy around the chosen epoch) {score:.2f}%{spread}"
+
+
 def corrected_line(corrected: float) -> str:
     return (f"estimate for unseen images (the selection score less what choosing the best of the "
             f"study's trials adds, estimated over its folds): {corrected:.2f}%")
@@ -165,6 +172,7 @@ def corrected_line(corrected: float) -> str:
 
 def best_command(path: Path, overrides: list[str], options: dict, as_json: bool) -> None:
     from hpo_peft.recovery import RUN_ID_ATTR
+    from hpo_peft.run_story import OBJECTIVE_SE
     from hpo_peft.study import StudyLocation, best_and_corrected
     from hpo_peft.tracking import Tracker
 
@@ -172,14 +180,15 @@ def best_command(path: Path, overrides: list[str], options: dict, as_json: bool)
     where = StudyLocation.of(config, **options)
     best, corrected = best_and_corrected(where)
     run_id = best.user_attrs.get(RUN_ID_ATTR)
-    test = None
-    if run_id:  # the test score, once `evaluate` has scored this trial
-        test = Tracker(where.tracking_uri, experiment=where.study_name, create=False).get_run(run_id).data.metrics.get(
-            "test_balanced_accuracy")
+    logged = {}  # the standard error, and the test score once `evaluate` has scored this trial
+    if run_id:
+        logged = Tracker(where.tracking_uri, experiment=where.study_name, create=False).get_run(run_id).data.metrics
+    test = logged.get("test_balanced_accuracy")
     summary = {
         "trial_number": best.number,
         "params": best.params,
         "val_balanced_accuracy": best.value,
+        "val_balanced_accuracy_se": logged.get(OBJECTIVE_SE),
         "val_balanced_accuracy_corrected": corrected,
         "test_balanced_accuracy": test,
         "mlflow_run_id": run_id,
@@ -188,7 +197,7 @@ def best_command(path: Path, overrides: list[str], options: dict, as_json: bool)
     if as_json:
         print(json.dumps(summary, indent=2))
         return
-    print(f"best trial {best.number}: selection score (validation balanced accuracy around the chosen epoch) {best.value:.2f}%")
+    print(f"best trial {best.number}: {selection_line(best.value, summary['val_balanced_accuracy_se'])}")
     if corrected is not None:
         print(corrected_line(corrected))
     print(f"test balanced accuracy: {f'{test:.2f}% (validation - test gap {best.value - test:+.2f})' if test is not None else 'not evaluated yet (hpo-peft evaluate)'}")
@@ -204,7 +213,7 @@ def evaluate_command(
     from hpo_peft.data import load_test
     from hpo_peft.model import load_base_model
     from hpo_peft.recovery import RUN_ID_ATTR
-    from hpo_peft.run_story import OBJECTIVE
+    from hpo_peft.run_story import OBJECTIVE, OBJECTIVE_SE
     from hpo_peft.scoring import evaluate_run
     from hpo_peft.study import StudyLocation, best_and_corrected
     from hpo_peft.tracking import Tracker
@@ -222,9 +231,10 @@ def evaluate_command(
     base = load_base_model(config.model)
     test = load_test(config.data, base.preprocessing)
     metrics, metadata = evaluate_run(tracker, run_id, base, test, config)
-    selection = tracker.get_run(run_id).data.metrics.get(OBJECTIVE)
+    logged = tracker.get_run(run_id).data.metrics
+    selection, selection_se = logged.get(OBJECTIVE), logged.get(OBJECTIVE_SE)
     result = {"mlflow_run_id": run_id, "method": metadata["method"], "val_balanced_accuracy": selection,
-              "val_balanced_accuracy_corrected": corrected, **metrics.as_dict(), "mlflow_ui": ui_links(where, run_id)}
+              "val_balanced_accuracy_se": selection_se, "val_balanced_accuracy_corrected": corrected, **metrics.as_dict(), "mlflow_ui": ui_links(where, run_id)}
     from hpo_peft.pyfunc_model import log_adapter_model, register_model
 
     result["model_uri"] = log_adapter_model(tracker, run_id)  # the adapter as an MLflow pyfunc model
@@ -234,10 +244,13 @@ def evaluate_command(
     if as_json:
         print(json.dumps(result, indent=2))
     else:
-        print(f"run {run_id} ({metadata['method']['name']}): test balanced accuracy {metrics.balanced_accuracy:.2f}%")
+        print(f"run {run_id} ({metadata['method']['name']}): test balanced accuracy {metrics.balanced_accuracy:.2f}% "
+              f"± {metrics.standard_error:.2f} (standard error, {sum(map(sum, metrics.confusion))} test images)")
         if selection is not None:
-            print(f"selection score (validation balanced accuracy around the chosen epoch) {selection:.2f}%; "
-                  f"validation - test gap {selection - metrics.balanced_accuracy:+.2f} points")
+            gap = selection - metrics.balanced_accuracy
+            both = math.hypot(selection_se or 0.0, metrics.standard_error)  # the two scores' images are independent
+            spread = f" ({abs(gap) / both:.1f} standard errors of the difference)" if selection_se and both else ""
+            print(f"{selection_line(selection, selection_se)}; validation - test gap {gap:+.2f} points{spread}")
         if corrected is not None:
             print(corrected_line(corrected) + f"; minus test {corrected - metrics.balanced_accuracy:+.2f} points")
         print("per-class recall: " + ", ".join(f"{c} {r:.1f}%" for c, r in metrics.per_class_recall.items()))

@@ -27,7 +27,7 @@ from hpo_peft.artifacts import save_adapter
 from hpo_peft.data import LabelledImages
 from hpo_peft.evaluate import Metrics, confusion_figure
 from hpo_peft.recovery import RUN_ID_ATTR
-from hpo_peft.run_story import OBJECTIVE, display_value
+from hpo_peft.run_story import OBJECTIVE, OBJECTIVE_SE, display_value
 from hpo_peft.selection import select_best
 from hpo_peft.tracking import (
     TAG_BEST_RUN,
@@ -117,6 +117,7 @@ def log_outcome(tracker: Tracker, run_id: str, outcome: TrialOutcome, workspace:
         "trainable_parameters": outcome.trainable_parameters,
         "selected_epoch": outcome.selected_epoch or 0,
         OBJECTIVE: objective,
+        OBJECTIVE_SE: display_value(val.standard_error),
         "final_val_loss": val.loss,
         "wall_time_s": outcome.seconds,
         **{f"final_val_recall_{c}": r for c, r in val.per_class_recall.items()},
@@ -131,7 +132,7 @@ def log_outcome(tracker: Tracker, run_id: str, outcome: TrialOutcome, workspace:
     if name:
         tracker.describe(run_id, name, story.trial_description(
             params or {}, "COMPLETE", objective, outcome.selected_epoch, outcome.trainable_parameters, outcome.scheme,
-            refit=outcome.refit))
+            refit=outcome.refit, standard_error=val.standard_error))
     tracker.log_dict(run_id, {**val.as_dict(), "scheme": outcome.scheme, "training": outcome.training.as_dict(),
                               "folds": [f.as_dict() for f in outcome.folds], "scored_epochs": outcome.scored_epochs},
                     "validation_metrics.json")

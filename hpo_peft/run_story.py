@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 OBJECTIVE = "objective_val_balanced_accuracy"  # on every completed trial == Optuna's value; on the parent: the best
+OBJECTIVE_SE = "objective_standard_error"  # its binomial standard error from the validation images (evaluate.py)
 TAG_BEST = "hpo_peft.best"  # "true" on the study's best trial run only; it moves when a better one appears
 TEST_HEADING = "### Evaluated on the test split"
 SIGNIFICANT = 6  # digits kept in logged metrics (57.49999999999999 -> 57.5)
@@ -155,10 +156,11 @@ def session_description(study: str, session: int, config, numbers: list[int], co
 
 def trial_description(params: dict[str, Any], state: str, objective: float | None = None,
                       selected_epoch: int | None = None, trainable: int | None = None, scheme: str | None = None,
-                      note: str | None = None, refit: bool = False) -> str:
+                      note: str | None = None, refit: bool = False, standard_error: float | None = None) -> str:
     lines = []  # the UI shows the run's name above its description
     if objective is not None:
         lines.append(f"- **Objective** `{OBJECTIVE}`: {objective:.2f}"
+                     + (f" ± {standard_error:.2f} (standard error, from the validation images)" if standard_error else "")
                      + (" (mean over folds)" if scheme == "kfold" else ""))
     if selected_epoch:
         kept = ("refit length (the peak of the folds' mean curve)" if scheme == "kfold" else

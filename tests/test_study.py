@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import optuna
 import pytest
 import torch
@@ -173,6 +174,11 @@ def test_evaluate_in_fresh_process_reproduces_in_memory_best(finished_study, dem
     test = evaluate(outcome.classifier, load_test(config.data, demo_workspace.base.preprocessing),
                     demo_workspace.base.preprocessing, config.data.categories)
     assert fresh["balanced_accuracy"] == pytest.approx(test.balanced_accuracy, abs=1e-9)
+    # each score with its binomial standard error, from its own images' per-class recall
+    for scored, error in ((test, fresh["standard_error"]), (outcome.validation, fresh["val_balanced_accuracy_se"])):
+        confusion = np.array(scored.confusion)
+        recall, counts = confusion.diagonal() / confusion.sum(axis=1), confusion.sum(axis=1)
+        assert error == pytest.approx(100 * np.sqrt(np.sum(recall * (1 - recall) / counts)) / len(counts), rel=1e-5)
 
     client, _, _ = child_runs(finished_study)
     run = client.get_run(fresh["mlflow_run_id"])
