@@ -6,7 +6,8 @@ every K (`data.validation`: kfold, K labels per class; holdout, K + K_val with `
 the selected adapter is then rebuilt from MLflow and scored on the test split. Where K is too small
 to validate (kfold with K = 1) the method's fixed settings run instead, labelled `fixed defaults`.
 Reported per method and shot count: mean and std of test balanced accuracy over seeds, the labels
-per class used, and the mean validation - test gap, as CSV tables and a plot, on one MLflow parent
+per class used, the mean validation - test gap and the selection scores' mean standard error (the
+gap one study's few validation images explain), as CSV tables and a plot, on one MLflow parent
 run. Re-running continues the small studies.
 """
 
@@ -25,6 +26,7 @@ from hpo_peft.methods import get_method
 from hpo_peft.model import load_base_model
 from hpo_peft.recovery import RUN_ID_ATTR
 from hpo_peft.run_record import log_test_result
+from hpo_peft.run_story import OBJECTIVE_SE
 from hpo_peft.scoring import evaluate_run
 from hpo_peft.selection import select_best
 from hpo_peft.study import StudyLocation, create_study, optimize
@@ -46,6 +48,7 @@ def summary_table(rows: pd.DataFrame) -> pd.DataFrame:
         seeds=("test_balanced_accuracy", "count"),
         val_bacc_mean=("val_balanced_accuracy", "mean"),
         gap_mean=("gap", "mean"),
+        val_se_mean=("val_standard_error", "mean"),  # how much of a gap one score's few images explain
     ).reset_index()
     return table
 
@@ -72,7 +75,7 @@ def fixed_defaults(tracker: Tracker, parent_id: str, workspace: Workspace, metho
     are scored on test. A finished run of this grid point is reused when compare runs again."""
     found = tracker.find_finished({TAG_CELL: name})
     if found:
-        return {"selection": FIXED, "val_balanced_accuracy": math.nan,
+        return {"selection": FIXED, "val_balanced_accuracy": math.nan, "val_standard_error": math.nan,
                 "test_balanced_accuracy": found[0].data.metrics["test_balanced_accuracy"], "mlflow_run_id": found[0].info.run_id}
     config = workspace.config
     train_config, options = config.train_for(method), config.methods.get(method, {})
@@ -91,7 +94,8 @@ def fixed_defaults(tracker: Tracker, parent_id: str, workspace: Workspace, metho
         raise
     finally:
         tracker.end_run(run_id, status)
-    return {"selection": FIXED, "val_balanced_accuracy": math.nan, "test_balanced_accuracy": metrics.balanced_accuracy,
+    return {"selection": FIXED, "val_balanced_accuracy": math.nan, "val_standard_error": math.nan,
+            "test_balanced_accuracy": metrics.balanced_accuracy,
             "mlflow_run_id": run_id}
 
 
@@ -120,9 +124,11 @@ def run_compare(config: StudyConfig, options: StudyLocation, out: Path) -> pd.Da
                     if done < budget:
                         optimize(study, workspace, tracker, parent_id, budget - done, None, variant)
                     best = select_best(study.get_trials(deepcopy=False))
-                    metrics, _ = evaluate_run(tracker, best.user_attrs[RUN_ID_ATTR], base, test, variant)
+                    run_id = best.user_attrs[RUN_ID_ATTR]
+                    metrics, _ = evaluate_run(tracker, run_id, base, test, variant)
                     rows.append({**point, "selection": workspace.plan.scheme, "val_balanced_accuracy": best.value,
-                                 "test_balanced_accuracy": metrics.balanced_accuracy, "mlflow_run_id": best.user_attrs[RUN_ID_ATTR]})
+                                 "val_standard_error": tracker.get_run(run_id).data.metrics.get(OBJECTIVE_SE, math.nan),
+                                 "test_balanced_accuracy": metrics.balanced_accuracy, "mlflow_run_id": run_id})
     except KeyboardInterrupt:
         status = "KILLED"
         raise

@@ -23,6 +23,7 @@ def test_compare_writes_table_plot_and_one_mlflow_parent(write_config, tmp_path,
         part = runs[(runs.method == row.method) & (runs.shots == row.shots)]
         assert abs(row.test_bacc_mean - part.test_balanced_accuracy.mean()) < 1e-9
         assert abs(row.test_bacc_std - part.test_balanced_accuracy.std()) < 1e-9
+        assert abs(row.val_se_mean - part.val_standard_error.mean()) < 1e-9
     zero_shot = runs[runs.method == "zero_shot"]
     assert zero_shot.test_balanced_accuracy.nunique() == 1  # no training: the same model at every grid point
     assert "test_bacc_mean" in printed and "clap" in printed
@@ -37,8 +38,10 @@ def test_compare_writes_table_plot_and_one_mlflow_parent(write_config, tmp_path,
     assert {"compare_summary.csv", "compare_runs.csv", "compare_accuracy.png"} <= files
     children = [r for r in runs_logged if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     assert len(children) == 2 * 2 * (1 + 2 + 2)  # zero-shot needs a single trial
-    for run_id in runs.mlflow_run_id:
-        assert "test_balanced_accuracy" in client.get_run(run_id).data.metrics
+    for run_id, error in zip(runs.mlflow_run_id, runs.val_standard_error):
+        logged = client.get_run(run_id).data.metrics
+        assert "test_balanced_accuracy" in logged
+        assert abs(error - logged["objective_standard_error"]) < 1e-9  # the pick's score's own standard error
 
     # a second call continues the small studies: no new trials, the same table
     assert main(argv) == 0
