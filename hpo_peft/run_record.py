@@ -28,7 +28,7 @@ from hpo_peft.data import LabelledImages
 from hpo_peft.evaluate import Metrics, confusion_figure
 from hpo_peft.recovery import RUN_ID_ATTR
 from hpo_peft.run_story import OBJECTIVE, OBJECTIVE_SE, display_value
-from hpo_peft.selection import select_best
+from hpo_peft.selection import STANDARD_ERROR_ATTR, select_best
 from hpo_peft.tracking import (
     TAG_BEST_RUN,
     TAG_KIND,
@@ -203,7 +203,9 @@ def mark_best(tracker: Tracker, parent_id: str, best: optuna.trial.FrozenTrial) 
     run_id = best.user_attrs[RUN_ID_ATTR]
     tracker.move_best(run_id)
     tracker.set_tags(parent_id, {TAG_BEST_RUN: run_id})
-    tracker.log_metrics(parent_id, {OBJECTIVE: best.value, "best_trial_number": best.number})
+    error = best.user_attrs.get(STANDARD_ERROR_ATTR)  # absent on trials from before it was kept
+    tracker.log_metrics(parent_id, {OBJECTIVE: best.value, "best_trial_number": best.number,
+                                    **({OBJECTIVE_SE: display_value(error)} if error is not None else {})})
 
 
 def close_session(tracker: Tracker, parent_id: str, study: optuna.Study, config) -> None:

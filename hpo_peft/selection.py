@@ -24,6 +24,7 @@ from optuna.trial import FrozenTrial, TrialState
 VAL_LOSS_ATTR = "val_loss"
 TRAINABLE_ATTR = "trainable_parameters"
 FOLD_SCORES_ATTR = "fold_scores"  # kfold: the trial's validation balanced accuracy on each fold
+STANDARD_ERROR_ATTR = "standard_error"  # the score's binomial standard error (evaluate.balanced_accuracy_se)
 
 
 def selection_key(trial: FrozenTrial) -> tuple:

@@ -38,6 +38,7 @@ from hpo_peft.samplers import make_pruner, make_sampler
 from hpo_peft.search_space import sample_plan
 from hpo_peft.selection import (
     FOLD_SCORES_ATTR,
+    STANDARD_ERROR_ATTR,
     TRAINABLE_ATTR,
     VAL_LOSS_ATTR,
     corrected_score,
@@ -195,6 +196,7 @@ def make_objective(workspace: Workspace, config: StudyConfig, tracker: Tracker, 
                 value = log_outcome(tracker, run_id, outcome, workspace, trial, params)
                 trial.set_user_attr(VAL_LOSS_ATTR, outcome.validation.loss)  # tie-breakers (selection.py)
                 trial.set_user_attr(TRAINABLE_ATTR, outcome.trainable_parameters)
+                trial.set_user_attr(STANDARD_ERROR_ATTR, outcome.validation.standard_error)  # the parent's, when best
                 if outcome.folds:
                     trial.set_user_attr(FOLD_SCORES_ATTR, outcome.fold_scores())  # for corrected_score
             except Exception:

@@ -129,6 +129,8 @@ def test_the_objective_is_one_metric_equal_to_optunas_value(story):
             assert all(m.value == display_value(m.value) for m in history)
     parent = session_parent(story)
     assert parent.data.metrics[OBJECTIVE] == study.best_value
+    best_run = story["runs"][study.best_trial.user_attrs[RUN_ID_ATTR]]  # and the best's standard error beside it
+    assert parent.data.metrics["objective_standard_error"] == best_run.data.metrics["objective_standard_error"] > 0
     best_id = study.best_trial.user_attrs[RUN_ID_ATTR]
     assert parent.data.tags["hpo_peft.best_run_id"] == best_id
     assert best_id in parent.data.tags["mlflow.note.content"]  # the parent's description links to it
