@@ -72,9 +72,10 @@ def run_single_trial(path: Path, overrides: list[str], method: str | None, save:
     print(f"trainable parameters: {result['trainable_parameters']:,}")
     for line in result["lines"]:
         print(line)
-    print(f"test balanced accuracy: {result['test']['balanced_accuracy']:.2f}% ± {result['test']['standard_error']:.2f} (standard error)")
+    test = result["test"]
+    print(f"test balanced accuracy: {test['balanced_accuracy']:.2f}% ± {test['standard_error']:.2f} (standard error)")
     print("test confusion matrix (rows true, columns predicted):")
-    print(format_confusion(result["test"]["confusion_matrix"], config.data.categories))
+    print(format_confusion(test["confusion_matrix"], config.data.categories))
     if save is not None:
         print(f"adapter saved to {save}")
 
@@ -234,7 +235,8 @@ def evaluate_command(
     logged = tracker.get_run(run_id).data.metrics
     selection, selection_se = logged.get(OBJECTIVE), logged.get(OBJECTIVE_SE)
     result = {"mlflow_run_id": run_id, "method": metadata["method"], "val_balanced_accuracy": selection,
-              "val_balanced_accuracy_se": selection_se, "val_balanced_accuracy_corrected": corrected, **metrics.as_dict(), "mlflow_ui": ui_links(where, run_id)}
+              "val_balanced_accuracy_se": selection_se, "val_balanced_accuracy_corrected": corrected,
+              **metrics.as_dict(), "mlflow_ui": ui_links(where, run_id)}
     from hpo_peft.pyfunc_model import log_adapter_model, register_model
 
     result["model_uri"] = log_adapter_model(tracker, run_id)  # the adapter as an MLflow pyfunc model

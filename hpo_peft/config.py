@@ -85,7 +85,7 @@ class DataConfig(Strict):
         return value
 
     @model_validator(mode="after")
-    def _folds_fit(self) -> "DataConfig":
+    def _validation_fits(self) -> "DataConfig":
         if self.validation == "kfold" and self.folds is not None and self.folds > self.shots:
             raise ValueError(f"folds: {self.folds} folds need at least {self.folds} shots per class, got {self.shots}")
         if self.validation == "kfold" and self.refit:
