@@ -26,9 +26,8 @@ from hpo_peft.methods import get_method
 from hpo_peft.model import load_base_model
 from hpo_peft.recovery import RUN_ID_ATTR
 from hpo_peft.run_record import log_test_result
-from hpo_peft.run_story import OBJECTIVE_SE
 from hpo_peft.scoring import evaluate_run
-from hpo_peft.selection import select_best
+from hpo_peft.selection import STANDARD_ERROR_ATTR, select_best
 from hpo_peft.study import StudyLocation, create_study, optimize
 from hpo_peft.tracking import TAG_KIND, Tracker
 from hpo_peft.trial import Workspace, open_workspace, run_trial
@@ -127,7 +126,7 @@ def run_compare(config: StudyConfig, options: StudyLocation, out: Path) -> pd.Da
                     run_id = best.user_attrs[RUN_ID_ATTR]
                     metrics, _ = evaluate_run(tracker, run_id, base, test, variant)
                     rows.append({**point, "selection": workspace.plan.scheme, "val_balanced_accuracy": best.value,
-                                 "val_standard_error": tracker.get_run(run_id).data.metrics.get(OBJECTIVE_SE, math.nan),
+                                 "val_standard_error": best.user_attrs.get(STANDARD_ERROR_ATTR, math.nan),
                                  "test_balanced_accuracy": metrics.balanced_accuracy, "mlflow_run_id": run_id})
     except KeyboardInterrupt:
         status = "KILLED"
