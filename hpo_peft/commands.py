@@ -201,7 +201,8 @@ def best_command(path: Path, overrides: list[str], options: dict, as_json: bool)
     print(f"best trial {best.number}: {selection_line(best.value, summary['val_balanced_accuracy_se'])}")
     if corrected is not None:
         print(corrected_line(corrected))
-    print(f"test balanced accuracy: {f'{test:.2f}% (validation - test gap {best.value - test:+.2f})' if test is not None else 'not evaluated yet (hpo-peft evaluate)'}")
+    error = f" ± {logged['test_standard_error']:.2f}" if "test_standard_error" in logged else ""
+    print(f"test balanced accuracy: {f'{test:.2f}%{error} (validation - test gap {best.value - test:+.2f})' if test is not None else 'not evaluated yet (hpo-peft evaluate)'}")
     print(f"parameters: {best.params}")
     print(f"MLflow run: {run_id}")
     print_ui_links(where, run_id, summary["mlflow_ui"])

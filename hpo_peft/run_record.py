@@ -153,6 +153,7 @@ def log_test_result(tracker: Tracker, run_id: str, metrics: Metrics, test: Label
     beside test in its description."""
     tracker.log_metrics(run_id, {
         "test_balanced_accuracy": metrics.balanced_accuracy,
+        "test_standard_error": metrics.standard_error,
         "test_loss": metrics.loss,
         **{f"test_recall_{c}": r for c, r in metrics.per_class_recall.items()},
     })

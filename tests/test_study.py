@@ -146,7 +146,7 @@ def test_evaluate_needs_a_readable_test_table(finished_study, capsys):
     assert "Test.xlsx: cannot read the table" in capsys.readouterr().err
 
 
-def test_evaluate_in_fresh_process_reproduces_in_memory_best(finished_study, demo_workspace):
+def test_evaluate_in_fresh_process_reproduces_in_memory_best(finished_study, demo_workspace, capsys):
     finished_study["test_table"].write_bytes(finished_study["test_bytes"])
     out = subprocess.run(
         [sys.executable, "-m", "hpo_peft.cli", "evaluate", str(finished_study["path"]), *cli_options(finished_study),
@@ -183,6 +183,12 @@ def test_evaluate_in_fresh_process_reproduces_in_memory_best(finished_study, dem
     client, _, _ = child_runs(finished_study)
     run = client.get_run(fresh["mlflow_run_id"])
     assert run.data.metrics["test_balanced_accuracy"] == pytest.approx(fresh["balanced_accuracy"])
+    assert run.data.metrics["test_standard_error"] == pytest.approx(fresh["standard_error"])
+    capsys.readouterr()
+    assert main(["study", "best", str(finished_study["path"]), *cli_options(finished_study)]) == 0
+    printed = capsys.readouterr().out  # `study best` now shows both scores, each with its error
+    assert f"{best.value:.2f}% ± {fresh['val_balanced_accuracy_se']:.2f}" in printed
+    assert f"test balanced accuracy: {fresh['balanced_accuracy']:.2f}% ± {fresh['standard_error']:.2f}" in printed
     assert "test_confusion_matrix.png" in {a.path for a in client.list_artifacts(run.info.run_id)}
     version = client.get_model_version_by_alias("demo-best", "best")
     assert version.run_id == run.info.run_id
