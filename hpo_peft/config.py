@@ -66,6 +66,9 @@ class DataConfig(Strict):
     val_shots: int = Field(16, ge=1)
     folds: int | None = Field(None, ge=2)
     refit: bool = False  # holdout only: train the kept adapter again on shots + val_shots for its best epoch
+    # which images a seed draws (data.sample_few_shot): `package`, numpy's generator per class; `course`,
+    # the course notebook's order, so a study's shots are the notebook's for the same seed and K
+    sampler: Literal["package", "course"] = "package"
     seed: int = 1
 
     @property

@@ -23,7 +23,6 @@ which `studies/course_notebook.yaml` sets to the course's values.
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -38,7 +37,13 @@ from torch.utils.data import DataLoader, TensorDataset
 from torchvision import transforms
 
 from hpo_peft.config import StudyConfig, TrainConfig
-from hpo_peft.data import Preprocessing, check_files_exist, check_root, read_table
+from hpo_peft.data import (
+    Preprocessing,
+    check_files_exist,
+    check_root,
+    read_table,
+    sample_few_shot,
+)
 from hpo_peft.errors import UserError
 from hpo_peft.evaluate import Metrics, compute_metrics
 from hpo_peft.methods import get_method, method_config
@@ -63,25 +68,13 @@ TEST_BATCH_SIZE = 8  # the notebook's test loader
 # --------------------------------------------------------------------------------------
 
 
-def course_shots(table: pd.DataFrame, categories: list[str], shots: int, seed: int) -> pd.DataFrame:
-    """The course's `few_shot_loader` selection, as rows of `table` (`data.read_table`'s output).
-
-    The rows in table order are shuffled with Python's `random` seeded with `seed` (a private
-    `random.Random(seed)`: the same sequence as `random.seed(seed); random.shuffle(...)`, without
-    touching the global state); then, for each label ascending, the first `shots` rows of that
-    label in shuffled order."""
-    entries = list(zip(table["image_name"], table["label"].tolist(), range(len(table))))
-    random.Random(seed).shuffle(entries)
-    picked: list[int] = []
-    for label, category in enumerate(categories):
-        positions = [position for _, entry_label, position in entries if entry_label == label]
-        if len(positions) < shots:
-            raise UserError(
-                f"class {category!r} has {len(positions)} usable rows in the training table, "
-                f"but the course protocol takes {shots} shots per class (data.shots)"
-            )
-        picked += positions[:shots]
-    return table.iloc[picked].reset_index(drop=True)
+def course_shots(table: pd.DataFrame, categories: list[str], shots: int, seed: int,
+                 source: Path = Path("the training table")) -> pd.DataFrame:
+    """The course's `few_shot_loader` selection, as rows of `table` (`data.read_table`'s output):
+    the rows in table order shuffled with Python's `random` seeded with `seed` (`data.course_order`),
+    then, for each label ascending, the first `shots` rows of that label in shuffled order; that is
+    `data.sample_few_shot` with the course's sampler and no validation images."""
+    return sample_few_shot(table, categories, shots, 0, seed, source, sampler="course")[0]
 
 
 def course_pipeline(prep: Preprocessing) -> transforms.Compose:
@@ -257,7 +250,8 @@ def run_course_trial(config: StudyConfig, method: str, on_epoch: EpochHook | Non
     check_root(data)
     image_dir = data.root / data.images_dir
     train_path, test_path = data.root / data.train_table, data.root / data.test_table
-    shots = course_shots(read_table(train_path, data.image_column, data.categories), data.categories, data.shots, data.seed)
+    table = read_table(train_path, data.image_column, data.categories)
+    shots = course_shots(table, data.categories, data.shots, data.seed, train_path)
     check_files_exist(shots, image_dir, train_path)
     test_rows = read_table(test_path, data.image_column, data.categories)  # a bad test table fails before training
     check_files_exist(test_rows, image_dir, test_path)

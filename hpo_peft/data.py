@@ -8,6 +8,7 @@ and re-decoding 512x512 JPEGs every epoch is what made the course loop slow.
 
 from __future__ import annotations
 
+import random
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -195,11 +196,24 @@ def _check_unique_names(path: Path, names: pd.Series, image_column: str) -> None
     )
 
 
+def course_order(table: pd.DataFrame, seed: int) -> list[int]:
+    """The course notebook's order of `table`'s rows (positions): its rows in table order shuffled
+    by Python's `random` seeded with `seed` (a private `random.Random(seed)`: the same sequence as
+    `random.seed(seed); random.shuffle(...)`, without touching the global state)."""
+    positions = list(range(len(table)))
+    random.Random(seed).shuffle(positions)
+    return positions
+
+
 def sample_few_shot(
-    table: pd.DataFrame, categories: list[str], shots: int, val_shots: int, seed: int, source: Path
+    table: pd.DataFrame, categories: list[str], shots: int, val_shots: int, seed: int, source: Path,
+    sampler: str = "package",
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """K training and K_val validation rows per class, disjoint, deterministic for a seed (K_val may be 0)."""
+    """K training and K_val validation rows per class, disjoint, deterministic for a seed (K_val may be 0).
+    `package`: a permutation of each class's rows from numpy's generator. `course`: the course's
+    order (`course_order`): the K shots are the notebook's, the K_val the next ones of each class."""
     rng = np.random.default_rng(seed)
+    shuffled = course_order(table, seed) if sampler == "course" else None
     train_parts, val_parts = [], []
     for label, category in enumerate(categories):
         rows = table[table["label"] == label]
@@ -207,9 +221,13 @@ def sample_few_shot(
         if len(rows) < needed:
             wanted = f"shots + val_shots = {shots} + {val_shots} = {needed}" if val_shots else f"shots = {shots}"
             raise UserError(f"{source}: class {category!r} has {len(rows)} usable rows, but {wanted} are needed")
-        order = rng.permutation(len(rows))
-        train_parts.append(rows.iloc[order[:shots]])
-        val_parts.append(rows.iloc[order[shots:needed]])
+        if shuffled is None:
+            order = rng.permutation(len(rows))
+            rows_in_order = rows.iloc[order]
+        else:
+            rows_in_order = table.iloc[[p for p in shuffled if table["label"].iat[p] == label]]
+        train_parts.append(rows_in_order.iloc[:shots])
+        val_parts.append(rows_in_order.iloc[shots:needed])
     return pd.concat(train_parts, ignore_index=True), pd.concat(val_parts, ignore_index=True)
 
 
@@ -275,7 +293,8 @@ def few_shot_rows(config: DataConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     check_root(config)
     path = config.root / config.train_table
     table = read_table(path, config.image_column, config.categories)
-    train, val = sample_few_shot(table, config.categories, config.shots, config.drawn_val_shots, config.seed, path)
+    train, val = sample_few_shot(table, config.categories, config.shots, config.drawn_val_shots, config.seed, path,
+                                 config.sampler)
     for rows in (train, val):
         check_files_exist(rows, config.root / config.images_dir, path)
     return train, val

@@ -47,6 +47,8 @@ def fingerprint(config: StudyConfig) -> dict[str, str]:
         dumped["model"].pop("family", None)
     if not config.data.refit:  # likewise for studies from before holdout could refit
         dumped["data"].pop("refit")
+    if config.data.sampler == "package":  # ... and before the course's sampler could draw a study's shots
+        dumped["data"].pop("sampler")
     out: dict[str, str] = {}
     for key in DEFINING:
         node = dumped

@@ -195,6 +195,32 @@ def test_course_shots_are_the_notebooks_few_shot_loader_selection(demo_kit):
     assert random.getstate() == state  # a private generator: the global one is untouched
 
 
+def test_a_study_can_draw_the_notebooks_shots(demo_kit):
+    """`data.sampler: course`: a study's K shots are the notebook's for the seed and K (so a study
+    and the notebook's experiment compare on the same images), its K_val validation images the next
+    ones of each class in the notebook's order; the default sampler's studies keep their fingerprint."""
+    from hpo_peft.data import few_shot_rows
+    from hpo_peft.identity import differences, fingerprint
+
+    path = train_xlsx(demo_kit)
+    table = read_table(path, "image_name", CATEGORIES)
+    for seed in (1, 2):
+        train, val = sample_few_shot(table, CATEGORIES, 4, 3, seed, path, sampler="course")
+        assert list(train["image_name"]) == notebook_shots(path, 4, seed)
+        seven = notebook_shots(path, 7, seed)  # 7 per class, classes in order
+        assert list(val["image_name"]) == [name for c in range(4) for name in seven[7 * c + 4:7 * c + 7]]
+        assert list(val["label"]) == [0] * 3 + [1] * 3 + [2] * 3 + [3] * 3
+    raw = demo_config_dict(demo_kit)
+    raw["data"].update(validation="kfold", shots=16, seed=2)
+    package = StudyConfig.model_validate(raw)
+    raw["data"]["sampler"] = "course"
+    course = StudyConfig.model_validate(raw)
+    assert list(few_shot_rows(course.data)[0]["image_name"]) == notebook_shots(path, 16, 2)
+    assert list(few_shot_rows(package.data)[0]["image_name"]) != notebook_shots(path, 16, 2)
+    assert "data.sampler" not in fingerprint(package)
+    assert differences(fingerprint(package), fingerprint(course)) == ["data.sampler"]
+
+
 def test_course_shots_refuses_a_class_short_of_shots(demo_kit):
     table = read_table(train_xlsx(demo_kit), "image_name", CATEGORIES)
     short = table[(table["label"] != 2) | (table.index % 10 == 0)].reset_index(drop=True)
