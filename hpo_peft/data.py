@@ -214,6 +214,7 @@ def sample_few_shot(
     order (`course_order`): the K shots are the notebook's, the K_val the next ones of each class."""
     rng = np.random.default_rng(seed)
     shuffled = course_order(table, seed) if sampler == "course" else None
+    labels = table["label"].to_numpy()
     train_parts, val_parts = [], []
     for label, category in enumerate(categories):
         rows = table[table["label"] == label]
@@ -225,7 +226,7 @@ def sample_few_shot(
             order = rng.permutation(len(rows))
             rows_in_order = rows.iloc[order]
         else:
-            rows_in_order = table.iloc[[p for p in shuffled if table["label"].iat[p] == label]]
+            rows_in_order = table.iloc[[p for p in shuffled if labels[p] == label]]
         train_parts.append(rows_in_order.iloc[:shots])
         val_parts.append(rows_in_order.iloc[shots:needed])
     return pd.concat(train_parts, ignore_index=True), pd.concat(val_parts, ignore_index=True)
