@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 from hpo_peft.config import StudyConfig
@@ -62,8 +63,10 @@ def run_single_trial(path: Path, overrides: list[str], method: str | None, save:
             f"  val loss {epoch.val_loss:.4f}  val balanced acc {epoch.val_balanced_accuracy:.2f}%")
         print(f"{fold}epoch {epoch.epoch:3d}  train loss {epoch.train_loss:.4f}{val}")
 
-    run = _course_trial if config.protocol == "course" else _study_trial
-    result = run(config, name, report)
+    if config.protocol == "course":
+        result = _course_trial(config, name, report)
+    else:  # the printed epochs are its progress; an epoch bar only for --json in a terminal
+        result = _study_trial(config, name, report, progress=as_json and sys.stderr.isatty())
     if save is not None:
         save_adapter(save, result["classifier"], result["base"], name, result["method_config"], config)
     if as_json:
@@ -80,14 +83,15 @@ def run_single_trial(path: Path, overrides: list[str], method: str | None, save:
         print(f"adapter saved to {save}")
 
 
-def _study_trial(config: StudyConfig, name: str, report) -> dict:
+def _study_trial(config: StudyConfig, name: str, report, progress: bool) -> dict:
     from hpo_peft.data import load_test
     from hpo_peft.evaluate import evaluate_as_trained
     from hpo_peft.trial import open_workspace, run_trial
 
     workspace = open_workspace(config)
     test_images = load_test(config.data, workspace.base.preprocessing)  # a bad test table fails before training
-    outcome = run_trial(workspace, name, config.methods.get(name, {}), config.train_for(name), on_epoch=report)
+    outcome = run_trial(workspace, name, config.methods.get(name, {}), config.train_for(name), on_epoch=report,
+                        progress=progress)
     test = evaluate_as_trained(outcome.classifier, test_images, workspace.base.preprocessing, config.data.categories,
                                outcome.train_config)
     lines = []
@@ -142,7 +146,7 @@ def run_study_command(path: Path, overrides: list[str], options: dict, n_trials:
                       jobs: int = 1, accept_changes: bool = False, total: bool = False) -> None:
     from hpo_peft.preflight import check_session
     from hpo_peft.recovery import RUN_ID_ATTR
-    from hpo_peft.selection import select_best
+    from hpo_peft.selection import STANDARD_ERROR_ATTR, select_best
     from hpo_peft.study import StudyLocation, run_study
 
     check_session(n_trials, timeout, jobs)
@@ -157,7 +161,9 @@ def run_study_command(path: Path, overrides: list[str], options: dict, n_trials:
     if best is None:
         print("no completed trial yet")
     else:
-        print(f"best trial {best.number}: selection score {best.value:.2f}%  {best.params}")
+        error = best.user_attrs.get(STANDARD_ERROR_ATTR)  # none on trials from before the package logged it
+        print(f"best trial {best.number}: selection score {best.value:.2f}%"
+              f"{'' if error is None else f' ± {error:.2f}'}  {best.params}")
     print_ui_links(where, best.user_attrs.get(RUN_ID_ATTR) if best is not None else None)
 
 

@@ -21,6 +21,8 @@ def test_trial_prints_counts_epochs_and_accuracies(write_config, tmp_path, capsy
     assert code == 0, err
     assert "trainable parameters: 1,664" in out  # 3 modules x 2 layers x r(64 + 64) + 4 x 32 head, r = 2
     assert out.count("train loss") == 3
+    assert "epochs:" not in err  # in a log the printed epochs are the progress: no epoch bar between them
+    assert "Loading weights" not in err  # nor transformers' bars
     assert "validation balanced accuracy" in out and "test balanced accuracy" in out
     assert "true\\pred" in out
     assert (tmp_path / "adapter" / "hpo_peft_adapter.json").is_file()
@@ -82,6 +84,20 @@ def test_bad_input_fails_clearly_and_writes_nothing(write_config, broken_kit, tm
     assert len(message) == 1 and expected in message[0], repr(err[-600:])
     assert "Traceback" not in err
     assert not adapter.exists()
+
+
+def test_a_demo_kit_built_into_a_log_says_so_in_one_line_without_bars(tmp_path, capsys, monkeypatch):
+    from hpo_peft import demo_kit
+
+    def stop(*args):  # the images come first: enough to see what the build writes to a log
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo_kit.tables, "write_dataset", stop)
+    with pytest.raises(KeyboardInterrupt):
+        demo_kit.build_demo_kit(tmp_path / "kit")
+    err = capsys.readouterr().err
+    assert err == f"demo kit: building {tmp_path / 'kit'} (images, then the tiny model's pre-training; under a minute)\n"
+    assert not (tmp_path / "kit").exists() and list(tmp_path.iterdir()) == []  # an interrupted build leaves nothing
 
 
 def test_demo_kit_command_passes_its_options(monkeypatch, tmp_path, capsys):

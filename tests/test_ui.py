@@ -20,6 +20,7 @@ from hpo_peft.run_story import (
     session_name,
     trial_name,
 )
+from hpo_peft.selection import select_best
 from hpo_peft.study import load_study
 from hpo_peft.ui_links import run_table_url, run_url
 
@@ -131,6 +132,9 @@ def test_the_objective_is_one_metric_equal_to_optunas_value(story):
     assert parent.data.metrics[OBJECTIVE] == study.best_value
     best_run = story["runs"][study.best_trial.user_attrs[RUN_ID_ATTR]]  # and the best's standard error beside it
     assert parent.data.metrics["objective_standard_error"] == best_run.data.metrics["objective_standard_error"] > 0
+    pick = select_best(study.trials)  # `study run`'s last words: the pick's score with its error
+    assert f"best trial {pick.number}: selection score {pick.value:.2f}% ± {pick.user_attrs['standard_error']:.2f}" \
+        in story["run_out"]
     best_id = study.best_trial.user_attrs[RUN_ID_ATTR]
     assert parent.data.tags["hpo_peft.best_run_id"] == best_id
     assert best_id in parent.data.tags["mlflow.note.content"]  # the parent's description links to it

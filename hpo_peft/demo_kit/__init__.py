@@ -165,19 +165,24 @@ def _install(tmp: Path, out: Path, meta: dict, force: bool) -> None:
         _write_json(tmp, out / "kit.json", meta)
 
 
-def build_demo_kit(out: Path | str = DEFAULT_DIR, *, force: bool = False, progress: bool = True) -> Path:
+def build_demo_kit(out: Path | str = DEFAULT_DIR, *, force: bool = False, progress: bool | None = None) -> Path:
     """Build the offline demo kit into ``out`` (``out/sicapv2``, ``out/model``, ``out/kit.json``).
 
     Idempotent: returns at once when ``out/kit.json`` records the current ``KIT_VERSION``
     (``force=True`` rebuilds). The build happens in a temporary sibling folder whose parts are
     moved into place at the end, ``kit.json`` last, so an interrupted build never looks complete.
     Raises UserError (before any work) when ``out`` is a file, or a non-empty folder that is not
-    a kit and ``force`` is not set; see the module docstring.
+    a kit and ``force`` is not set; see the module docstring. ``progress``: bars (default: in a
+    terminal; in a log one line says what is being built).
     """
     out = Path(out)
     if not force and _is_complete(out):
         return out
     _check_target(out, force)
+    if progress is None:
+        progress = sys.stderr.isatty()
+    if not progress:
+        print(f"demo kit: building {out} (images, then the tiny model's pre-training; under a minute)", file=sys.stderr)
     parent = Path(os.path.abspath(out)).parent  # abspath: "--out ." builds beside, not inside
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{Path(os.path.abspath(out)).name}.tmp-", dir=parent))

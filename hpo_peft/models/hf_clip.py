@@ -7,7 +7,9 @@ gets one clear message in seconds instead of minutes of retries."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -90,7 +92,28 @@ def _looks_like_path(source: str) -> bool:
     return source.startswith(("/", ".", "~")) or source.count("/") > 1 or "\\" in source or os.path.exists(source)
 
 
+@contextlib.contextmanager
+def _bars_only_in_a_terminal():
+    """transformers' own bars ("Loading weights", downloads) in a terminal; in a log (CI, a batch
+    job's output file) each redraw would be one more line of noise."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    if was_enabled and not sys.stderr.isatty():
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def _from_pretrained(source: str, revision: str | None, local_only: bool):
+    with _bars_only_in_a_terminal():
+        return _load_pretrained(source, revision, local_only)
+
+
+def _load_pretrained(source: str, revision: str | None, local_only: bool):
     if not local_only:
         return AutoProcessor.from_pretrained(source, revision=revision), AutoModel.from_pretrained(source, revision=revision)
     # transformers does not pass local_files_only on to its adapter look-up, which would go online
