@@ -318,7 +318,8 @@ def predict_command(model: str, images: list[str], table: Path | None, out: Path
     result = {"predicted": len(kept), "skipped": [[str(p), r] for p, r in skipped], "out": str(out)}
     if truth and len(kept):
         metrics = compute_metrics(logits, torch.tensor(truth), predictor.categories)
-        print(f"balanced accuracy {metrics.balanced_accuracy:.2f}%")
+        print(f"balanced accuracy {metrics.balanced_accuracy:.2f}% ± {metrics.standard_error:.2f} "
+              f"(standard error, {len(kept)} images)")
         print("per-class recall: " + ", ".join(f"{c} {r:.1f}%" for c, r in metrics.per_class_recall.items()))
         print(format_confusion(metrics.confusion, predictor.categories))
         result["metrics"] = metrics.as_dict()

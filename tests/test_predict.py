@@ -181,7 +181,8 @@ def test_predict_a_labelled_table_from_the_registry_prints_evaluates_metrics(cho
     assert main(["predict", MODEL, "--table", str(test_images["table"]), "--out", str(out),
                  "--tracking-uri", chosen["uri"], "--batch-size", "7"]) == 0
     printed = capsys.readouterr().out
-    assert f"balanced accuracy {evaluated['balanced_accuracy']:.2f}%" in printed
+    assert (f"balanced accuracy {evaluated['balanced_accuracy']:.2f}% ± {evaluated['standard_error']:.2f} "
+            f"(standard error, {len(test_images['paths'])} images)") in printed  # as `evaluate` says it
     assert "true\\pred" in printed
     table = pd.read_csv(out)
     assert len(table) == len(test_images["paths"]) and "label" in table.columns
