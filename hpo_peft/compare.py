@@ -8,19 +8,24 @@ to validate (kfold with K = 1) the method's fixed settings run instead, labelled
 Reported per method and shot count: mean and std of test balanced accuracy over seeds, the labels
 per class used, the mean validation - test gap and the selection scores' mean standard error (the
 gap one study's few validation images explain), as CSV tables and a plot, on one MLflow parent
-run. Re-running continues the small studies.
+run. Re-running continues the small studies; one started under other settings stops the
+comparison before anything trains (`check_grid_studies`).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import replace
 from pathlib import Path
 
+import optuna
 import pandas as pd
 
+from hpo_peft import identity
 from hpo_peft.config import StudyConfig
 from hpo_peft.data import LabelledImages, load_test
+from hpo_peft.errors import UserError
 from hpo_peft.evaluate import evaluate_as_trained, pyplot
 from hpo_peft.methods import get_method
 from hpo_peft.model import load_base_model
@@ -28,7 +33,7 @@ from hpo_peft.recovery import RUN_ID_ATTR
 from hpo_peft.run_record import log_test_result
 from hpo_peft.scoring import evaluate_run
 from hpo_peft.selection import STANDARD_ERROR_ATTR, select_best
-from hpo_peft.study import StudyLocation, create_study, optimize
+from hpo_peft.study import StudyLocation, create_study, open_storage, optimize
 from hpo_peft.tracking import TAG_KIND, Tracker
 from hpo_peft.trial import Workspace, open_workspace, run_trial
 from hpo_peft.validation import grid_point
@@ -98,8 +103,37 @@ def fixed_defaults(tracker: Tracker, parent_id: str, workspace: Workspace, metho
             "mlflow_run_id": run_id}
 
 
+def grid_study_name(prefix: str, shots: int, seed: int, method: str) -> str:
+    return f"{prefix}-compare-k{shots}-s{seed}-{method}"
+
+
+def check_grid_studies(config: StudyConfig, options: StudyLocation) -> None:
+    """Re-running compare continues its small studies; if any of them was started under other
+    settings, the whole comparison stops before anything trains or is written, naming them."""
+    try:
+        storage = open_storage(options.storage, create=False)
+    except UserError:  # no storage yet: nothing to continue (one that cannot open is reported later)
+        return
+    existing = set(optuna.get_all_study_names(storage))
+    clashes = []
+    for shots, seed, method in itertools.product(config.compare.shots, config.compare.seeds, config.compare.methods):
+        name, variant = grid_study_name(options.study_name, shots, seed, method), grid_point(config, shots, seed, method)
+        if name not in existing or variant.data.validation == "kfold" and variant.data.n_folds < 2:
+            continue  # (K = 1 with kfold runs fixed defaults: no study to continue)
+        recorded = optuna.load_study(study_name=name, storage=storage).user_attrs.get(identity.FINGERPRINT_ATTR)
+        differ = identity.differences(recorded or {}, identity.fingerprint(variant))
+        if recorded is not None and differ:
+            clashes.append(f"{name} ({', '.join(differ)})")
+    if clashes:
+        raise UserError(
+            f"compare {options.study_name!r} was run before with other settings: {len(clashes)} of its studies differ, "
+            f"{'; '.join(clashes[:4])}{f' and {len(clashes) - 4} more' if len(clashes) > 4 else ''}; run it with "
+            f"those settings to continue it, or name a new comparison with --study-name {options.study_name}-2")
+
+
 def run_compare(config: StudyConfig, options: StudyLocation, out: Path) -> pd.DataFrame:
     compare = config.compare
+    check_grid_studies(config, options)
     tracker = Tracker(options.tracking_uri, experiment=f"{options.study_name}-compare")
     base = load_base_model(config.model)
     test = load_test(config.data, base.preprocessing)  # only the final scoring reads it
@@ -112,7 +146,7 @@ def run_compare(config: StudyConfig, options: StudyLocation, out: Path) -> pd.Da
                 workspace = open_workspace(grid_point(config, shots, seed), base)
                 for method in compare.methods:
                     variant = grid_point(config, shots, seed, method)  # same data; the space draws `method`
-                    name = f"{options.study_name}-compare-k{shots}-s{seed}-{method}"
+                    name = grid_study_name(options.study_name, shots, seed, method)
                     point = {"method": method, "shots": shots, "seed": seed, "labels_per_class": workspace.plan.labels_per_class}
                     if not workspace.plan.selects:
                         rows.append({**point, **fixed_defaults(tracker, parent_id, workspace, method, test, name)})

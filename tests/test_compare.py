@@ -50,3 +50,29 @@ def test_compare_writes_table_plot_and_one_mlflow_parent(write_config, tmp_path,
     again = client.search_runs([experiment.experiment_id], max_results=1000)
     assert len([r for r in again if r.data.tags.get("hpo_peft.run_kind") == "trial"]) == len(children)
     assert pd.read_csv(tmp_path / "out" / "compare_summary.csv").equals(summary)
+
+
+def test_a_compare_rerun_under_other_settings_stops_before_anything_trains(write_config, tmp_path, capsys, monkeypatch):
+    """Its small studies were started with holdout validation; the re-run asks for kfold and a new
+    shot count first in the grid: without the check up front, K = 2 would train before K = 4's
+    study refused. K = 1 with kfold runs fixed defaults, so its old holdout studies do not clash."""
+    config = write_config(search={"params": {"max_epochs": 2}})
+    store = "sqlite:///" + str(tmp_path / "mlflow.db")
+    where = ["--study-name", "cmp", "--storage", str(tmp_path / "o.journal"), "--tracking-uri", store,
+             "--out", str(tmp_path / "out"), "--seeds", "1", "--methods", "zero_shot", "bias", "--trials-per-method", "1"]
+    assert main(["compare", str(config), "--shots", "1", "4", *where]) == 0
+    journal = (tmp_path / "o.journal").read_bytes()
+    client = MlflowClient(store)
+    runs = len(client.search_runs([client.get_experiment_by_name("cmp-compare").experiment_id]))
+    capsys.readouterr()
+
+    from hpo_peft import compare
+
+    monkeypatch.setattr(compare, "load_base_model", lambda *a: pytest.fail("the check comes before any model loads"))
+    assert main(["compare", str(config), "--shots", "1", "2", "4", *where, "--set", "data.validation=kfold"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("hpo-peft: error: compare 'cmp' was run before with other settings: 2 of its studies differ")
+    assert "cmp-compare-k4-s1-zero_shot (data.val_shots, data.validation)" in error and "cmp-compare-k4-s1-bias" in error
+    assert error.endswith("--study-name cmp-2") and "-k1-" not in error
+    assert (tmp_path / "o.journal").read_bytes() == journal  # no study created, no trial
+    assert len(client.search_runs([client.get_experiment_by_name("cmp-compare").experiment_id])) == runs
