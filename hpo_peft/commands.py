@@ -86,11 +86,12 @@ def run_single_trial(path: Path, overrides: list[str], method: str | None, save:
 def _study_trial(config: StudyConfig, name: str, report, progress: bool) -> dict:
     from hpo_peft.data import load_test
     from hpo_peft.evaluate import evaluate_as_trained
+    from hpo_peft.search_space import train_settings
     from hpo_peft.trial import open_workspace, run_trial
 
     workspace = open_workspace(config)
     test_images = load_test(config.data, workspace.base.preprocessing)  # a bad test table fails before training
-    outcome = run_trial(workspace, name, config.methods.get(name, {}), config.train_for(name), on_epoch=report,
+    outcome = run_trial(workspace, name, config.methods.get(name, {}), train_settings(config, name), on_epoch=report,
                         progress=progress)
     test = evaluate_as_trained(outcome.classifier, test_images, workspace.base.preprocessing, config.data.categories,
                                outcome.train_config)

@@ -32,6 +32,7 @@ from hpo_peft.model import load_base_model
 from hpo_peft.recovery import RUN_ID_ATTR
 from hpo_peft.run_record import log_test_result
 from hpo_peft.scoring import evaluate_run
+from hpo_peft.search_space import train_settings
 from hpo_peft.selection import STANDARD_ERROR_ATTR, select_best
 from hpo_peft.study import StudyLocation, create_study, open_storage, optimize
 from hpo_peft.tracking import TAG_KIND, Tracker
@@ -82,7 +83,7 @@ def fixed_defaults(tracker: Tracker, parent_id: str, workspace: Workspace, metho
         return {"selection": FIXED, "val_balanced_accuracy": math.nan, "val_standard_error": math.nan,
                 "test_balanced_accuracy": found[0].data.metrics["test_balanced_accuracy"], "mlflow_run_id": found[0].info.run_id}
     config = workspace.config
-    train_config, options = config.train_for(method), config.methods.get(method, {})
+    train_config, options = train_settings(config, method), config.methods.get(method, {})
     params = {"method": method, **{f"train.{k}": v for k, v in train_config.model_dump().items()},
               "data.validation": FIXED, "labels_per_class": workspace.plan.labels_per_class}
     run_id = tracker.start_child(parent_id, f"{name} ({FIXED})", params, {TAG_CELL: name, TAG_KIND: "fixed_defaults"})

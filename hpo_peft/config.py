@@ -135,6 +135,9 @@ class TrainConfig(Strict):
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     device: str = "auto"
     eval_batch_size: int = Field(256, ge=1)
+    # dihedral: each training image in one of the square's 8 symmetries (flips, quarter turns), drawn
+    # per image and batch; a tissue patch has no up or left. Only where the encoder sees the images.
+    augment: Literal["none", "dihedral"] = "none"
 
     @field_validator("device")
     @classmethod
@@ -200,7 +203,8 @@ def parse_distribution(value: Any) -> Choices | Range | bool | int | float | str
 
 Distribution = Annotated[Any, BeforeValidator(parse_distribution)]
 
-SEARCHABLE_TRAIN_KEYS = ("learning_rate", "max_epochs", "patience", "batch_size", "weight_decay", "optimizer", "momentum")
+SEARCHABLE_TRAIN_KEYS = ("learning_rate", "max_epochs", "patience", "batch_size", "weight_decay", "optimizer", "momentum",
+                         "augment")
 
 
 class SearchConfig(Strict):
@@ -300,6 +304,15 @@ class StudyConfig(Strict):
     def train_for(self, method: str, **values: Any) -> TrainConfig:
         """`train`, then the method's own defaults, then `values` (e.g. sampled ones)."""
         return TrainConfig.model_validate({**self.train.model_dump(), **self.method_train.get(method, {}), **values})
+
+    @model_validator(mode="after")
+    def _course_trains_on_the_images_as_they_are(self) -> "StudyConfig":
+        augmented = [key for key, train in [("train", self.train.model_dump()), *((f"method_train.{m}", v) for m, v
+                     in self.method_train.items())] if train.get("augment", "none") != "none"]
+        if self.protocol == "course" and augmented:
+            raise ValueError(f"{augmented[0]}.augment: the course protocol trains on the images as they are; "
+                             "remove it (or use protocol: study)")
+        return self
 
     @model_validator(mode="after")
     def _prompts_cover_categories(self) -> "StudyConfig":

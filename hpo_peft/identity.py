@@ -49,6 +49,8 @@ def fingerprint(config: StudyConfig) -> dict[str, str]:
         dumped["data"].pop("refit")
     if config.data.sampler == "package":  # ... and before the course's sampler could draw a study's shots
         dumped["data"].pop("sampler")
+    if config.train.augment == "none":  # ... and before training images could be augmented
+        dumped["train"].pop("augment")
     out: dict[str, str] = {}
     for key in DEFINING:
         node = dumped

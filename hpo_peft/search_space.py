@@ -8,7 +8,8 @@ space is fixed: recorded with the trial, never searched.
 A trial's training settings, each layer over the one before:
 `train` < shared `search.params` < the method's defaults `method_train.<name>` < `search.methods.<name>`.
 So a method keeps its own defaults (e.g. the course's SGD for black-box adapters) for every key its
-own space does not name; a shared key is only drawn for methods without a default for it.
+own space does not name; a shared key is only drawn for methods without a default for it, and
+`augment` only for methods whose encoder sees the images (`train_settings`).
 """
 
 from __future__ import annotations
@@ -59,8 +60,9 @@ def sample_plan(trial: optuna.Trial, config: StudyConfig) -> TrialPlan:
     own = search.methods.get(method, {})
     defaults = config.method_train.get(method, {})
     shared = {} if not get_method(method).trains else search.params  # nothing to train: nothing to draw
+    unused = {"method"} | (set() if get_method(method).trains_encoder else {"augment"})  # frozen features: no images
     train_values = {key: suggest(trial, key, spec) for key, spec in shared.items()
-                    if key != "method" and key not in defaults and key not in own}
+                    if key not in unused and key not in defaults and key not in own}
     options = dict(config.methods.get(method, {}))
     for key, spec in own.items():
         value = suggest(trial, f"{method}.{key}", spec)
@@ -68,4 +70,11 @@ def sample_plan(trial: optuna.Trial, config: StudyConfig) -> TrialPlan:
             train_values[key] = value
         else:
             options[key] = value
-    return TrialPlan(method, method_config(method, options).model_dump(), config.train_for(method, **train_values))
+    return TrialPlan(method, method_config(method, options).model_dump(), train_settings(config, method, **train_values))
+
+
+def train_settings(config: StudyConfig, method: str, **values: Any) -> TrainConfig:
+    """`config.train_for(method, **values)`, with `augment` none for a method on frozen features
+    (black-box adapters, zero-shot): they never see an image, so their runs record none."""
+    train = config.train_for(method, **values)
+    return train if get_method(method).trains_encoder else train.model_copy(update={"augment": "none"})

@@ -62,6 +62,18 @@ def make_optimizer(params: list[torch.nn.Parameter], config: TrainConfig) -> tor
     return optimizer(params, lr=config.learning_rate, weight_decay=config.weight_decay)
 
 
+def dihedral(images: torch.Tensor) -> torch.Tensor:
+    """Each image (N, C, H, W) in one of the square's 8 symmetries, drawn from torch's random
+    stream: flipped left-right, flipped up-down and transposed, each with probability 1/2 (no
+    transpose for a non-square image). A tissue patch has no up or left."""
+    flips = torch.rand(3, len(images), device=images.device) < 0.5
+    images = torch.where(flips[0, :, None, None, None], images.flip(-1), images)
+    images = torch.where(flips[1, :, None, None, None], images.flip(-2), images)
+    if images.shape[-1] != images.shape[-2]:
+        return images
+    return torch.where(flips[2, :, None, None, None], images.transpose(-1, -2), images)
+
+
 def _is_better(current: EpochMetrics, best: EpochMetrics | None) -> bool:
     if best is None:
         return True
@@ -114,7 +126,9 @@ class Training:
             losses = []
             for batch in torch.randperm(len(self.train_inputs), generator=self.order_rng).split(self.config.batch_size):
                 batch = batch.to(self.device)
-                inputs = self.train_inputs[batch] if self.prep is None else self.prep.normalize(self.train_inputs[batch])
+                inputs = self.train_inputs[batch]
+                if self.prep is not None:  # images, not features: augmented (train.augment), then normalised
+                    inputs = self.prep.normalize(dihedral(inputs) if self.config.augment == "dihedral" else inputs)
                 with autocast(self.device, self.dtype):
                     logits = self.model(inputs)
                 loss = F.cross_entropy(logits.float(), self.labels[batch])

@@ -37,6 +37,9 @@ def test_defaults_are_the_course_settings(tmp_path):
         ({}, "data: Field required"),
         ({"data": {"root": "x", "categories": ["NC", "G3"]}}, "prompts.descriptions"),
         ({"data": {"root": "x", "validation": "kfold", "refit": True}}, "data: refit: kfold always refits"),
+        ({**BASE, "protocol": "course", "method_train": {"lora": {"augment": "dihedral"}}},
+         "method_train.lora.augment: the course protocol trains on the images as they are"),
+        ({**BASE, "train": {"augment": "rotate"}}, "train.augment"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path, raw, key):

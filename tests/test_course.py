@@ -46,7 +46,8 @@ def course_config(kit: Path, **method_train) -> StudyConfig:
     raw["protocol"] = "course"
     raw["data"]["shots"] = 8
     # patience 1 must be ignored: the course trains fixed epochs
-    raw["train"].update(optimizer="adam", learning_rate=1e-3, batch_size=16, max_epochs=2, patience=1, precision="fp32")
+    raw["train"].update(optimizer="adam", learning_rate=1e-3, batch_size=16, max_epochs=2, patience=1, precision="fp32",
+                        augment="none")
     raw["method_train"] = method_train
     return StudyConfig.model_validate(raw)
 
@@ -219,6 +220,10 @@ def test_a_study_can_draw_the_notebooks_shots(demo_kit):
     assert list(few_shot_rows(package.data)[0]["image_name"]) != notebook_shots(path, 16, 2)
     assert "data.sampler" not in fingerprint(package)
     assert differences(fingerprint(package), fingerprint(course)) == ["data.sampler"]
+    # likewise a study that does not augment keeps the fingerprint it had before `train.augment`
+    plain, turned = (StudyConfig.model_validate({**raw, "train": {**raw["train"], "augment": a}}) for a in ("none", "dihedral"))
+    assert "train.augment" not in fingerprint(plain)
+    assert differences(fingerprint(plain), fingerprint(turned)) == ["train.augment"]
 
 
 def test_course_shots_refuses_a_class_short_of_shots(demo_kit):
@@ -340,7 +345,7 @@ def test_course_notebook_config_holds_the_courses_settings():
 def test_the_trial_command_runs_the_course_protocol(write_config, tmp_path, capsys):
     from hpo_peft.cli import main
 
-    config = write_config(protocol="course", train={"max_epochs": 2, "patience": None, "precision": "fp32"})
+    config = write_config(protocol="course", train={"max_epochs": 2, "patience": None, "precision": "fp32", "augment": "none"})
     code = main(["trial", str(config), "--method", "lora", "--save", str(tmp_path / "adapter")])
     out = capsys.readouterr().out
     assert code == 0

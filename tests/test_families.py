@@ -18,6 +18,7 @@ from hpo_peft.methods import METHODS, method_config
 from hpo_peft.model import build_classifier, count_trainable, load_base_model
 from hpo_peft.models import BaseModel, family_of
 from hpo_peft.models.conch import conch_architecture
+from hpo_peft.selection import select_best
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 TINY_CONCH = dict(image_size=64, width=64, layers=2, heads=2, patch_size=16, embed_dim=64, pooler_heads=2,
@@ -240,7 +241,7 @@ def test_a_study_on_demo_open_clip_logs_as_plip_and_evaluate_reproduces_it_in_a_
                          capture_output=True, text=True, check=True, cwd=ROOT,
                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
     fresh = json.loads(out.stdout)
-    best = study.best_trial
+    best = select_best(study.trials)
     assert fresh["mlflow_run_id"] == best.user_attrs[RUN_ID_ATTR]
     config = StudyConfig.model_validate(yaml.safe_load(path.read_text()))
     workspace = open_workspace(config, workspaces["open_clip"].base)

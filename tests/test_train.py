@@ -54,3 +54,50 @@ def test_zero_shot_trains_nothing(demo_workspace):
     outcome = run_trial(demo_workspace, "zero_shot", {}, TrainConfig(), progress=False)
     assert outcome.trainable_parameters == 0 and outcome.training.history == []
     assert 0 <= outcome.validation.balanced_accuracy <= 100
+
+
+def test_dihedral_augmentation_draws_each_of_the_squares_8_symmetries_per_image():
+    import torch
+
+    from hpo_peft.train import dihedral
+
+    image = torch.arange(3 * 4 * 4, dtype=torch.uint8).reshape(1, 3, 4, 4)
+    flips = [image, image.flip(-1), image.flip(-2), image.flip(-1).flip(-2)]
+    symmetries = flips + [f.transpose(-1, -2) for f in flips]
+    assert len({s.numpy().tobytes() for s in symmetries}) == 8
+    torch.manual_seed(0)
+    batch = dihedral(image.repeat(800, 1, 1, 1))
+    counts = [sum(bool(torch.equal(b, s[0])) for b in batch) for s in symmetries]
+    assert sum(counts) == 800 and min(counts) > 60  # each image one of the 8, all 8 drawn (100 expected each)
+    torch.manual_seed(0)
+    assert torch.equal(dihedral(image.repeat(800, 1, 1, 1)), batch)  # from torch's seeded stream
+    wide = torch.zeros(5, 3, 4, 6, dtype=torch.uint8)
+    assert dihedral(wide).shape == wide.shape  # a non-square image is flipped, never transposed
+
+
+def test_augmentation_trains_encoder_methods_on_turned_images_and_black_box_runs_record_none(demo_workspace, demo_kit,
+                                                                                          tmp_path):
+    import optuna
+    from conftest import write_demo_config
+
+    from hpo_peft.commands import prepare_study_config
+    from hpo_peft.search_space import sample_plan, train_settings
+
+    settings = dict(DEMO_TRAIN, max_epochs=3, patience=None)
+    plain = run_trial(demo_workspace, "bias", {}, TrainConfig(**settings), progress=False)
+    turned = [run_trial(demo_workspace, "bias", {}, TrainConfig(**settings, augment="dihedral"), progress=False)
+              for _ in range(2)]
+    losses = [[m.train_loss for m in outcome.training.history] for outcome in (plain, *turned)]
+    assert losses[1] != losses[0]  # the encoder saw other pixels ...
+    assert losses[1] == losses[2]  # ... drawn from the trial's seeded stream: a rerun is the same
+
+    config = prepare_study_config(write_demo_config(demo_kit, tmp_path / "c.yaml", train={"augment": "dihedral"}, search={
+        "params": {"method": {"choices": ["clap", "lora"]}, "augment": {"choices": ["none", "dihedral"]}}}), [])
+    assert train_settings(config, "lora").augment == "dihedral"
+    assert train_settings(config, "clap").augment == "none"  # features computed once: no image to turn
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for method in ("clap", "lora"):
+        study.enqueue_trial({"method": method})
+    plans = [sample_plan(study.ask(), config) for _ in range(2)]
+    assert plans[0].train.augment == "none" and "augment" not in study.trials[0].params  # not drawn for clap
+    assert "augment" in study.trials[1].params and plans[1].train.augment == study.trials[1].params["augment"]

@@ -27,6 +27,7 @@ class Method:
     name: ClassVar[str]
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     trains: ClassVar[bool] = True
+    trains_encoder: ClassVar[bool] = True  # False: it sees features computed once, never an image (train.augment)
     copies_backbone: ClassVar[bool] = False  # its adapter holds the whole vision tower (retention.py)
 
     def prepare(self, classifier: ImageClassifier, config: MethodConfig) -> ImageClassifier:

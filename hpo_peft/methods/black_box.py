@@ -60,6 +60,8 @@ class CLAPHead(ZeroShotHead):
 class FeatureMethod(Method):
     """Trains a head over frozen features; saves nothing of the encoder (the head has it all)."""
 
+    trains_encoder = False
+
     def make_head(self, zero_shot: ZeroShotHead, config: MethodConfig) -> ZeroShotHead:
         raise NotImplementedError
 

@@ -6,3 +6,4 @@ from hpo_peft.methods.base import Method
 class ZeroShot(Method):
     name = "zero_shot"
     trains = False
+    trains_encoder = False
