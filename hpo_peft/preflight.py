@@ -34,6 +34,15 @@ def check_config(config: StudyConfig) -> None:
         method_config(name, options, key="methods")
     for name in [*config.method_train, *config.compare.methods]:
         get_method(name, key="method_train" if name in config.method_train else "compare.methods")
+    for name, values in config.method_train.items():
+        _sees_images(name, values, f"method_train.{name}.augment")
+
+
+def _sees_images(method: str, keys, where: str) -> None:
+    """`augment` for a method on frozen features would be recorded and never applied."""
+    if "augment" in keys and not get_method(method).trains_encoder:
+        raise UserError(f"{where}: {method} trains on features computed once and never sees an image to augment; "
+                        "remove it")
 
 
 def check_space(config: StudyConfig) -> None:
@@ -44,6 +53,7 @@ def check_space(config: StudyConfig) -> None:
         method_config(name, config.methods.get(name), key="search.params.method" if name not in config.methods else "methods")
     for name, space in config.search.methods.items():
         method_config(name, {}, key="search.methods")
+        _sees_images(name, space, f"search.methods.{name}.augment")
         for option, dist in space.items():
             bounds = dist.choices if isinstance(dist, Choices) else [dist.low, dist.high] if isinstance(dist, Range) else [dist]
             for value in bounds:

@@ -63,6 +63,20 @@ def test_a_bad_bound_in_a_methods_own_space_names_its_key(write_config, capsys):
     assert "search.methods.clap.learning_rate: value -1.0 is invalid" in capsys.readouterr().err
 
 
+
+@pytest.mark.parametrize("section, where", [
+    ({"search": {"methods": {"clap": {"augment": {"choices": ["none", "dihedral"]}}}}}, "search.methods.clap.augment"),
+    ({"method_train": {"zs_linear_probe": {"augment": "dihedral"}}}, "method_train.zs_linear_probe.augment"),
+])
+def test_augmenting_a_method_that_never_sees_an_image_is_refused(write_config, capsys, section, where):
+    """Black-box adapters train on features computed once: an `augment` for them would be recorded
+    with the trial and never applied."""
+    config = write_config(**section)
+    assert main(["study", "run", str(config), "--storage", "/nonexistent/x.journal"]) == 2
+    error = capsys.readouterr().err
+    assert f"{where}: " in error and "never sees an image to augment" in error
+
+
 def completed(value, loss, trainable):
     return create_trial(state=TrialState.COMPLETE, value=value, params={"x": 0.5},
                         distributions={"x": FloatDistribution(0, 1)},

@@ -184,8 +184,9 @@ def test_evaluate_in_fresh_process_reproduces_in_memory_best(finished_study, dem
 
     client, _, _ = child_runs(finished_study)
     run = client.get_run(fresh["mlflow_run_id"])
-    from hpo_peft.run_story import display_value  # metrics are logged to 6 significant digits
+    from hpo_peft.run_story import display_value
 
+    # metrics are logged to 6 significant digits
     assert run.data.metrics["test_balanced_accuracy"] == display_value(fresh["balanced_accuracy"])
     assert run.data.metrics["test_standard_error"] == display_value(fresh["standard_error"])
     capsys.readouterr()
