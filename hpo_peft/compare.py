@@ -118,9 +118,12 @@ def check_grid_studies(config: StudyConfig, options: StudyLocation) -> None:
     existing = set(optuna.get_all_study_names(storage))
     clashes = []
     for shots, seed, method in itertools.product(config.compare.shots, config.compare.seeds, config.compare.methods):
-        name, variant = grid_study_name(options.study_name, shots, seed, method), grid_point(config, shots, seed, method)
-        if name not in existing or variant.data.validation == "kfold" and variant.data.n_folds < 2:
-            continue  # (K = 1 with kfold runs fixed defaults: no study to continue)
+        name = grid_study_name(options.study_name, shots, seed, method)
+        if name not in existing:
+            continue
+        variant = grid_point(config, shots, seed, method)
+        if not variant.data.selects:  # K = 1 with kfold runs fixed defaults: no study to continue
+            continue
         recorded = optuna.load_study(study_name=name, storage=storage).user_attrs.get(identity.FINGERPRINT_ATTR)
         differ = identity.differences(recorded or {}, identity.fingerprint(variant))
         if recorded is not None and differ:

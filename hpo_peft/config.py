@@ -100,6 +100,11 @@ class DataConfig(Strict):
         """kfold: the folds used (default 4, or the shots when fewer; 1 means nothing can be held out)."""
         return min(self.folds or 4, self.shots)
 
+    @property
+    def selects(self) -> bool:
+        """Whether trials can be validated and chosen between: not with kfold on one shot per class."""
+        return self.validation == "holdout" or self.n_folds >= 2
+
 
 class ModelConfig(Strict):
     name_or_path: str = "vinid/plip"

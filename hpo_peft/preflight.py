@@ -104,7 +104,7 @@ def check_study_data(config: StudyConfig) -> None:
     """A study can validate, its sampler and pruner build, and its tables and images are there."""
     from hpo_peft.samplers import make_pruner, make_sampler
 
-    if config.data.validation == "kfold" and config.data.n_folds < 2:
+    if not config.data.selects:
         raise UserError(f"data.validation: kfold needs at least 2 shots per class to validate, got {config.data.shots}; "
                         "use more shots, holdout validation, or `hpo-peft trial` for fixed settings")
     make_sampler(config)

@@ -66,7 +66,7 @@ def make_plan(config: DataConfig, data: FewShotSplit) -> ValidationPlan:
     if config.validation == "holdout":
         return ValidationPlan("holdout", [data], data.train + data.val if config.refit else None, config.labels_per_class)
     shots = data.train
-    if config.n_folds < 2:
+    if not config.selects:
         return ValidationPlan("fixed", [], shots, config.labels_per_class)
     folds = fold_of(shots.labels, config.n_folds)
     splits = [
