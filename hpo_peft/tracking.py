@@ -57,7 +57,7 @@ TAG_DROPPED = "hpo_peft.adapter_dropped"  # retention.py: the adapter artifacts 
 
 def _worker_tags() -> dict[str, str]:
     me = worker_identity()
-    return {TAG_WORKER_HOST: me["host"], TAG_WORKER_PID: str(me["pid"]), TAG_HEARTBEAT: f"{time.time():.0f}"}
+    return {TAG_WORKER_HOST: me["host"], TAG_WORKER_PID: str(me["pid"]), TAG_HEARTBEAT: str(int(time.time()))}
 
 
 class TrackingUnavailable(UserError):
