@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -90,10 +92,40 @@ def save_adapter(
     }
     metadata["metadata_sha256"] = _metadata_digest(metadata)
     (folder / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
+    share_as_umask(folder)
     return folder
 
 
-def read_metadata(folder: Path) -> dict[str, Any]:
+def share_as_umask(folder: Path) -> None:
+    """The finished adapter folder with the modes the user's umask gives new files (0o666 & ~umask,
+    folders 0o777 & ~umask): safetensors, so peft's save_pretrained, writes 0600, which other users
+    (a colleague, a model server's account) cannot read."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in [folder, *folder.rglob("*")]:
+        if not path.is_symlink():
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+
+
+@contextmanager
+def shown_as(folder: Path, label: str | None):
+    """Errors about the adapter in `folder` name `label` (what the user gave: `run ID`, a models:/
+    URI) and the file inside the adapter, never `folder` itself (a temporary download)."""
+    try:
+        yield
+    except UserError as err:
+        if label is None:
+            raise
+        raise UserError(str(err).replace(str(folder), f"{label}: adapter")) from None
+
+
+def read_metadata(folder: Path, label: str | None = None) -> dict[str, Any]:
+    """The adapter's checked metadata; `label`: how errors name the adapter (`shown_as`)."""
+    with shown_as(Path(folder), label):
+        return _read_metadata(Path(folder))
+
+
+def _read_metadata(folder: Path) -> dict[str, Any]:
     path = folder / METADATA_FILE
     if not path.is_file():
         raise UserError(f"{path}: not an hpo-peft adapter (metadata file missing)")
@@ -149,11 +181,17 @@ def check_base(folder: Path, metadata: dict[str, Any], base: BaseModel) -> None:
 
 
 def load_adapter(
-    folder: Path, base: BaseModel, categories: list[str] | None = None
+    folder: Path, base: BaseModel, categories: list[str] | None = None, label: str | None = None
 ) -> tuple[ImageClassifier, dict[str, Any]]:
-    """Rebuild the trained classifier on `base` from the adapter folder alone."""
+    """Rebuild the trained classifier on `base` from the adapter folder alone; `label`: how errors
+    name the adapter (`shown_as`), e.g. `run ID` for one downloaded to a temporary folder."""
     folder = Path(folder)
-    metadata = read_metadata(folder)
+    with shown_as(folder, label):
+        return _load_adapter(folder, base, categories)
+
+
+def _load_adapter(folder: Path, base: BaseModel, categories: list[str] | None) -> tuple[ImageClassifier, dict[str, Any]]:
+    metadata = _read_metadata(folder)
     verify_files(folder, metadata)
     check_base(folder, metadata, base)
     if categories is not None and list(categories) != metadata["categories"]:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from hpo_peft import interrupts
 from hpo_peft.errors import UserError
+from hpo_peft.stores import disk_full
 
 
 def _add_config(parser: argparse.ArgumentParser) -> None:
@@ -67,7 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(evaluate)
     _add_study_options(evaluate)
     evaluate.add_argument("--run-id", default=None, help="MLflow run id of a trial (default: the study's best)")
-    evaluate.add_argument("--register", default=None, metavar="NAME", help="register the adapter in the MLflow model registry")
+    evaluate.add_argument("--register", default=None, metavar="NAME", help="register the adapter in the MLflow model registry "
+                          "(once per run); its alias 'best' moves to it only if its selection score is better")
+    evaluate.add_argument("--force-alias", action="store_true", help="with --register: move alias 'best' to this "
+                          "trial even if the one it points at scored better")
     evaluate.add_argument("--json", action="store_true")
 
     predict = commands.add_parser("predict", help="the chosen adapter on new images: classes and probabilities as CSV")
@@ -148,8 +152,10 @@ def _study_best(args: argparse.Namespace) -> None:
 def _evaluate(args: argparse.Namespace) -> None:
     from hpo_peft.commands import evaluate_command
 
+    if args.force_alias and not args.register:
+        raise UserError("--force-alias: only with --register NAME")
     evaluate_command(args.config, args.overrides, _study_options(args), run_id=args.run_id, register=args.register,
-                     as_json=args.json)
+                     as_json=args.json, force_alias=args.force_alias)
 
 
 def _predict(args: argparse.Namespace) -> None:
@@ -180,6 +186,11 @@ def _dispatch(args: argparse.Namespace) -> int:
     except KeyboardInterrupt as err:
         print(f"hpo-peft: {interrupts.reason(err)}; runs closed", file=sys.stderr)
         return interrupts.exit_code(err)
+    except Exception as err:  # a full disk, wherever it struck, is one line too
+        if (full := disk_full(err)) is None:
+            raise
+        print(f"hpo-peft: error: disk full ({full}); free some space and run the command again", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -120,13 +120,14 @@ def _study_trial(config: StudyConfig, name: str, report, progress: bool) -> dict
 
 
 def _course_trial(config: StudyConfig, name: str, report) -> dict:
-    from hpo_peft.course import run_course_trial
+    from hpo_peft.course import course_rows, run_course_trial
     from hpo_peft.model import load_base_model
 
     class Epoch:  # what `report` prints for the course's epochs: the training loss only
         def __init__(self, epoch: int, loss: float):
             self.epoch, self.train_loss = epoch, loss
 
+    course_rows(config.data)  # a bad table or image, or one in both tables: said before the model loads
     base = load_base_model(config.model)
     result = run_course_trial(config, name, on_epoch=lambda epoch, loss: report(Epoch(epoch, loss)), base=base)
     return {
@@ -216,13 +217,17 @@ def best_command(path: Path, overrides: list[str], options: dict, as_json: bool)
 
 
 def evaluate_command(
-    path: Path, overrides: list[str], options: dict, run_id: str | None, register: str | None, as_json: bool
+    path: Path, overrides: list[str], options: dict, run_id: str | None, register: str | None, as_json: bool,
+    force_alias: bool = False,
 ) -> dict:
-    """Test-split evaluation of a trial's adapter, rebuilt from its MLflow artifacts alone."""
+    """Test-split evaluation of a trial's adapter, rebuilt from its MLflow artifacts alone. `register`:
+    as a version of that model (once per run), its alias `best` moved only to a better trial unless
+    `force_alias`."""
     from hpo_peft.data import load_test
     from hpo_peft.model import load_base_model
     from hpo_peft.recovery import RUN_ID_ATTR
     from hpo_peft.run_story import OBJECTIVE, OBJECTIVE_SE
+    from hpo_peft import stores
     from hpo_peft.scoring import evaluate_run
     from hpo_peft.study import StudyLocation, best_and_corrected
     from hpo_peft.tracking import Tracker
@@ -237,6 +242,9 @@ def evaluate_command(
             raise UserError(f"the best trial of study {where.study_name!r} has no MLflow run")
     tracker = Tracker(where.tracking_uri, experiment=where.study_name, create=False)
     tracker.check_has_adapter(run_id)
+    if (db := stores.sqlite_path(tracker.uri)) is not None:  # it records the test score: say so before the model loads
+        stores.check_writable(db.parent, "the MLflow store", "evaluate records the test score on the trial's run "
+                              "(`study best` and `predict` read a read-only store)")
     base = load_base_model(config.model)
     test = load_test(config.data, base.preprocessing)
     metrics, metadata = evaluate_run(tracker, run_id, base, test, config)
@@ -249,13 +257,16 @@ def evaluate_command(
 
     result["model_uri"] = log_adapter_model(tracker, run_id)  # the adapter as an MLflow pyfunc model
     if register:
-        result["registered_version"] = register_model(tracker, run_id, result["model_uri"], register)
-        result["registered_model"] = register
+        registered = register_model(tracker, run_id, result["model_uri"], register, force_alias=force_alias)
+        result.update(registered_version=registered["version"], registered_model=register,
+                      new_version=registered["new_version"], alias_moved=registered["alias_moved"],
+                      alias_note=registered["note"])
     if as_json:
         print(json.dumps(result, indent=2))
     else:
         print(f"run {run_id} ({metadata['method']['name']}): test balanced accuracy {metrics.balanced_accuracy:.2f}% "
-              f"± {metrics.standard_error:.2f} (standard error, {sum(map(sum, metrics.confusion))} test images)")
+              f"± {metrics.standard_error:.2f} (standard error, {sum(map(sum, metrics.confusion))} test images"
+              f"{metrics.over_classes('the test table')})")
         if selection is not None:
             gap = selection - metrics.balanced_accuracy
             both = math.hypot(selection_se or 0.0, metrics.standard_error)  # the two scores' images are independent
@@ -263,10 +274,14 @@ def evaluate_command(
             print(f"{selection_line(selection, selection_se)}; validation - test gap {gap:+.2f} points{spread}")
         if corrected is not None:
             print(corrected_line(corrected) + f"; minus test {corrected - metrics.balanced_accuracy:+.2f} points")
-        print("per-class recall: " + ", ".join(f"{c} {r:.1f}%" for c, r in metrics.per_class_recall.items()))
+        print(metrics.recall_line())
         print(format_confusion(metrics.confusion, config.data.categories))
         if register:
-            print(f"registered as {register} version {result['registered_version']} (alias 'best')")
+            before = "" if registered["new_version"] else " (this run was registered before: no new version)"
+            alias = " (alias 'best')" if registered["alias_version"] == registered["version"] else ""
+            print(f"registered as {register} version {registered['version']}{before}{alias}")
+            if result["alias_note"]:
+                print(result["alias_note"])
         print_ui_links(where, run_id, result["mlflow_ui"], "evaluated run")
     return result
 
@@ -280,48 +295,60 @@ def predict_command(model: str, images: list[str], table: Path | None, out: Path
     from hpo_peft import predict
     from hpo_peft.evaluate import compute_metrics
     from hpo_peft.model import load_base_model
-    from hpo_peft.pyfunc_model import fetch_adapter
+    from hpo_peft.pyfunc_model import adapter_label, fetch_adapter
     from hpo_peft.tracking import temporary_folder
 
     if batch_size < 1:
         raise UserError(f"--batch-size: must be at least 1, got {batch_size}")
+    predict.check_out_file(out)
+    if table is None and not images:
+        raise UserError("IMAGES: give image files, folders or globs, or --table FILE")
+    paths = predict.collect_images(images) if table is None else []  # none found: refused before any load
     config = prepare_config(config_path, overrides) if config_path is not None else None
     tracking_uri = tracking_uri or (config.tracking.uri if config is not None else None)
+    label = adapter_label(model)  # errors name the model given, not the temporary download
     with temporary_folder() as tmp:
         folder = fetch_adapter(model, tracking_uri, Path(tmp))
-        metadata = predict.read_metadata(folder)
+        metadata = predict.read_metadata(folder, label)
         labels = None
         if table is not None:
             if len(images) > 1:
                 raise UserError("IMAGES: with --table, give at most one folder: the one holding the table's images")
             column = config.data.image_column if config is not None else "image_name"
             paths, labels = predict.labelled_images(table, Path(images[0]) if images else None, column, metadata["categories"])
-        elif not images:
-            raise UserError("IMAGES: give image files, folders or globs, or --table FILE")
-        else:
-            paths = predict.collect_images(images)
+            if paths and not any(p.is_file() for p in paths):
+                raise UserError(f"--table {table}: none of its {len(paths)} images is in {paths[0].parent}")
         base = load_base_model(config.model if config is not None else predict.base_model_config(metadata))
         predictor = predict.load_predictor(folder, base, device=config.train.device if config is not None else "auto",
-                                           precision=config.train.precision if config is not None else None)
+                                           precision=config.train.precision if config is not None else None, label=label)
     kept, logits, skipped = [], [], []
     for index, batch, bad in predict.decode_batches(paths, predictor.preprocessing, batch_size, strict):
         kept += index
         logits.append(predictor.logits(batch, batch_size))
         skipped += bad
-    logits = torch.cat(logits) if logits else torch.empty(0, len(predictor.categories))
+    if not kept:
+        if not paths:
+            raise UserError(f"--table {table}: names no image")
+        raise UserError(f"none of the {len(paths)} images could be read: first {skipped[0][0]}: {skipped[0][1]}")
+    logits = torch.cat(logits)
     truth = [labels[i] for i in kept] if labels is not None else None
     frame = predict.predictions_table([str(paths[i]) for i in kept], logits, predictor.categories, truth)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    frame.to_csv(out, index=False)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        frame.to_csv(out, index=False)
+    except OSError as err:
+        raise UserError(f"--out {out}: cannot be written ({err.strerror or err})") from None
     print(f"{len(kept)} of {len(paths)} images predicted ({metadata['method']['name']} adapter); table in {out}")
     for path, reason in skipped:
         print(f"skipped {path}: {reason}")
     result = {"predicted": len(kept), "skipped": [[str(p), r] for p, r in skipped], "out": str(out)}
-    if truth and len(kept):
+    if truth:
         metrics = compute_metrics(logits, torch.tensor(truth), predictor.categories)
+        in_table = {predictor.categories[i] for i in labels}
+        where = "the table" if not set(metrics.classes_without_images) & in_table else "the images read"
         print(f"balanced accuracy {metrics.balanced_accuracy:.2f}% ± {metrics.standard_error:.2f} "
-              f"(standard error, {len(kept)} images)")
-        print("per-class recall: " + ", ".join(f"{c} {r:.1f}%" for c, r in metrics.per_class_recall.items()))
+              f"(standard error, {len(kept)} images{metrics.over_classes(where)})")
+        print(metrics.recall_line())
         print(format_confusion(metrics.confusion, predictor.categories))
         result["metrics"] = metrics.as_dict()
     return result

@@ -70,6 +70,9 @@ class DataConfig(Strict):
     # the course notebook's order, so a study's shots are the notebook's for the same seed and K
     sampler: Literal["package", "course"] = "package"
     seed: int = 1
+    # an image in both the training and the test table is refused before anything trains, unless
+    # this is set (data.check_overlap); not part of a study's identity (identity.py)
+    allow_overlap: bool = False
 
     @property
     def drawn_val_shots(self) -> int:
@@ -283,6 +286,16 @@ class CompareConfig(Strict):
     def _positive(cls, value: list[int]) -> list[int]:
         if any(k < 1 for k in value):
             raise ValueError("shots must be >= 1")
+        return value
+
+    @field_validator("methods", "shots", "seeds")
+    @classmethod
+    def _each_once(cls, value: list, info) -> list:
+        # a repeated value would run its grid points twice and count them twice in the mean and std
+        repeated = next((v for i, v in enumerate(value) if v in value[:i]), None)
+        if repeated is not None:
+            what = {"shots": "shot count", "seeds": "seed", "methods": "method"}[info.field_name]
+            raise ValueError(f"{repeated!r} is listed more than once in {value}; list each {what} once")
         return value
 
 

@@ -40,6 +40,7 @@ from hpo_peft.config import StudyConfig, TrainConfig
 from hpo_peft.data import (
     Preprocessing,
     check_files_exist,
+    check_overlap,
     check_root,
     read_table,
     sample_few_shot,
@@ -241,20 +242,30 @@ class CourseResult:
     classifier: ImageClassifier  # the last epoch's weights
 
 
+def course_rows(data) -> tuple:
+    """The course's shots and the whole test table, checked without decoding an image (tables,
+    files, no image in both tables unless `data.allow_overlap`): before any model loads."""
+    check_root(data)
+    image_dir = data.root / data.images_dir
+    train_path, test_path = data.root / data.train_table, data.root / data.test_table
+    table = read_table(train_path, data.image_column, data.categories)
+    check_overlap(data, table)
+    shots = course_shots(table, data.categories, data.shots, data.seed, train_path)
+    check_files_exist(shots, image_dir, train_path)
+    test_rows = read_table(test_path, data.image_column, data.categories)
+    check_files_exist(test_rows, image_dir, test_path)
+    return shots, test_rows
+
+
 def run_course_trial(config: StudyConfig, method: str, on_epoch: EpochHook | None = None,
                      base: BaseModel | None = None) -> CourseResult:
     """The notebook's experiment for one method: shots from the training table by the course's
     sampler, fixed-epoch training as the course does it, then the whole test table."""
     set_seeds(COURSE_SEED)
     data = config.data
-    check_root(data)
     image_dir = data.root / data.images_dir
     train_path, test_path = data.root / data.train_table, data.root / data.test_table
-    table = read_table(train_path, data.image_column, data.categories)
-    shots = course_shots(table, data.categories, data.shots, data.seed, train_path)
-    check_files_exist(shots, image_dir, train_path)
-    test_rows = read_table(test_path, data.image_column, data.categories)  # a bad test table fails before training
-    check_files_exist(test_rows, image_dir, test_path)
+    shots, test_rows = course_rows(data)
 
     chosen = get_method(method)
     options = method_config(method, config.methods.get(method, {}))

@@ -8,6 +8,7 @@ and re-decoding 512x512 JPEGs every epoch is what made the course loop slow.
 
 from __future__ import annotations
 
+import os
 import random
 import sys
 from dataclasses import dataclass
@@ -289,11 +290,39 @@ def check_files_exist(rows: pd.DataFrame, image_dir: Path, table: Path) -> None:
             raise UserError(f"{image_dir / name}: image not found (row {row} of {table})")
 
 
+def check_overlap(config: DataConfig, train: pd.DataFrame, shown: int = 5) -> None:
+    """No image of the training table's used rows is also a used row of the test table (the same
+    file, as `images_dir / image_name` resolves it), unless `data.allow_overlap`. A test table that
+    is missing or unreadable is not checked here: nothing trains on it, and evaluation reports it."""
+    if config.allow_overlap:
+        return
+    test_path = config.root / config.test_table
+    try:
+        test = read_table(test_path, config.image_column, config.categories)
+    except UserError:
+        return
+    image_dir = str(config.root / config.images_dir)
+
+    def resolve(name: str) -> str:
+        return os.path.normpath(os.path.join(image_dir, name))
+
+    in_test = {resolve(name) for name in test["image_name"]}
+    both = [name for name in train["image_name"] if resolve(name) in in_test]
+    if both:
+        names = ", ".join(both[:shown]) + (f", ... ({len(both) - shown} more)" if len(both) > shown else "")
+        raise UserError(
+            f"data: {len(both)} image{'s are' if len(both) > 1 else ' is'} in both the training table "
+            f"{config.root / config.train_table} and the test table {test_path}: {names}; remove "
+            f"{'them' if len(both) > 1 else 'it'} from one, or set data.allow_overlap: true"
+        )
+
+
 def few_shot_rows(config: DataConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Read the training table and draw the shots; checks the images exist without decoding them."""
     check_root(config)
     path = config.root / config.train_table
     table = read_table(path, config.image_column, config.categories)
+    check_overlap(config, table)
     train, val = sample_few_shot(table, config.categories, config.shots, config.drawn_val_shots, config.seed, path,
                                  config.sampler)
     for rows in (train, val):

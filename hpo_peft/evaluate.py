@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,7 +21,7 @@ from hpo_peft.runtime import amp_dtype, autocast
 class Metrics:
     balanced_accuracy: float  # percent
     loss: float
-    per_class_recall: dict[str, float]  # percent
+    per_class_recall: dict[str, float]  # percent; NaN: the class has no image (None in `as_dict`)
     confusion: list[list[int]]  # rows: true class, columns: predicted class
     categories: list[str]
 
@@ -29,12 +30,30 @@ class Metrics:
         """How far `balanced_accuracy` may be from the accuracy on many more images (points)."""
         return balanced_accuracy_se(list(self.per_class_recall.values()), [sum(row) for row in self.confusion])
 
+    @property
+    def classes_without_images(self) -> list[str]:
+        """The classes no image belongs to: `balanced_accuracy` is the mean over the others."""
+        return [c for c, row in zip(self.categories, self.confusion) if sum(row) == 0]
+
+    def recall_line(self) -> str:
+        """`per-class recall: NC 80.0%, G3 no image, ...`"""
+        return "per-class recall: " + ", ".join(f"{c} {'no image' if math.isnan(r) else f'{r:.1f}%'}"
+                                                for c, r in self.per_class_recall.items())
+
+    def over_classes(self, where: str = "the images") -> str:
+        """`; over 3 of 4 classes; NC has no image in the table`, or "" when every class has images."""
+        missing = self.classes_without_images
+        if not missing:
+            return ""
+        return (f"; over {len(self.categories) - len(missing)} of {len(self.categories)} classes; "
+                f"{', '.join(missing)} {'has' if len(missing) == 1 else 'have'} no image in {where}")
+
     def as_dict(self) -> dict:
         return {
             "balanced_accuracy": self.balanced_accuracy,
             "standard_error": self.standard_error,
             "loss": self.loss,
-            "per_class_recall": self.per_class_recall,
+            "per_class_recall": {c: None if math.isnan(r) else r for c, r in self.per_class_recall.items()},
             "confusion_matrix": self.confusion,
             "categories": self.categories,
         }
@@ -86,11 +105,15 @@ def compute_metrics(logits: torch.Tensor, labels: torch.Tensor, categories: list
     y_pred = logits.argmax(dim=1).numpy()
     classes = list(range(len(categories)))
     recall = recall_score(y_true, y_pred, labels=classes, average=None, zero_division=0)
+    confusion = confusion_matrix(y_true, y_pred, labels=classes).tolist()
+    with warnings.catch_warnings():  # a class with no image: the mean is over the others (sklearn says so)
+        warnings.filterwarnings("ignore", "y_pred contains classes not in y_true", UserWarning)
+        balanced = balanced_accuracy_score(y_true, y_pred)
     return Metrics(
-        balanced_accuracy=100.0 * float(balanced_accuracy_score(y_true, y_pred)),
+        balanced_accuracy=100.0 * float(balanced),
         loss=float(F.cross_entropy(logits, labels)),
-        per_class_recall={c: 100.0 * float(r) for c, r in zip(categories, recall)},
-        confusion=confusion_matrix(y_true, y_pred, labels=classes).tolist(),
+        per_class_recall={c: 100.0 * float(r) if sum(row) else math.nan for c, r, row in zip(categories, recall, confusion)},
+        confusion=confusion,
         categories=list(categories),
     )
 

@@ -51,6 +51,7 @@ def fingerprint(config: StudyConfig) -> dict[str, str]:
         dumped["data"].pop("sampler")
     if config.train.augment == "none":  # ... and before training images could be augmented
         dumped["train"].pop("augment")
+    dumped["data"].pop("allow_overlap")  # a permission for the data check, not what the study optimises
     out: dict[str, str] = {}
     for key in DEFINING:
         node = dumped

@@ -10,6 +10,7 @@ probabilities are the softmax of those fp32 logits. Knows nothing of MLflow.
 from __future__ import annotations
 
 import glob
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -62,12 +63,13 @@ def base_model_config(metadata: dict[str, Any], name_or_path: str | None = None)
 
 
 def load_predictor(folder: Path, base: BaseModel | None = None, device: str = "auto",
-                   precision: str | None = None) -> Predictor:
+                   precision: str | None = None, label: str | None = None) -> Predictor:
     """The adapter in `folder` on `base` (default: the base model its metadata names), checked by
-    `artifacts.load_adapter`. `precision` defaults to the one the trial trained with."""
-    metadata = read_metadata(Path(folder))
+    `artifacts.load_adapter`. `precision` defaults to the one the trial trained with; `label` names
+    the adapter in errors (`artifacts.shown_as`)."""
+    metadata = read_metadata(Path(folder), label)
     base = base or load_base_model(base_model_config(metadata))
-    classifier, metadata = load_adapter(Path(folder), base)
+    classifier, metadata = load_adapter(Path(folder), base, label=label)
     where = resolve_device(device)
     classifier.to(where)
     precision = precision or metadata.get("train", {}).get("precision", "fp32")
@@ -77,7 +79,7 @@ def load_predictor(folder: Path, base: BaseModel | None = None, device: str = "a
 # images in ------------------------------------------------------------------------------------
 def collect_images(inputs: Iterable[str]) -> list[Path]:
     """Files as given, folders (their images, sorted, not recursive) and globs (their matches)."""
-    found: list[Path] = []
+    inputs, found = list(inputs), []
     for given in inputs:
         path = Path(given)
         if path.is_dir():
@@ -91,7 +93,21 @@ def collect_images(inputs: Iterable[str]) -> list[Path]:
             found += matches
         else:
             raise UserError(f"IMAGES: {given}: no such file or folder")
+    if not found:
+        raise UserError(f"IMAGES: no images found in {', '.join(inputs)} "
+                        f"(a folder's {', '.join(IMAGE_SUFFIXES)} files are read, not its subfolders)")
     return found
+
+
+def check_out_file(out: Path) -> None:
+    """`--out` names a CSV file that can be written: not a folder, in a folder that is writable."""
+    if out.is_dir():
+        raise UserError(f"--out {out}: is a folder; give a file name such as {out / 'predictions.csv'}")
+    parent = next(p for p in [out.parent.absolute(), *out.parent.absolute().parents] if p.exists())
+    if not parent.is_dir():
+        raise UserError(f"--out {out}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"--out {out}: folder {parent} cannot be written (permission denied)")
 
 
 def labelled_images(table: Path, images_dir: Path | None, image_column: str,

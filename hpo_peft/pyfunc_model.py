@@ -130,7 +130,7 @@ def log_adapter_model(tracker: Tracker, run_id: str) -> str:
         return run.data.tags[TAG_MODEL_URI]
     with temporary_folder() as tmp:
         folder = tracker.download_adapter(run_id, Path(tmp))
-        metadata = read_metadata(folder)
+        metadata = read_metadata(folder, f"run {run_id}")
         base = metadata["base_model"]
         prep = metadata.get("preprocessing") or {}
         with interrupts.deferred():  # in the run's experiment, so its files sit with the run's artifacts
@@ -182,18 +182,75 @@ def _absolute(name_or_path: str) -> str:
     return str(path.resolve()) if path.exists() else name_or_path
 
 
-def register_model(tracker: Tracker, run_id: str, model_uri: str, name: str, alias: str = "best") -> int:
-    """Register the logged model as a version of `name` and move `alias` to it."""
+def register_model(tracker: Tracker, run_id: str, model_uri: str, name: str, alias: str = "best",
+                   force_alias: bool = False) -> dict:
+    """Register the logged model as a version of `name` (a run registered before keeps its version)
+    and move `alias` to it if its trial's selection score beats the one `alias` points at (ties: the
+    lower validation loss), or with `force_alias`. Returns the version, whether it is new, whether
+    the alias moved, the version it points at, and `note`: one line saying why it stayed or that it moved to a worse trial."""
     client = tracker.client
     try:
         client.get_registered_model(name)
     except MlflowException:
         client.create_registered_model(name, description="hpo-peft adapter as a pyfunc model (see the README)")
-    model_id = model_uri.removeprefix("models:/")
-    with using_store(tracker.uri):
-        version = client.create_model_version(name, model_uri, run_id=run_id, model_id=model_id)
-    client.set_registered_model_alias(name, alias, version.version)
-    return int(version.version)
+    mine = sorted((v for v in client.search_model_versions(f"name = '{name}'") if v.run_id == run_id),
+                  key=lambda v: int(v.version))
+    if mine:
+        version = int(mine[0].version)
+    else:
+        with using_store(tracker.uri):
+            created = client.create_model_version(name, model_uri, run_id=run_id, model_id=model_uri.removeprefix("models:/"))
+        version = int(created.version)
+    try:
+        current = client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        current = None
+    result = {"version": version, "new_version": not mine, "alias_moved": False, "note": None,
+              "alias_version": int(current.version) if current is not None else None}
+    if current is not None and int(current.version) == version:
+        return result
+    new_key = _selection_key(tracker, run_id)
+    old_key = _selection_key(tracker, current.run_id) if current is not None and current.run_id else None
+    better = old_key is None or (new_key is not None and new_key < old_key)
+    if better or force_alias:
+        client.set_registered_model_alias(name, alias, version)
+        result.update(alias_moved=True, alias_version=version)
+    if old_key is not None and not better:
+        old, new = -old_key[0], (-new_key[0] if new_key else None)
+        tie = new == old  # the selection's tie-break: the lower validation loss
+        if force_alias:
+            result["note"] = (f"alias {alias!r} moved by --force-alias to version {version} (run {run_id}), a worse "
+                              f"trial than version {current.version} (run {current.run_id}, selection score "
+                              f"{_score(new)} {'=' if tie else '<'} {_score(old)}{', validation loss higher' if tie else ''})")
+        else:
+            result["note"] = (f"alias {alias!r} stays on version {current.version} (run {current.run_id}, selection "
+                              f"score {_score(old)} {'=' if tie else '>'} {_score(new)}{', validation loss lower' if tie else ''}); "
+                              "--force-alias moves it")
+    return result
+
+
+def _selection_key(tracker: Tracker, run_id: str) -> tuple[float, float] | None:
+    """A trial run's place in the selection (selection.py): higher score, then lower validation loss."""
+    from hpo_peft.run_story import OBJECTIVE
+
+    try:
+        metrics = tracker.client.get_run(run_id).data.metrics
+    except MlflowException:
+        return None
+    if OBJECTIVE not in metrics:
+        return None
+    return -metrics[OBJECTIVE], metrics.get("final_val_loss", float("inf"))
+
+
+def _score(value: float | None) -> str:
+    return "none" if value is None else f"{value:.2f}"
+
+
+def adapter_label(model: str) -> str | None:
+    """How errors name the adapter that `model` gives: `run ID`, the URI; None for a folder (its path)."""
+    if Path(model).is_dir():
+        return None
+    return f"run {model}" if RUN_ID.match(model) else model
 
 
 def fetch_adapter(model: str, tracking_uri: str | None, destination: Path) -> Path:

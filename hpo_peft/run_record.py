@@ -21,7 +21,7 @@ from pathlib import Path
 
 import optuna
 
-from hpo_peft import interrupts
+from hpo_peft import interrupts, stores
 from hpo_peft import run_story as story
 from hpo_peft.artifacts import save_adapter
 from hpo_peft.data import LabelledImages
@@ -81,10 +81,14 @@ def trial_run(tracker: Tracker, trial: optuna.Trial, parent_id: str, study_name:
             tracker.end_run(run_id, "KILLED", state="FAIL", error=interrupts.reason(err))
         raise
     except Exception as err:
-        trial.set_user_attr(FAIL_REASON_ATTR, f"{type(err).__name__}: {err}")
-        if run_id is not None:
-            tell("FAIL", f"{type(err).__name__}: {str(err)[:300]}")
-            tracker.end_run(run_id, "FAILED", state="FAIL", error=traceback.format_exc())
+        try:
+            trial.set_user_attr(FAIL_REASON_ATTR, f"{type(err).__name__}: {err}")
+            if run_id is not None:
+                tell("FAIL", f"{type(err).__name__}: {str(err)[:300]}")
+                tracker.end_run(run_id, "FAILED", state="FAIL", error=traceback.format_exc())
+        except Exception as closing:  # a full disk refuses these too: the next session closes the run
+            if stores.disk_full(closing) is None:
+                raise
         raise
     with interrupts.deferred():
         tracker.end_run(run_id, "FINISHED", state="COMPLETE")

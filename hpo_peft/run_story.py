@@ -182,7 +182,8 @@ def test_section(validation: float | None, test: float, per_class: dict[str, flo
         "", TEST_HEADING, "",
         "| balanced accuracy (%) | validation (selection) | test | validation - test |", "|---|---|---|---|",
         f"| | {val} | {test:.2f}{gap}",
-        "", "Test recall per class: " + ", ".join(f"{c} {r:.1f}%" for c, r in per_class.items()),
+        "", "Test recall per class: " + ", ".join(f"{c} {'no image' if r != r else f'{r:.1f}%'}"  # NaN: no image
+                                                  for c, r in per_class.items()),
     ])
 
 

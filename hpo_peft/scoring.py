@@ -19,7 +19,8 @@ from hpo_peft.tracking import Tracker, temporary_folder
 def evaluate_run(tracker: Tracker, run_id: str, base: BaseModel, test: LabelledImages,
                  config: StudyConfig) -> tuple[Metrics, dict]:
     with temporary_folder() as tmp:
-        classifier, metadata = load_adapter(tracker.download_adapter(run_id, Path(tmp)), base, config.data.categories)
+        classifier, metadata = load_adapter(tracker.download_adapter(run_id, Path(tmp)), base, config.data.categories,
+                                            label=f"run {run_id}")  # errors name the run, not the download
     classifier.to(resolve_device(config.train.device))
     metrics = evaluate_as_trained(classifier, test, base.preprocessing, config.data.categories, config.train)
     log_test_result(tracker, run_id, metrics, test, config)

@@ -26,6 +26,7 @@ from hpo_peft.config import (
     StudyConfig,
     TrainConfig,
 )
+from hpo_peft.errors import UserError
 from hpo_peft.methods import get_method, method_config
 
 
@@ -78,3 +79,45 @@ def train_settings(config: StudyConfig, method: str, **values: Any) -> TrainConf
     (black-box adapters, zero-shot): they never see an image, so their runs record none."""
     train = config.train_for(method, **values)
     return train if get_method(method).trains_encoder else train.model_copy(update={"augment": "none"})
+
+
+def distributions(config: StudyConfig) -> dict[str, tuple[str, optuna.distributions.BaseDistribution]]:
+    """Each parameter the space can draw, by Optuna's name: the config key that defines it and its
+    distribution (what a continued study must keep compatible)."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    def distribution(spec: Any):
+        if isinstance(spec, Choices):
+            return CategoricalDistribution(spec.choices)
+        if isinstance(spec, Range) and spec.is_int:
+            return IntDistribution(int(spec.low), int(spec.high), step=int(spec.step or 1), log=spec.log)
+        if isinstance(spec, Range):
+            return FloatDistribution(float(spec.low), float(spec.high), step=spec.step, log=spec.log)
+        return None
+
+    found = {key: (f"search.params.{key}", distribution(spec)) for key, spec in config.search.params.items()}
+    for method, own in config.search.methods.items():
+        found |= {f"{method}.{key}": (f"search.methods.{method}.{key}", distribution(spec)) for key, spec in own.items()}
+    return {name: (key, dist) for name, (key, dist) in found.items() if dist is not None}
+
+
+def check_space(study: optuna.Study, config: StudyConfig, study_name: str) -> None:
+    """Optuna cannot continue a study whose parameter changes kind or whose choices change (every
+    later trial would fail at once): refused naming the key, before anything loads."""
+    from optuna.distributions import check_distribution_compatibility
+
+    space, seen = distributions(config), set()
+    for trial in study.get_trials(deepcopy=False):
+        for name, old in trial.distributions.items():
+            if name in seen or name not in space:
+                continue
+            seen.add(name)
+            key, new = space[name]
+            try:
+                check_distribution_compatibility(old, new)
+            except ValueError:
+                then = list(old.choices) if hasattr(old, "choices") else type(old).__name__
+                now = list(new.choices) if hasattr(new, "choices") else type(new).__name__
+                raise UserError(f"{key}: study {study_name!r} drew it from {then}, the config now from {now}; "
+                                f"Optuna cannot continue a study whose choices change, even with --accept-changes: "
+                                f"start a new study with --study-name {study_name}-2") from None

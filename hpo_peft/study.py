@@ -35,7 +35,7 @@ from hpo_peft.run_record import (
 from hpo_peft.run_story import defining_params
 from hpo_peft.runtime import worker_identity
 from hpo_peft.samplers import make_pruner, make_sampler
-from hpo_peft.search_space import sample_plan
+from hpo_peft.search_space import check_space, sample_plan
 from hpo_peft.selection import (
     FOLD_SCORES_ATTR,
     STANDARD_ERROR_ATTR,
@@ -69,15 +69,15 @@ def open_storage(url: str | None, create: bool = True) -> optuna.storages.BaseSt
     """A journal file (default `mlruns/optuna.journal`) or any Optuna storage URL. `create=False`
     (commands that only read) refuses a journal or SQLite file that does not exist."""
     from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
 
     path = stores.journal_path(url)
     if path is not None:
-        if not create:
+        if not create:  # read, so a read-only folder will do
             stores.check_exists(path, "study storage")
-        stores.check_writable(path.parent, "the Optuna journal", "pass --storage WRITABLE/optuna.journal")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(str(path)))
+        else:
+            stores.check_writable(path.parent, "the Optuna journal", "pass --storage WRITABLE/optuna.journal")
+            path.parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(stores.journal_backend(path))
     url = stores.database_url(url)
     db = stores.sqlite_path(url)
     if db is not None and not create:
@@ -156,9 +156,10 @@ def existing_study(options: StudyLocation) -> optuna.Study | None:
 
 
 def make_objective(workspace: Workspace, config: StudyConfig, tracker: Tracker, parent_id: str, study_name: str,
-                   heartbeat: Heartbeat, on_start=None):
+                   heartbeat: Heartbeat, on_start=None, on_disk_full=None):
     """`config` holds the study's search space; `workspace` the data and model its trials train on;
-    `on_start()` is called once the trial exists (budget.ClaimLock's release)."""
+    `on_start()` is called once the trial exists (budget.ClaimLock's release); a full disk stops
+    the study after the trial it failed, and `on_disk_full(error)` hears of it."""
     def objective(trial: optuna.Trial) -> float:
         with contextlib.ExitStack() as opened:
             with interrupts.deferred():  # a stop before the trial's run exists waits for the run: no trial without one
@@ -199,8 +200,11 @@ def make_objective(workspace: Workspace, config: StudyConfig, tracker: Tracker, 
                 trial.set_user_attr(STANDARD_ERROR_ATTR, outcome.validation.standard_error)  # the parent's, when best
                 if outcome.folds:
                     trial.set_user_attr(FOLD_SCORES_ATTR, outcome.fold_scores())  # for corrected_score
-            except Exception:
+            except Exception as err:
                 release_accelerator_memory()  # e.g. after CUDA out-of-memory, for the next trial
+                if stores.disk_full(err) is not None and on_disk_full is not None:
+                    on_disk_full(err)  # every later trial would fail the same way
+                    trial.study.stop()
                 raise
             finally:
                 heartbeat.attach(None, None)
@@ -221,10 +225,10 @@ def release_accelerator_memory() -> None:
 
 def optimize(study: optuna.Study, workspace: Workspace, tracker: Tracker, parent_id: str,
              n_trials: int | None, timeout: float | None, config: StudyConfig | None = None, on_start=None) -> None:
-    config = config or workspace.config
+    config, full = config or workspace.config, []
     with Heartbeat(tracker, None, config.search.heartbeat_interval) as heartbeat:
         study.optimize(
-            make_objective(workspace, config, tracker, parent_id, study.study_name, heartbeat, on_start),
+            make_objective(workspace, config, tracker, parent_id, study.study_name, heartbeat, on_start, full.append),
             n_trials=n_trials,
             timeout=timeout,
             catch=(Exception,),  # a failing trial is recorded as FAIL and the study goes on
@@ -232,6 +236,8 @@ def optimize(study: optuna.Study, workspace: Workspace, tracker: Tracker, parent
             callbacks=[best_marker(tracker, parent_id),  # the best tag moves as better trials appear
                        retention.callback(tracker, config.search.keep_adapters)],  # adapters that fit on a disk
         )
+    if full:
+        raise full[0]
 
 
 def open_stores(config: StudyConfig, options: StudyLocation, accept_changes: bool = False) -> tuple[optuna.Study, Tracker]:
@@ -246,8 +252,11 @@ def run_study(config: StudyConfig, options: StudyLocation, n_trials: int | None,
               jobs: int = 1, accept_changes: bool = False, total: bool = False) -> optuna.Study:
     """`total` (`study worker`): `n_trials` is the study's total over all workers (budget.py)."""
     preflight.check_study_data(config)
-    if not accept_changes and (existing := existing_study(options)) is not None:
-        check_settings(existing, config, options.study_name)  # other settings: refused before the model loads
+    check_store(stores.database_url(options.tracking_uri or stores.default_tracking_uri()))  # before the model loads
+    if (existing := existing_study(options)) is not None:  # other settings: refused before the model loads
+        check_space(existing, config, options.study_name)
+        if not accept_changes:
+            check_settings(existing, config, options.study_name)
     # the model loads and every image decodes before anything is written (workers repeat it)
     workspace = open_workspace(config)
     study, tracker = open_stores(config, options, accept_changes)
@@ -256,7 +265,10 @@ def run_study(config: StudyConfig, options: StudyLocation, n_trials: int | None,
         print(f"recovered stale trials {recovered}: marked FAIL, queued once more")
     n_trials = n_trials if n_trials is not None else config.search.n_trials
     timeout = timeout if timeout is not None else config.search.timeout
-    status, parent_id, monitor = "FINISHED", None, None
+    if total and (used := budget.usage(study)).used_up(n_trials):  # a late worker: no empty session run
+        print(f"the study's budget is used up: {used.ended} of {n_trials} trials ended", flush=True)
+        return study
+    status, parent_id, monitor, full = "FINISHED", None, None, None
     try:  # the parent run is closed on every path from here on
         with interrupts.deferred():
             parent_id = tracker.start_parent(options.study_name, {"hpo_peft.storage": str(options.storage or "default"),
@@ -275,17 +287,27 @@ def run_study(config: StudyConfig, options: StudyLocation, n_trials: int | None,
         if parent_id is not None:
             tracker.set_tags(parent_id, {TAG_ERROR: interrupts.reason(err)})
         raise
-    except BaseException:
+    except BaseException as err:
         status = "FAILED"
-        raise
+        if stores.disk_full(err) is None:
+            raise
+        full = err
     finally:
         if monitor is not None:
             monitor.finish()
         if parent_id is not None:
             try:
-                summarize(tracker, parent_id, study, figures=status == "FINISHED", config=config)
-            finally:
-                tracker.end_run(parent_id, status)
+                try:
+                    summarize(tracker, parent_id, study, figures=status == "FINISHED", config=config)
+                finally:
+                    tracker.end_run(parent_id, status)
+            except Exception as err:  # a full disk: the session run stays open until the next session
+                if stores.disk_full(err) is None:
+                    raise
+                full = full or err
+    if full is not None:
+        raise UserError(f"disk full ({stores.disk_full(full)}): the session stopped; free some space, then "
+                        "`study run` again continues the study (it closes the unfinished trial and runs)")
     return study
 
 
@@ -326,12 +348,18 @@ def _worker(config_json: str, options: StudyLocation, parent_id: str, n_trials: 
             optimize(study, open_workspace(config), tracker, parent_id, n_trials, timeout)
         except KeyboardInterrupt:
             sys.exit(1)  # the trial and its run are closed; the parent reports the interruption
+        except Exception as err:  # a full disk: one line, as from `study run`
+            if (full := stores.disk_full(err)) is None:
+                raise
+            print(f"hpo-peft: error: disk full ({full}): worker stopped", file=sys.stderr, flush=True)
+            sys.exit(2)
 
 
 def run_workers(config: StudyConfig, options: StudyLocation, parent_id: str, n_trials: int,
                 timeout: float | None, jobs: int) -> None:
     """`jobs` worker processes on the same storage, splitting the trials between them. Whatever
-    stops the parent stops them: a signal is passed on, and a dead parent is noticed."""
+    stops the parent stops them: the signal it got is passed on (Ctrl-C stays Ctrl-C on their
+    trials), and a dead parent is noticed (SIGTERM, `interrupts.exit_with_parent`)."""
     import multiprocessing
 
     context = multiprocessing.get_context("spawn")  # no forked torch/MLflow state
@@ -346,10 +374,10 @@ def run_workers(config: StudyConfig, options: StudyLocation, parent_id: str, n_t
     try:
         for worker in workers:
             worker.join()
-    except KeyboardInterrupt:  # let them close their trials and runs, then make sure they are gone
+    except KeyboardInterrupt as err:  # let them close their trials and runs, then make sure they are gone
         for worker in workers:
             if worker.is_alive():
-                os.kill(worker.pid, signal.SIGTERM)
+                os.kill(worker.pid, getattr(err, "signum", signal.SIGINT))
         deadline = time.monotonic() + interrupts.STOP_TIMEOUT * 0.75
         for worker in workers:
             worker.join(timeout=max(0.1, deadline - time.monotonic()))

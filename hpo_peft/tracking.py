@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import tempfile
 import time
@@ -40,6 +41,8 @@ HTTP_RETRY_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "8", "MLFLOW_HTTP_REQU
                        "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}
 for _name, _value in HTTP_RETRY_DEFAULTS.items():
     os.environ.setdefault(_name, _value)
+# MLflow logs each database error with its traceback before raising it; we report the raised error
+logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
 ADAPTER_PATH = "adapter"
 TAG_STUDY = "hpo_peft.study"
@@ -126,13 +129,39 @@ def check_store(uri: str, create: bool = True) -> None:
     """The store answers and can be written (a server within seconds), without writing to it."""
     db = stores.sqlite_path(uri)
     if uri.startswith(("http://", "https://")):
-        stores.probe_server(uri, "MLflow tracking server", "--tracking-uri")
+        stores.probe_server(uri, "MLflow tracking server", "--tracking-uri", "/api/2.0/mlflow/experiments/get-by-name?experiment_name=hpo-peft-probe")
     elif db is not None and not create:
         stores.check_exists(db, "MLflow store")
     elif db is not None:
         hint = "run from a writable folder or pass --tracking-uri sqlite:///WRITABLE/mlflow.db"
         stores.check_writable(db.parent, "the MLflow store", hint)
         stores.check_writable(db.resolve().parent / "artifacts", "MLflow artifacts", hint)
+    check_artifact_roots(uri)
+
+
+def check_artifact_roots(uri: str) -> None:
+    """A local store's artifacts lie beside it. MLflow records their absolute path, so a copied
+    study folder would read and write the original's adapters, and a moved one find none: such a
+    store is refused, in one line, before anything is read or written."""
+    from mlflow.utils.file_utils import local_file_uri_to_path
+
+    db = stores.sqlite_path(uri)
+    if db is None or not db.is_file():
+        return
+    here = db.resolve().parent
+    with stores.lock_for(uri):
+        experiments = MlflowClient(uri).search_experiments(max_results=1000)
+    for experiment in experiments:
+        location = experiment.artifact_location or ""
+        if experiment.experiment_id == "0" or not location.startswith("file:"):
+            continue  # MLflow's Default experiment is never used (its root is the first client's folder)
+        where = Path(local_file_uri_to_path(location))
+        if where != here and here not in where.parents:
+            fate = "write into" if where.exists() else "find no adapter in"
+            raise UserError(
+                f"{db}: experiment {experiment.name!r} keeps its artifacts in {where}, outside {here}: the study "
+                f"folder was copied or moved, and MLflow records that path, so this store would {fate} the other "
+                "folder; run in the original folder, or start a new store (--tracking-uri sqlite:///NEW/mlflow.db)")
 
 
 class Tracker:

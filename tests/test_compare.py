@@ -76,3 +76,21 @@ def test_a_compare_rerun_under_other_settings_stops_before_anything_trains(write
     assert error.endswith("--study-name cmp-2") and "-k1-" not in error
     assert (tmp_path / "o.journal").read_bytes() == journal  # no study created, no trial
     assert len(client.search_runs([client.get_experiment_by_name("cmp-compare").experiment_id])) == runs
+
+
+@pytest.mark.parametrize("flags, key, value", [
+    (["--seeds", "1", "2", "2"], "compare.seeds", "2"),
+    (["--shots", "2", "2", "--seeds", "1", "1"], "compare.shots", "2"),
+    (["--methods", "lora", "clap", "lora"], "compare.methods", "'lora'"),
+], ids=["seeds", "shots-and-seeds", "methods"])
+def test_a_value_listed_twice_is_refused_before_anything_is_written(write_config, tmp_path, capsys, refuse_model_loading,
+                                                                    flags, key, value):
+    """A repeated seed ran its grid points twice and counted them twice ("seeds 3", std 0.00)."""
+    config = write_config()
+    argv = ["compare", str(config), *flags, "--study-name", "cmp", "--storage", str(tmp_path / "o.journal"),
+            "--tracking-uri", "sqlite:///" + str(tmp_path / "mlflow.db"), "--out", str(tmp_path / "out")]
+    assert main(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"hpo-peft: error: {config}: invalid config: {key}: "), lines
+    assert f"{key}: {value} is listed more than once" in lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [config.name]  # no journal, no MLflow store, no results

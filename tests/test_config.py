@@ -40,6 +40,9 @@ def test_defaults_are_the_course_settings(tmp_path):
         ({**BASE, "protocol": "course", "method_train": {"lora": {"augment": "dihedral"}}},
          "method_train.lora.augment: the course protocol trains on the images as they are"),
         ({**BASE, "train": {"augment": "rotate"}}, "train.augment"),
+        ({**BASE, "compare": {"seeds": [1, 2, 2]}}, "compare.seeds: 2 is listed more than once in [1, 2, 2]"),
+        ({**BASE, "compare": {"shots": [4, 1, 4]}}, "compare.shots: 4 is listed more than once"),
+        ({**BASE, "compare": {"methods": ["clap", "clap"]}}, "compare.methods: 'clap' is listed more than once"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path, raw, key):

@@ -143,3 +143,18 @@ def test_decoding_shows_a_bar_in_a_terminal_and_none_in_a_log(tmp_path, capsys, 
     monkeypatch.setattr("sys.stderr.isatty", lambda: True)
     load_test(cfg(root), PREP)
     assert "test images" in capsys.readouterr().err
+
+
+def test_overlap_is_by_the_file_a_name_resolves_to_and_skips_an_unreadable_test_table(dataset):
+    test_table = dataset / "partition/Test/Test.xlsx"
+    test = pd.read_excel(test_table)
+    test.loc[0, "image_name"] = "../images/./NC_3.jpg"  # the training table's NC_3.jpg
+    test.loc[1, "image_name"] = "two.jpg"  # a skipped row of the training table: never trained on
+    test.to_excel(test_table, index=False)
+    with pytest.raises(UserError) as err:
+        few_shot_rows(cfg(dataset))
+    assert str(err.value) == (f"data: 1 image is in both the training table {dataset / 'partition/Test/Train.xlsx'} and "
+                              f"the test table {test_table}: NC_3.jpg; remove it from one, or set data.allow_overlap: true")
+    few_shot_rows(cfg(dataset, allow_overlap=True))
+    test_table.write_bytes(b"not a spreadsheet")  # nothing trains on it: evaluate reports it, not the study
+    few_shot_rows(cfg(dataset))

@@ -314,10 +314,23 @@ def test_install_into_an_old_kit_replaces_only_its_parts_quietly(tmp_path, capsy
     assert capsys.readouterr().err == ""
 
 
-def test_force_replaces_only_the_kit_parts_and_says_so(tmp_path, monkeypatch, capsys):
+def test_the_refusal_names_every_part_that_force_replaces(tmp_path, monkeypatch, capsys):
+    """--force replaces open_clip_model/ too: the refusal must say so, not only model/ and sicapv2/."""
     from hpo_peft.cli import main
 
-    # a real build, made small (a few images, two pre-training steps) to keep the test quick
+    _no_build(monkeypatch)
+    x = tmp_path / "x"
+    (x / "open_clip_model").mkdir(parents=True)
+    (x / "open_clip_model" / "mine.bin").write_bytes(b"mine")
+    assert main(["demo-kit", "--out", str(x)]) == 2
+    lines = _error_lines(capsys.readouterr().err)
+    assert len(lines) == 1 and "to replace only its model/, sicapv2/, open_clip_model/ and kit.json" in lines[0], lines
+    assert all((part if part == "kit.json" else f"{part}/") in lines[0] for part in demo_kit.KIT_PARTS)
+    assert (x / "open_clip_model" / "mine.bin").read_bytes() == b"mine"
+
+
+def _small_build(monkeypatch):
+    """A real build, made small (a few images, two pre-training steps) to keep a test quick."""
     for module, name, value in (
         (demo_kit.tables, "N_TRAIN_PER_CLASS", 2), (demo_kit.tables, "N_TEST_PER_CLASS", 2),
         (demo_kit.tables, "N_TRAIN_MULTI", 1), (demo_kit.tables, "N_TRAIN_EMPTY", 1),
@@ -325,10 +338,37 @@ def test_force_replaces_only_the_kit_parts_and_says_so(tmp_path, monkeypatch, ca
         (demo_kit.tiny_clip, "PRETRAIN_MAX_STEPS", 2), (demo_kit.tiny_clip, "PRETRAIN_DRAW_SIZE", 64),
     ):
         monkeypatch.setattr(module, name, value)
+
+
+def test_kit_files_and_folders_get_the_umask_modes(tmp_path, monkeypatch):
+    """safetensors and save_pretrained write 0600 files, mkdtemp makes 0700 folders: the kit
+    installs them as a plain write would, so other users of the machine can read it."""
+    import os
+    import stat
+
+    _small_build(monkeypatch)
+    previous = os.umask(0o022)
+    try:
+        out = build_demo_kit(tmp_path / "kit", progress=False)
+    finally:
+        os.umask(previous)
+    paths = [out, *out.rglob("*")]
+    assert any(p.suffix == ".safetensors" for p in paths)
+    modes = {p.relative_to(tmp_path).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in paths}
+    wrong = {p: oct(m) for p, m in modes.items() if m != (0o755 if (tmp_path / p).is_dir() else 0o644)}
+    assert not wrong, wrong
+
+
+def test_force_replaces_only_the_kit_parts_and_says_so(tmp_path, monkeypatch, capsys):
+    from hpo_peft.cli import main
+
+    _small_build(monkeypatch)
     x = tmp_path / "x"
     (x / "model" / "sub").mkdir(parents=True)
     (x / "model" / "important.bin").write_bytes(b"old")
     (x / "model" / "sub" / "more.bin").write_bytes(b"old")
+    (x / "open_clip_model").mkdir()
+    (x / "open_clip_model" / "mine.bin").write_bytes(b"mine")
     (x / "kit.json").write_text("mine")
     (x / "notes.txt").write_text("keep")
     (x / "data").mkdir()
@@ -337,6 +377,7 @@ def test_force_replaces_only_the_kit_parts_and_says_so(tmp_path, monkeypatch, ca
     err = capsys.readouterr().err
     replaced = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("demo-kit: replacing")]
     assert replaced == [f"demo-kit: replacing existing {x / 'model'} (2 files)",
+                        f"demo-kit: replacing existing {x / 'open_clip_model'} (1 file)",
                         f"demo-kit: replacing existing {x / 'kit.json'} (a file)"]
     assert (x / "notes.txt").read_text() == "keep"
     assert (x / "data" / "table.csv").read_text() == "a,b\n"

@@ -17,6 +17,7 @@ from hpo_peft.data import Preprocessing, load_test
 from hpo_peft.errors import UserError
 
 TRAIN = "partition/Test/Train.xlsx"
+TEST = "partition/Test/Test.xlsx"
 
 
 pytestmark = pytest.mark.usefixtures("refuse_model_loading")  # every fault here is found before the model loads
@@ -184,3 +185,53 @@ def test_a_bad_flag_is_shown_as_typed(write_config, kit, tmp_path, capsys, value
     message = fails_cleanly(capsys, tmp_path, write_config(data={"root": str(kit)}))
     assert f"Train.xlsx: row 7, column 'G5': expected 0 or 1, {shown}" in message
     assert "np." not in message
+
+
+# 9. an image in both the training and the test table: a test score on images trained on
+
+
+def _share_train_rows(kit, count: int) -> list[str]:
+    """Appends the training table's first `count` single-label rows to the test table (the first
+    one written `./NAME`: the same file); returns their names."""
+    train = pd.read_excel(kit / TRAIN)
+    single = train[train[["NC", "G3", "G4", "G5"]].sum(axis=1).eq(1)].head(count)
+    test = pd.read_excel(kit / TEST)
+    shared = single.assign(image_name=["./" + n if i == 0 else n for i, n in enumerate(single.image_name)])
+    pd.concat([test, shared], ignore_index=True).to_excel(kit / TEST, index=False)
+    return list(single.image_name)
+
+
+@pytest.mark.parametrize("command", ["trial", "course", "study", "compare"])
+def test_an_image_in_both_tables_is_refused_before_anything_trains(write_config, kit, tmp_path, capsys, command):
+    names = _share_train_rows(kit, 3)
+    course = {"protocol": "course", "train": {"augment": "none"}} if command == "course" else {}
+    config = write_config(data={"root": str(kit)}, **course)
+    stores = ["--storage", str(tmp_path / "o.journal"), "--tracking-uri", f"sqlite:///{tmp_path}/m.db"]
+    if command in ("trial", "course"):
+        message = fails_cleanly(capsys, tmp_path, config)
+    else:
+        argv = ["study", "run", str(config), *stores] if command == "study" else \
+            ["compare", str(config), "--shots", "1", "--seeds", "1", *stores, "--out", str(tmp_path / "out")]
+        assert main(argv) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1, lines
+        message = lines[0]
+    assert message == (f"hpo-peft: error: data: 3 images are in both the training table {kit / TRAIN} and the test "
+                       f"table {kit / TEST}: {', '.join(names)}; remove them from one, or set data.allow_overlap: true")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "sicapv2"]  # no study, run or results
+
+
+def test_allow_overlap_passes_the_check_and_keeps_the_study_fingerprint(write_config, kit):
+    from hpo_peft.data import few_shot_rows
+    from hpo_peft.identity import differences, fingerprint
+    from hpo_peft.preflight import check_study_data
+
+    names = _share_train_rows(kit, 7)
+    config = write_config(data={"root": str(kit)})
+    with pytest.raises(UserError, match=r"data: 7 images are in both .*: (.+, ){4}.+, \.\.\. \(2 more\); remove them"):
+        few_shot_rows(load_config(config).data)
+    allowed = load_config(config, ["data.allow_overlap=true"])
+    check_study_data(allowed)  # what `study run` checks before its stores open
+    few_shot_rows(allowed.data)
+    assert "data.allow_overlap" not in fingerprint(allowed)
+    assert differences(fingerprint(load_config(config)), fingerprint(allowed)) == []

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import math
 import os
 import shutil
 import socket
@@ -326,3 +327,161 @@ def test_retention_drops_superseded_adapters_and_keeps_the_best_and_registered(c
 
     assert main(["evaluate", str(chosen["path"]), *chosen["options"], "--run-id", third]) == 2
     assert "adapter was dropped" in capsys.readouterr().err
+
+
+# faults found by the probe campaign -------------------------------------------------------------
+def _one_error(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.startswith("hpo-peft")]  # beside the progress bar
+    assert len(lines) == 1 and lines[0].startswith("hpo-peft: error: "), err
+    return lines[0]
+
+
+def test_metrics_of_a_class_with_no_image_say_so():
+    """No image of a class: its recall is None (not 0%), balanced accuracy the mean over the others;
+    with every class present, the figures sklearn gives, as before."""
+    from sklearn.metrics import balanced_accuracy_score, recall_score
+
+    from hpo_peft.evaluate import compute_metrics
+
+    categories = ["NC", "G3", "G4", "G5"]
+    labels = torch.tensor([1, 1, 2, 2, 3, 3])
+    logits = torch.nn.functional.one_hot(torch.tensor([1, 0, 2, 2, 3, 1]), 4).float()
+    metrics = compute_metrics(logits, labels, categories)
+    assert metrics.as_dict()["per_class_recall"] == {"NC": None, "G3": 50.0, "G4": 100.0, "G5": 50.0}
+    assert math.isnan(metrics.per_class_recall["NC"])  # what MLflow logs: not a recall of 0
+    assert metrics.balanced_accuracy == pytest.approx(100 * (0.5 + 1 + 0.5) / 3)
+    assert metrics.classes_without_images == ["NC"]
+    assert metrics.recall_line() == "per-class recall: NC no image, G3 50.0%, G4 100.0%, G5 50.0%"
+    assert metrics.over_classes("the table") == "; over 3 of 4 classes; NC has no image in the table"
+    full = torch.tensor([0, 1, 1, 2, 2, 3, 3, 0])
+    every = compute_metrics(torch.nn.functional.one_hot(torch.tensor([0, 1, 0, 2, 2, 3, 1, 1]), 4).float(), full, categories)
+    predicted = [0, 1, 0, 2, 2, 3, 1, 1]
+    assert every.balanced_accuracy == 100.0 * balanced_accuracy_score(full.numpy(), predicted)
+    assert list(every.per_class_recall.values()) == [100.0 * r for r in recall_score(full.numpy(), predicted, average=None)]
+    assert every.over_classes() == "" and "no image" not in every.recall_line()
+
+
+def test_predict_a_table_without_one_class_says_so(chosen, evaluated, test_images, tmp_path, capsys):
+    table = pd.read_excel(test_images["table"])
+    without_nc = tmp_path / "partition" / "Test" / "NoNC.xlsx"
+    without_nc.parent.mkdir(parents=True)
+    table[table["NC"] != 1].to_excel(without_nc, index=False)
+    out = tmp_path / "no_nc.csv"
+    images = str(chosen["kit"] / "sicapv2/images")
+    assert main(["predict", evaluated["mlflow_run_id"], images, "--table", str(without_nc), "--out", str(out),
+                 "--tracking-uri", chosen["uri"]]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    [accuracy] = [line for line in printed if line.startswith("balanced accuracy ")]
+    assert accuracy.endswith("; over 3 of 4 classes; NC has no image in the table)")
+    [recall] = [line for line in printed if line.startswith("per-class recall: ")]
+    assert recall.startswith("per-class recall: NC no image, G3 ") and "0.0%" not in recall.split(",")[0]
+    assert "NC" not in set(pd.read_csv(out)["label"])
+
+
+def test_predict_out_must_be_a_writable_file_name(chosen, evaluated, tmp_path, capsys, refuse_model_loading):
+    image = str(next((chosen["kit"] / "sicapv2/images").iterdir()))
+    run = [evaluated["mlflow_run_id"], image, "--tracking-uri", chosen["uri"]]
+    assert main(["predict", *run, "--out", str(tmp_path)]) == 2
+    line = _one_error(capsys.readouterr().err)
+    assert line.endswith(f"--out {tmp_path}: is a folder; give a file name such as {tmp_path / 'predictions.csv'}")
+    (tmp_path / "a_file").write_text("")
+    assert main(["predict", *run, "--out", str(tmp_path / "a_file" / "p.csv")]) == 2
+    assert f"{tmp_path / 'a_file'} is a file, not a folder" in _one_error(capsys.readouterr().err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
+def test_predict_an_empty_folder_is_refused_before_loading(chosen, evaluated, tmp_path, capsys, refuse_model_loading):
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "p.csv"
+    assert main(["predict", evaluated["mlflow_run_id"], str(tmp_path / "empty"), "--out", str(out),
+                 "--tracking-uri", chosen["uri"]]) == 2
+    assert f"no images found in {tmp_path / 'empty'}" in _one_error(capsys.readouterr().err)
+    assert not out.exists()
+
+
+def test_predict_with_no_readable_image_exits_2(chosen, evaluated, tmp_path, capsys):
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    for name in ("a.png", "b.jpg"):
+        (folder / name).write_bytes(b"not an image at all")
+    out = tmp_path / "p.csv"
+    assert main(["predict", evaluated["mlflow_run_id"], str(folder), "--out", str(out), "--tracking-uri", chosen["uri"]]) == 2
+    captured = capsys.readouterr()
+    assert f"none of the 2 images could be read: first {folder / 'a.png'}: " in _one_error(captured.err)
+    assert not out.exists() and "predicted" not in captured.out
+
+
+def test_a_tampered_adapter_is_named_as_the_user_gave_it(chosen, evaluated, tmp_path, capsys):
+    """The adapter is fetched into a temporary folder, gone when the message is read: the message
+    names the run id or the models:/ URI given and the file inside the adapter."""
+    from urllib.parse import urlparse
+
+    client = MlflowClient(chosen["uri"])
+    run_id = evaluated["mlflow_run_id"]
+    logged = client.get_logged_model(evaluated["model_uri"].removeprefix("models:/"))
+    heads = {run_id: Path(urlparse(client.get_run(run_id).info.artifact_uri).path) / "adapter/head.safetensors",
+             MODEL: Path(urlparse(logged.artifact_location).path) / "artifacts/adapter/head.safetensors"}
+    image = str(next((chosen["kit"] / "sicapv2/images").iterdir()))
+    for given, head in heads.items():
+        kept = head.read_bytes()
+        head.write_bytes(kept[:-8])
+        try:
+            code = main(["predict", given, image, "--out", str(tmp_path / "p.csv"), "--tracking-uri", chosen["uri"]])
+        finally:
+            head.write_bytes(kept)
+        line = _one_error(capsys.readouterr().err)
+        assert code == 2 and "hpo_peft_" not in line and str(tmp_path) not in line
+        shown = f"run {given}" if given == run_id else given
+        assert f"{shown}: adapter/head.safetensors: checksum mismatch" in line
+
+
+def test_register_keeps_one_version_per_run_and_best_on_the_better_trial(chosen, evaluated, capsys):
+    from hpo_peft.recovery import RUN_ID_ATTR
+    from hpo_peft.selection import selection_key
+
+    client = MlflowClient(chosen["uri"])
+    ranked = sorted((t for t in chosen["study"].trials if t.state.name == "COMPLETE"), key=selection_key)
+    best, second = (t.user_attrs[RUN_ID_ATTR] for t in ranked[:2])
+    best_version = client.get_model_version_by_alias("demo-chosen", "best")
+    assert best_version.run_id == best
+    evaluate = ["evaluate", str(chosen["path"]), *chosen["options"], "--register", "demo-chosen"]
+    try:
+        for attempt in range(2):  # the same run twice: one version
+            assert main([*evaluate, "--run-id", second]) == 0
+            printed = capsys.readouterr().out
+            notes = [line for line in printed.splitlines() if line.startswith("alias 'best' stays on version")]
+            assert len(notes) == 1 and f"(run {best}, selection score " in notes[0]
+            assert notes[0].endswith("; --force-alias moves it")
+            assert ("registered before: no new version" in printed) == (attempt == 1)
+            assert client.get_model_version_by_alias("demo-chosen", "best").version == best_version.version
+        versions = client.search_model_versions("name = 'demo-chosen'")
+        assert sorted(v.run_id for v in versions) == sorted([best, second])
+
+        assert main([*evaluate, "--run-id", second, "--force-alias", "--json"]) == 0
+        result = json.loads(capsys.readouterr().out)
+        assert result["alias_moved"] is True and result["new_version"] is False
+        assert result["alias_note"].startswith(f"alias 'best' moved by --force-alias to version {result['registered_version']}")
+        assert client.get_model_version_by_alias("demo-chosen", "best").run_id == second
+        assert len(client.search_model_versions("name = 'demo-chosen'")) == 2
+    finally:
+        client.set_registered_model_alias("demo-chosen", "best", best_version.version)
+
+
+def test_a_saved_adapter_has_the_users_umask_modes(demo_workspace, tmp_path):
+    """safetensors writes 0600: an adapter others could not read."""
+    import stat
+
+    from hpo_peft.artifacts import save_adapter
+    from hpo_peft.methods import get_method, method_config
+    from hpo_peft.model import build_classifier
+
+    base = demo_workspace.base
+    classifier = get_method("lora").prepare(build_classifier(base, demo_workspace.prototypes), method_config("lora", {}))
+    previous = os.umask(0o022)
+    try:
+        folder = save_adapter(tmp_path / "adapter", classifier, base, "lora", {}, demo_workspace.config)
+    finally:
+        os.umask(previous)
+    modes = {str(p.relative_to(folder)): stat.S_IMODE(p.stat().st_mode) for p in [folder, *folder.rglob("*")]}
+    assert "peft_adapter/adapter_model.safetensors" in modes and "head.safetensors" in modes
+    assert modes == {name: 0o755 if (folder / name).is_dir() else 0o644 for name in modes}

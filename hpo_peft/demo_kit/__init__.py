@@ -80,10 +80,16 @@ def _is_complete(out: Path) -> bool:
     )
 
 
+def _parts_text() -> str:
+    """The kit's parts as a user reads them: "model/, sicapv2/, open_clip_model/ and kit.json"."""
+    names = [part if part == "kit.json" else f"{part}/" for part in KIT_PARTS]
+    return ", ".join(names[:-1]) + f" and {names[-1]}"
+
+
 def _kit_message(out: Path) -> str:
     return (f"demo kit folder {out} is not empty and holds no demo kit (no valid kit.json); choose a "
             f"new or empty folder, or run 'hpo-peft demo-kit --out {out} --force' to replace only "
-            "its model/, sicapv2/ and kit.json (other files are kept)")
+            f"its {_parts_text()} (other files are kept)")
 
 
 def _is_kit(out: Path) -> bool:
@@ -115,6 +121,22 @@ def _describe(path: Path) -> str:
     return "a file"
 
 
+def _umask_modes(folder: Path) -> None:
+    """Give ``folder`` and all below it the modes a plain write would (0o666 / 0o777 less the
+    umask): safetensors and ``save_pretrained`` write 0600 files, ``mkdtemp`` makes 0700 folders,
+    which would leave the kit unreadable to the other users of a shared machine."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for top, folders, files in os.walk(folder):
+        for name in folders:
+            if not os.path.islink(os.path.join(top, name)):
+                os.chmod(os.path.join(top, name), 0o777 & ~umask)
+        for name in files:
+            if not os.path.islink(os.path.join(top, name)):
+                os.chmod(os.path.join(top, name), 0o666 & ~umask)
+
+
 @contextlib.contextmanager
 def _locked(folder: Path):
     """Exclusive lock on ``folder`` itself (no lock file left behind) while its parts are
@@ -139,8 +161,8 @@ def _write_json(tmp: Path, dest: Path, data: dict) -> None:
 
 
 def _install(tmp: Path, out: Path, meta: dict, force: bool) -> None:
-    """Move the built parts from ``tmp`` into ``out``. Only ``model``, ``sicapv2`` and
-    ``kit.json`` are ever replaced; replaced parts are moved into ``tmp`` (deleted with it)."""
+    """Move the built parts from ``tmp`` into ``out``. Only ``KIT_PARTS`` are ever replaced;
+    replaced parts are moved into ``tmp`` (deleted with it)."""
     out.mkdir(parents=True, exist_ok=True)
     with _locked(out):
         if not force and _is_complete(out):  # a concurrent build finished first: keep it
@@ -166,7 +188,8 @@ def _install(tmp: Path, out: Path, meta: dict, force: bool) -> None:
 
 
 def build_demo_kit(out: Path | str = DEFAULT_DIR, *, force: bool = False, progress: bool | None = None) -> Path:
-    """Build the offline demo kit into ``out`` (``out/sicapv2``, ``out/model``, ``out/kit.json``).
+    """Build the offline demo kit into ``out`` (``KIT_PARTS``: ``out/sicapv2``, ``out/model``,
+    ``out/open_clip_model``, ``out/kit.json``), files and folders with the user's umask's modes.
 
     Idempotent: returns at once when ``out/kit.json`` records the current ``KIT_VERSION``
     (``force=True`` rebuilds). The build happens in a temporary sibling folder whose parts are
@@ -203,6 +226,8 @@ def build_demo_kit(out: Path | str = DEFAULT_DIR, *, force: bool = False, progre
         bacc = tiny_clip.zero_shot_bacc(model, processor.tokenizer, test_pixels, test_labels)
         tiny_clip.save_quietly(model, processor, model_dir, progress)
         tiny_open_clip.save_model(tmp / "open_clip_model")
+        for part in ("sicapv2", "model", "open_clip_model"):
+            _umask_modes(tmp / part)
 
         meta = {
             "kit_version": KIT_VERSION,
