@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from hpo_peft import interrupts
+from hpo_peft import __version__, interrupts
 from hpo_peft.errors import UserError
 from hpo_peft.stores import disk_full
 
@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="hpo-peft",
         description="Find the best way to adapt a CLIP-format vision-language model (PLIP) to a few-shot task.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     kit = commands.add_parser("demo-kit", help="write the offline demo dataset and model")
@@ -45,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_study_options(run)
     run.add_argument("--n-trials", type=int, default=None, help="trials to run in this session (default: search.n_trials)")
     run.add_argument("--timeout", type=float, default=None, help="stop starting new trials after this many seconds")
+    run.add_argument("--budget", default=None, metavar="300e|20m|90s",
+                     help="stop starting new trials once this session's trials trained that many epochs (folds and "
+                          "refits included) or for that long (default: search.budget); search.n_trials then does not apply")
     run.add_argument("--jobs", type=int, default=1, help="worker processes on the same storage (default 1)")
     run.add_argument("--accept-changes", action="store_true",
                      help="continue an existing study although settings that define it changed")
@@ -87,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="a study YAML: its tracking store, base model location, device and precision")
     predict.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     predict.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: the config's, "
-                         "else sqlite:///mlruns/mlflow.db)")
+                         "else $MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db)")
 
     compare = commands.add_parser("compare", help="methods x shots x seeds: select on validation, score on test")
     compare.set_defaults(handler=_compare)
@@ -103,8 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_study_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--study-name", default=None, help="default: the config's name")
-    parser.add_argument("--storage", default=None, help="Optuna storage URL or .journal file (default: mlruns/optuna.journal)")
-    parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite:///mlruns/mlflow.db)")
+    parser.add_argument("--storage", default=None, help="Optuna storage URL or .journal file (default: $OPTUNA_STORAGE, "
+                        "else mlruns/optuna.journal)")
+    parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: the config's tracking.uri, "
+                        "else $MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db)")
 
 
 def _study_options(args: argparse.Namespace) -> dict:
@@ -133,7 +139,7 @@ def _study_run(args: argparse.Namespace) -> None:
     from hpo_peft.commands import run_study_command
 
     run_study_command(args.config, args.overrides, _study_options(args), n_trials=args.n_trials, timeout=args.timeout,
-                      jobs=args.jobs, accept_changes=args.accept_changes)
+                      jobs=args.jobs, accept_changes=args.accept_changes, budget=args.budget)
 
 
 def _study_worker(args: argparse.Namespace) -> None:

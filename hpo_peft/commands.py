@@ -145,15 +145,30 @@ def prepare_study_config(path: Path, overrides: list[str]) -> StudyConfig:
 
 
 def run_study_command(path: Path, overrides: list[str], options: dict, n_trials: int | None, timeout: float | None,
-                      jobs: int = 1, accept_changes: bool = False, total: bool = False) -> None:
+                      jobs: int = 1, accept_changes: bool = False, total: bool = False, budget: str | None = None) -> None:
+    """`budget` (`--budget`, else `search.budget`): the session runs until its trials spent it (or
+    --timeout); `n_trials` then caps it only when given."""
+    from hpo_peft import compute_budget
     from hpo_peft.preflight import check_session
     from hpo_peft.recovery import RUN_ID_ATTR
     from hpo_peft.selection import STANDARD_ERROR_ATTR, select_best
-    from hpo_peft.study import StudyLocation, run_study
+    from hpo_peft.study import StudyLocation, existing_study, run_study
 
     check_session(n_trials, timeout, jobs)
+    compute_budget.parse(budget, "--budget")  # a malformed value: one line naming the flag, before anything loads
     config = prepare_study_config(path, overrides)
+    if budget is not None:
+        config.search.budget = budget
+    spend = compute_budget.parse(config.search.budget)
+    if spend is not None and total:
+        raise UserError("search.budget: `study worker` counts trials (--n-trials is the study's total over all workers), "
+                        "not compute; pass --set search.budget=null, or run the study with `study run --budget`")
+    if spend is not None and n_trials is None:
+        n_trials = compute_budget.NO_TRIAL_LIMIT  # not search.n_trials: the budget ends the session
     where = StudyLocation.of(config, **options)
+    before = set()  # the study's trials before this session, to tell its own apart
+    if spend is not None and (existing := existing_study(where)) is not None:
+        before = {t.number for t in existing.get_trials(deepcopy=False)}
     study = run_study(config, where, n_trials, timeout, jobs, accept_changes, total)
     states = {}
     for trial in study.trials:
@@ -167,6 +182,12 @@ def run_study_command(path: Path, overrides: list[str], options: dict, n_trials:
         print(f"best trial {best.number}: selection score {best.value:.2f}%"
               f"{'' if error is None else f' ± {error:.2f}'}  {best.params}")
     print_ui_links(where, best.user_attrs.get(RUN_ID_ATTR) if best is not None else None)
+    if spend is not None:  # the last line: what this session spent
+        trials = study.get_trials(deepcopy=False)
+        session = compute_budget.launched_here(trials, before)
+        if before and (so_far := compute_budget.study_line(trials)) is not None:
+            print(so_far)
+        print(spend.line(session))
 
 
 def selection_line(score: float, standard_error: float | None) -> str:
@@ -305,7 +326,9 @@ def predict_command(model: str, images: list[str], table: Path | None, out: Path
         raise UserError("IMAGES: give image files, folders or globs, or --table FILE")
     paths = predict.collect_images(images) if table is None else []  # none found: refused before any load
     config = prepare_config(config_path, overrides) if config_path is not None else None
-    tracking_uri = tracking_uri or (config.tracking.uri if config is not None else None)
+    from hpo_peft.stores import default_tracking_uri  # $MLFLOW_TRACKING_URI, else mlruns/mlflow.db
+
+    tracking_uri = tracking_uri or (config.tracking.uri if config is not None else None) or default_tracking_uri()
     label = adapter_label(model)  # errors name the model given, not the temporary download
     with temporary_folder() as tmp:
         folder = fetch_adapter(model, tracking_uri, Path(tmp))
@@ -315,7 +338,9 @@ def predict_command(model: str, images: list[str], table: Path | None, out: Path
             if len(images) > 1:
                 raise UserError("IMAGES: with --table, give at most one folder: the one holding the table's images")
             column = config.data.image_column if config is not None else "image_name"
-            paths, labels = predict.labelled_images(table, Path(images[0]) if images else None, column, metadata["categories"])
+            label_column = config.data.label_column if config is not None else None
+            paths, labels = predict.labelled_images(table, Path(images[0]) if images else None, column,
+                                                    metadata["categories"], label_column)
             if paths and not any(p.is_file() for p in paths):
                 raise UserError(f"--table {table}: none of its {len(paths)} images is in {paths[0].parent}")
         base = load_base_model(config.model if config is not None else predict.base_model_config(metadata))

@@ -9,7 +9,9 @@ Reported per method and shot count: mean and std of test balanced accuracy over 
 per class used, the mean validation - test gap and the selection scores' mean standard error (the
 gap one study's few validation images explain), as CSV tables and a plot, on one MLflow parent
 run. Re-running continues the small studies; one started under other settings stops the
-comparison before anything trains (`check_grid_studies`).
+comparison before anything trains (`check_grid_studies`). In the MLflow UI each trial's run name
+leads with its grid point (`K4 s1 t000 lora ...`), each small study's pick carries `hpo_peft.best`,
+and the printed link opens the comparison's parent run.
 """
 
 from __future__ import annotations
@@ -30,13 +32,15 @@ from hpo_peft.evaluate import evaluate_as_trained, pyplot
 from hpo_peft.methods import get_method
 from hpo_peft.model import load_base_model
 from hpo_peft.recovery import RUN_ID_ATTR
-from hpo_peft.run_record import log_test_result
+from hpo_peft.run_record import RUN_LABEL_ATTR, log_test_result
+from hpo_peft.run_story import TAG_BEST
 from hpo_peft.scoring import evaluate_run
 from hpo_peft.search_space import train_settings
 from hpo_peft.selection import STANDARD_ERROR_ATTR, select_best
 from hpo_peft.study import StudyLocation, create_study, open_storage, optimize
 from hpo_peft.tracking import TAG_KIND, Tracker
 from hpo_peft.trial import Workspace, open_workspace, run_trial
+from hpo_peft.ui_links import print_links, tracker_links
 from hpo_peft.validation import grid_point
 
 FIXED = "fixed defaults"
@@ -61,13 +65,18 @@ def summary_table(rows: pd.DataFrame) -> pd.DataFrame:
 def accuracy_plot(table: pd.DataFrame):
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    spread = bool((table["seeds"] > 1).any())  # one seed: no std to draw or name
     for method, part in table.groupby("method"):
-        ax.errorbar(part["shots"], part["test_bacc_mean"], yerr=part["test_bacc_std"].fillna(0), marker="o", capsize=3, label=method)
+        if spread:
+            ax.errorbar(part["shots"], part["test_bacc_mean"], yerr=part["test_bacc_std"].fillna(0), marker="o",
+                        capsize=3, label=method)
+        else:
+            ax.plot(part["shots"], part["test_bacc_mean"], marker="o", label=method)
     ax.set_xscale("log", base=2)
     ax.set_xticks(sorted(table["shots"].unique()), [str(k) for k in sorted(table["shots"].unique())])
     ax.set_xlabel("shots per class")
     ax.set_ylabel("test balanced accuracy (%)")
-    ax.set_title("mean +- std over sampling seeds")
+    ax.set_title("mean ± std over sampling seeds" if spread else "one sampling seed")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -156,6 +165,8 @@ def run_compare(config: StudyConfig, options: StudyLocation, out: Path) -> pd.Da
                         rows.append({**point, **fixed_defaults(tracker, parent_id, workspace, method, test, name)})
                         continue
                     study = create_study(variant, replace(options, study_name=name))
+                    if study.user_attrs.get(RUN_LABEL_ATTR) is None:  # its trials' run names lead with it
+                        study.set_user_attr(RUN_LABEL_ATTR, f"K{shots} s{seed}")
                     budget = compare.trials_per_method if get_method(method).trains else 1
                     done = sum(t.state.is_finished() for t in study.trials)
                     if done < budget:
@@ -171,8 +182,12 @@ def run_compare(config: StudyConfig, options: StudyLocation, out: Path) -> pd.Da
         raise
     finally:
         if rows:
+            for row in rows:  # one pick per small study (each study's own marking moved the tag off the others)
+                if row["selection"] != FIXED:
+                    tracker.set_tags(row["mlflow_run_id"], {TAG_BEST: "true"})
             _report(tracker, parent_id, pd.DataFrame(rows), out)
         tracker.end_run(parent_id, status)
+    print_links(tracker_links(tracker, parent_id), "comparison run")
     return summary_table(pd.DataFrame(rows))
 
 

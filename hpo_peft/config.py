@@ -21,6 +21,8 @@ from pydantic import (
     model_validator,
 )
 
+from hpo_peft.data_config import FORMAT_DEFAULTS, IMAGE_SUFFIXES, DataConfig  # noqa: F401 (re-exported)
+
 COURSE_TEMPLATES = [
     "a histopathology slide showing [CLS]",
     "histopathology image of [CLS]",
@@ -33,6 +35,9 @@ COURSE_DESCRIPTIONS = {
     "G4": ["cribriform ill-formed fused papillary patterns"],
     "G5": ["isolated nest cells without lumen roseting patterns"],
 }
+# prompts.templates for classes not the course's (each described by its own name unless prompts.descriptions says)
+GENERIC_TEMPLATES = ["a histopathology image of [CLS].", "an H&E stained image showing [CLS].",
+                     "a histology slide showing [CLS].", "pathology tissue showing [CLS].", "a microscopy image of [CLS]."]
 
 
 def describe_validation_errors(error: ValidationError, prefix: str = "") -> list[str]:
@@ -51,64 +56,6 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class DataConfig(Strict):
-    root: Path
-    images_dir: str = "images"
-    train_table: str = "partition/Test/Train.xlsx"
-    test_table: str = "partition/Test/Test.xlsx"
-    image_column: str = "image_name"
-    categories: list[str] = Field(default_factory=lambda: ["NC", "G3", "G4", "G5"], min_length=2)
-    shots: int = Field(16, ge=1)
-    # how trials are validated, within the label budget (see validation.py): `holdout` draws
-    # val_shots more images per class (budget shots + val_shots); `kfold` validates inside the
-    # shots, in `folds` folds (default 4, or shots when fewer; budget shots)
-    validation: Literal["holdout", "kfold"] = "holdout"
-    val_shots: int = Field(16, ge=1)
-    folds: int | None = Field(None, ge=2)
-    refit: bool = False  # holdout only: train the kept adapter again on shots + val_shots for its best epoch
-    # which images a seed draws (data.sample_few_shot): `package`, numpy's generator per class; `course`,
-    # the course notebook's order, so a study's shots are the notebook's for the same seed and K
-    sampler: Literal["package", "course"] = "package"
-    seed: int = 1
-    # an image in both the training and the test table is refused before anything trains, unless
-    # this is set (data.check_overlap); not part of a study's identity (identity.py)
-    allow_overlap: bool = False
-
-    @property
-    def drawn_val_shots(self) -> int:
-        """Validation images drawn beside the shots: none when validating inside them."""
-        return self.val_shots if self.validation == "holdout" else 0
-
-    @property
-    def labels_per_class(self) -> int:
-        return self.shots + self.drawn_val_shots
-
-    @field_validator("categories")
-    @classmethod
-    def _unique(cls, value: list[str]) -> list[str]:
-        if len(set(value)) != len(value):
-            raise ValueError(f"categories must be unique, got {value}")
-        return value
-
-    @model_validator(mode="after")
-    def _validation_fits(self) -> "DataConfig":
-        if self.validation == "kfold" and self.folds is not None and self.folds > self.shots:
-            raise ValueError(f"folds: {self.folds} folds need at least {self.folds} shots per class, got {self.shots}")
-        if self.validation == "kfold" and self.refit:
-            raise ValueError("refit: kfold always refits the kept adapter on all its shots; `refit` is for holdout, remove it")
-        return self
-
-    @property
-    def n_folds(self) -> int:
-        """kfold: the folds used (default 4, or the shots when fewer; 1 means nothing can be held out)."""
-        return min(self.folds or 4, self.shots)
-
-    @property
-    def selects(self) -> bool:
-        """Whether trials can be validated and chosen between: not with kfold on one shot per class."""
-        return self.validation == "holdout" or self.n_folds >= 2
-
-
 class ModelConfig(Strict):
     name_or_path: str = "vinid/plip"
     revision: str | None = None
@@ -116,16 +63,29 @@ class ModelConfig(Strict):
 
 
 class PromptConfig(Strict):
-    templates: list[str] = Field(default_factory=lambda: list(COURSE_TEMPLATES), min_length=1)
-    descriptions: dict[str, list[str]] = Field(default_factory=lambda: dict(COURSE_DESCRIPTIONS))
+    """Unset, both follow the classes (StudyConfig fills them in, `for_classes`)."""
+
+    templates: list[str] | None = Field(None, min_length=1)
+    descriptions: dict[str, list[str]] | None = None
 
     @field_validator("templates")
     @classmethod
-    def _has_placeholder(cls, value: list[str]) -> list[str]:
-        for template in value:
+    def _has_placeholder(cls, value: list[str] | None) -> list[str] | None:
+        for template in value or []:
             if "[CLS]" not in template:
                 raise ValueError(f"template {template!r} has no [CLS] placeholder")
         return value
+
+    def for_classes(self, categories: list[str]) -> "PromptConfig":
+        """Unset templates and descriptions: the course's where a class is one of the course's, else
+        GENERIC_TEMPLATES; then one description list per class, a class left out described by its name."""
+        course = bool(set(categories) & set(COURSE_DESCRIPTIONS))
+        templates = self.templates if self.templates is not None else list(COURSE_TEMPLATES if course else GENERIC_TEMPLATES)
+        given = self.descriptions if self.descriptions is not None else (dict(COURSE_DESCRIPTIONS) if course else {})
+        if extra := [c for c in given if c not in categories]:
+            raise ValueError(f"prompts.descriptions names categories not in data.categories: {extra}" + (
+                "" if self.descriptions is not None else " (the course's, the default for its classes: give prompts.descriptions)"))
+        return PromptConfig(templates=templates, descriptions={c: list(given.get(c, [c])) for c in categories})
 
 
 DEVICE_FORMATS = "auto, cpu, cuda, cuda:N, mps, xpu, xpu:N"
@@ -235,6 +195,26 @@ class SearchConfig(Strict):
     # {parameter: value} named as the space names them (method, learning_rate, lora.rank); the
     # parameters a trial draws that an entry leaves out are sampled as usual
     enqueue: list[dict[str, Any]] = Field(default_factory=list)
+    start: Literal["sampler", "race"] = "sampler"  # race: each method once at its priors first (search_space.py)
+    # a session's compute budget (compute_budget.py): `300e` epochs trained (folds and refits included),
+    # or `20m` / `90s` / `2h` of the trials' own training time; no new trial once its trials spent it
+    budget: str | None = None
+
+    @field_validator("budget", mode="before")
+    @classmethod
+    def _budget_format(cls, value: Any) -> str | None:
+        if value is not None:
+            cls.parse_budget(str(value))  # a malformed one is refused, naming the forms it takes
+        return None if value is None else str(value).strip()
+
+    @staticmethod
+    def parse_budget(text: str) -> tuple[float, str]:
+        """`300e` -> (300.0, "e"): whole epochs, or the trials' training time in s, m or h."""
+        found = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([emsh])\s*", text.lower())
+        if found is None or float(found[1]) <= 0 or (found[2] == "e" and not float(found[1]).is_integer()):
+            raise ValueError(f"expected a number above 0 and a unit: 300e (whole epochs trained), 20m, 90s or 2h "
+                             f"(the trials' training time), got {text!r}")
+        return float(found[1]), found[2]
 
     @field_validator("keep_adapters")
     @classmethod
@@ -334,12 +314,9 @@ class StudyConfig(Strict):
 
     @model_validator(mode="after")
     def _prompts_cover_categories(self) -> "StudyConfig":
-        missing = [c for c in self.data.categories if c not in self.prompts.descriptions]
-        if missing:
-            raise ValueError(f"prompts.descriptions has no entry for categories {missing}")
-        extra = [c for c in self.prompts.descriptions if c not in self.data.categories]
-        if extra:
-            raise ValueError(f"prompts.descriptions names categories not in data.categories: {extra}")
+        resolved = self.prompts.for_classes(self.data.categories)
+        if resolved != self.prompts:  # set without validate_assignment: this validator would run again
+            self.__dict__["prompts"] = resolved
         for method, values in self.method_train.items():
             try:
                 self.train_for(method)

@@ -39,11 +39,10 @@ from torchvision import transforms
 from hpo_peft.config import StudyConfig, TrainConfig
 from hpo_peft.data import (
     Preprocessing,
-    check_files_exist,
     check_overlap,
-    check_root,
-    read_table,
+    reader_for,
     sample_few_shot,
+    where,
 )
 from hpo_peft.errors import UserError
 from hpo_peft.evaluate import Metrics, compute_metrics
@@ -116,7 +115,7 @@ def _open_image(path: Path, source: str) -> Image.Image:
 def load_course_images(rows: pd.DataFrame, image_dir: Path, prep: Preprocessing, table: Path) -> torch.Tensor:
     """(N, 3, H, W) float32: each image decoded and passed through `course_transform`."""
     tensors = [
-        course_transform(_open_image(image_dir / name, f" (row {row} of {table})"), prep)
+        course_transform(_open_image(image_dir / name, where(row, table)), prep)
         for name, row in zip(rows["image_name"], rows["row"])
     ]
     return torch.stack(tensors) if tensors else torch.empty(0, 3, prep.height, prep.width)
@@ -243,17 +242,16 @@ class CourseResult:
 
 
 def course_rows(data) -> tuple:
-    """The course's shots and the whole test table, checked without decoding an image (tables,
-    files, no image in both tables unless `data.allow_overlap`): before any model loads."""
-    check_root(data)
-    image_dir = data.root / data.images_dir
-    train_path, test_path = data.root / data.train_table, data.root / data.test_table
-    table = read_table(train_path, data.image_column, data.categories)
+    """The course's shots and the whole test table, checked without decoding an image (tables or
+    folders, files, no image in both splits unless `data.allow_overlap`): before any model loads."""
+    reader = reader_for(data)
+    reader.check_root()
+    table = reader.rows("train")
     check_overlap(data, table)
-    shots = course_shots(table, data.categories, data.shots, data.seed, train_path)
-    check_files_exist(shots, image_dir, train_path)
-    test_rows = read_table(test_path, data.image_column, data.categories)
-    check_files_exist(test_rows, image_dir, test_path)
+    shots = course_shots(table, data.categories, data.shots, data.seed, reader.source("train"))
+    reader.check_images(shots, "train")
+    test_rows = reader.rows("test")
+    reader.check_images(test_rows, "test")
     return shots, test_rows
 
 
@@ -263,8 +261,8 @@ def run_course_trial(config: StudyConfig, method: str, on_epoch: EpochHook | Non
     sampler, fixed-epoch training as the course does it, then the whole test table."""
     set_seeds(COURSE_SEED)
     data = config.data
-    image_dir = data.root / data.images_dir
-    train_path, test_path = data.root / data.train_table, data.root / data.test_table
+    reader = reader_for(data)
+    image_dir, train_path, test_path = reader.image_dir(), reader.source("train"), reader.source("test")
     shots, test_rows = course_rows(data)
 
     chosen = get_method(method)

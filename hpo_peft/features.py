@@ -46,7 +46,9 @@ class FeatureCache:
 
     def __call__(self, data: LabelledImages) -> torch.Tensor:
         """L2-normalised features (N, D), float32, on the encoder's device."""
-        key = (self.identity, tuple(data.names), self.prep, str(self.amp_dtype))
+        pixels = hashlib.sha256(data.images.contiguous().cpu().numpy().tobytes()).hexdigest()[:16]
+        # names alone may repeat across datasets (an hf split names its images train/0, train/1, ...)
+        key = (self.identity, tuple(data.names), pixels, self.prep, str(self.amp_dtype))
         if key not in _CACHE:
             _CACHE[key] = self._compute(key, data)
         device = next(self.encoder.parameters()).device

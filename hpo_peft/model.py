@@ -60,9 +60,12 @@ class ImageClassifier(nn.Module):
 
 
 def prompt_texts(prompts: PromptConfig, categories: list[str]) -> dict[str, list[str]]:
-    """Every template x description pair, per class."""
+    """Every template x description pair, per class; a class without a description is described by
+    its own name, and unset templates or descriptions are the defaults for these classes
+    (`PromptConfig.for_classes`)."""
+    prompts = prompts.for_classes(categories) if prompts.templates is None or prompts.descriptions is None else prompts
     return {
-        category: [t.replace("[CLS]", d) for d in prompts.descriptions[category] for t in prompts.templates]
+        category: [t.replace("[CLS]", d) for d in prompts.descriptions.get(category, [category]) for t in prompts.templates]
         for category in categories
     }
 

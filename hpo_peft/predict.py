@@ -22,13 +22,13 @@ from tqdm.auto import tqdm
 
 from hpo_peft.artifacts import load_adapter, read_metadata
 from hpo_peft.config import ModelConfig
-from hpo_peft.data import Preprocessing, decode_image, read_table
+from hpo_peft.data import Preprocessing, decode_image, is_csv_text, read_labelled_csv, read_table
 from hpo_peft.errors import UserError
 from hpo_peft.evaluate import predict_logits
 from hpo_peft.model import BaseModel, ImageClassifier, load_base_model
 from hpo_peft.runtime import amp_dtype, resolve_device
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
 DEFAULT_BATCH_SIZE = 64
 
 
@@ -111,13 +111,19 @@ def check_out_file(out: Path) -> None:
 
 
 def labelled_images(table: Path, images_dir: Path | None, image_column: str,
-                    categories: list[str]) -> tuple[list[Path], list[int]]:
-    """The images a SICAPv2-style table names, and their labels (read by `data.read_table`).
-    The images live in `images_dir`, by default the SICAPv2 layout's `ROOT/images` for a table at
-    `ROOT/partition/NAME/TABLE.xlsx`."""
-    rows = read_table(table, image_column, categories)
-    if images_dir is None:
-        images_dir = table.resolve().parents[2] / "images" if len(table.resolve().parents) > 2 else table.parent
+                    categories: list[str], label_column: str | None = None) -> tuple[list[Path], list[int]]:
+    """The images a labelled table names, and their labels. A SICAPv2-style .xlsx table (anything
+    but CSV text; `data.read_table`): its images by default in the SICAPv2 layout's `ROOT/images`
+    for a table at `ROOT/partition/NAME/TABLE.xlsx`. CSV text of class names (`data.read_labelled_csv`:
+    in `label_column`, by default `label` or the one column of class names only): its image paths
+    relative to `images_dir`, by default the table's folder, or absolute."""
+    if not is_csv_text(table):
+        rows = read_table(table, image_column, categories)
+        if images_dir is None:
+            images_dir = table.resolve().parents[2] / "images" if len(table.resolve().parents) > 2 else table.parent
+    else:
+        rows = read_labelled_csv(table, image_column, categories, label_column)
+        images_dir = table.parent if images_dir is None else images_dir
     if not images_dir.is_dir():
         raise UserError(f"{images_dir}: image folder of {table} not found; give it as IMAGES")
     return [images_dir / name for name in rows["image_name"]], [int(v) for v in rows["label"]]

@@ -19,7 +19,7 @@ from hpo_peft.config import (
     StudyConfig,
     describe_validation_errors,
 )
-from hpo_peft.data import few_shot_rows
+from hpo_peft.data import few_shot_rows, reader_for
 from hpo_peft.errors import UserError
 from hpo_peft.methods import get_method, method_config
 from hpo_peft.runtime import resolve_device
@@ -36,6 +36,9 @@ def check_config(config: StudyConfig) -> None:
         get_method(name, key="method_train" if name in config.method_train else "compare.methods")
     for name, values in config.method_train.items():
         _sees_images(name, values, f"method_train.{name}.augment")
+    if config.protocol == "course" and not reader_for(config.data).in_files:
+        raise UserError(f"protocol: course decodes image files as the course's notebook does; data.format "
+                        f"{config.data.format} keeps its images inside the dataset: use protocol: study")
 
 
 def _sees_images(method: str, keys, where: str) -> None:

@@ -201,6 +201,7 @@ def register_model(tracker: Tracker, run_id: str, model_uri: str, name: str, ali
         with using_store(tracker.uri):
             created = client.create_model_version(name, model_uri, run_id=run_id, model_id=model_uri.removeprefix("models:/"))
         version = int(created.version)
+    describe_version(tracker, name, version, run_id)
     try:
         current = client.get_model_version_by_alias(name, alias)
     except MlflowException:
@@ -227,6 +228,17 @@ def register_model(tracker: Tracker, run_id: str, model_uri: str, name: str, ali
                               f"score {_score(old)} {'=' if tie else '>'} {_score(new)}{', validation loss lower' if tie else ''}); "
                               "--force-alias moves it")
     return result
+
+
+def describe_version(tracker: Tracker, name: str, version: int, run_id: str) -> None:
+    """The version's description (the registry's page): its study and run, the selection and test
+    scores, and the label budget (`run_story.version_description`)."""
+    from hpo_peft.run_story import version_description
+    from hpo_peft.tracking import TAG_STUDY
+
+    run = tracker.client.get_run(run_id)
+    text = version_description(run.data.tags.get(TAG_STUDY), run.info.run_name, run_id, run.data.metrics, run.data.params)
+    tracker.client.update_model_version(name, str(version), description=text)
 
 
 def _selection_key(tracker: Tracker, run_id: str) -> tuple[float, float] | None:
@@ -269,7 +281,12 @@ def fetch_adapter(model: str, tracking_uri: str | None, destination: Path) -> Pa
         with using_store(tracker.uri):
             local = mlflow.artifacts.download_artifacts(artifact_uri=model, dst_path=str(destination))
     except (MlflowException, OSError) as err:
-        raise UserError(f"MODEL: {model} not found in {redact(tracker.uri)} ({' '.join(str(err).split())[:300]})") from None
+        from mlflow.environment_variables import MLFLOW_REGISTRY_URI
+
+        where = redact(tracker.uri)
+        if model.startswith("models:/") and (registry := MLFLOW_REGISTRY_URI.get()):  # MLflow reads it too
+            where += f" (model registry {redact(registry)}, from MLFLOW_REGISTRY_URI)"
+        raise UserError(f"MODEL: {model} not found in {where} ({' '.join(str(err).split())[:300]})") from None
     return _adapter_in(Path(local), model)
 
 

@@ -9,7 +9,10 @@ becomes its run's state:
 | Ctrl-C / SIGTERM    | FAIL         | KILLED     | `fail_reason` "interrupted (...)"          |
 
 Each run is named and described for the MLflow UI as it ends (run_story.py), and carries its
-dataset inputs; the study's best trial carries `hpo_peft.best=true`, moved as better ones appear.
+dataset inputs; the study's best trial carries `hpo_peft.best=true`, moved as better ones appear,
+and every completed trial its place in the selection, `selection_rank` (1 = the pick, whose name
+leads with a mark), kept up to date as trials complete (`sync_ranks`). A pruned trial's run says
+why in its description and the tag `hpo_peft.pruned_because` (`run_story.prune_reason`).
 """
 
 from __future__ import annotations
@@ -27,8 +30,8 @@ from hpo_peft.artifacts import save_adapter
 from hpo_peft.data import LabelledImages
 from hpo_peft.evaluate import Metrics, confusion_figure
 from hpo_peft.recovery import RUN_ID_ATTR
-from hpo_peft.run_story import OBJECTIVE, OBJECTIVE_SE, display_value
-from hpo_peft.selection import STANDARD_ERROR_ATTR, select_best
+from hpo_peft.run_story import OBJECTIVE, OBJECTIVE_SE, RANK, TAG_PRUNED_BECAUSE, display_value
+from hpo_peft.selection import STANDARD_ERROR_ATTR, ranks, select_best
 from hpo_peft.tracking import (
     TAG_BEST_RUN,
     TAG_KIND,
@@ -39,10 +42,12 @@ from hpo_peft.tracking import (
     temporary_folder,
 )
 from hpo_peft.trial import TrialOutcome, Workspace
+from hpo_peft.validation import SCORE_RADIUS
 
 TAG_SESSION = "hpo_peft.session"
 
 FAIL_REASON_ATTR = "fail_reason"
+RUN_LABEL_ATTR = "hpo_peft.run_label"  # a study's user attr: leads its trials' run names (compare's `K4 s1`)
 
 
 class Pruned(optuna.TrialPruned):
@@ -54,24 +59,26 @@ class Pruned(optuna.TrialPruned):
 @contextmanager
 def trial_run(tracker: Tracker, trial: optuna.Trial, parent_id: str, study_name: str, params: dict):
     """Open the trial's child run; close it with the state its outcome maps to (table above)."""
-    run_id, method, sampled = None, str(params.get("method")), dict(trial.params)
+    run_id, method, sampled, label = None, str(params.get("method")), dict(trial.params), run_label(trial)
 
     def tell(state: str, note: str, pruned_at: str | None = None) -> None:
-        name = story.trial_name(trial.number, method, sampled, state, pruned_at=pruned_at)
+        name = story.trial_name(trial.number, method, sampled, state, pruned_at=pruned_at, label=label)
         tracker.describe(run_id, name, story.trial_description(params, state, note=note))
 
     try:
         with interrupts.deferred():  # a run is never created without its id recorded on the trial
             run_id = tracker.start_trial(parent_id, study_name, trial.number, params)
             trial.set_user_attr(RUN_ID_ATTR, run_id)
-            tracker.describe(run_id, story.trial_name(trial.number, method, sampled, "RUNNING"))
+            tracker.describe(run_id, story.trial_name(trial.number, method, sampled, "RUNNING", label=label))
         yield run_id  # a signal held back above is raised here, inside the try
     except optuna.TrialPruned as err:
-        at = None
+        at, note = None, str(err)
         if isinstance(err, Pruned):
             tracker.log_metrics(run_id, {"pruned_at_epoch": err.epoch})
-            at = str(err.epoch)
-        tell("PRUNED", str(err), at)
+            at, reason = str(err.epoch), why_pruned(trial, err.epoch)
+            tracker.set_tags(run_id, {TAG_PRUNED_BECAUSE: reason})
+            note = reason if reason.startswith("pruned by") else f"{err}: {reason}"
+        tell("PRUNED", note, at)
         tracker.end_run(run_id, "FINISHED", state="PRUNED")
         raise
     except KeyboardInterrupt as err:
@@ -92,6 +99,35 @@ def trial_run(tracker: Tracker, trial: optuna.Trial, parent_id: str, study_name:
         raise
     with interrupts.deferred():
         tracker.end_run(run_id, "FINISHED", state="COMPLETE")
+
+
+def run_label(trial: optuna.Trial) -> str | None:
+    try:
+        return trial.study.user_attrs.get(RUN_LABEL_ATTR)
+    except AttributeError:  # a trial without its study (tests' fakes)
+        return None
+
+
+def why_pruned(trial: optuna.Trial, epoch: int) -> str:
+    """`run_story.prune_reason` for this trial, from its study's trials as the pruner saw them."""
+    try:
+        study = trial.study
+        trials = study.get_trials(deepcopy=False)
+        mine = next(t for t in trials if t.number == trial.number)
+        completed = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+        maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
+        return story.prune_reason(study.pruner, completed, dict(mine.intermediate_values), epoch, maximize)
+    except Exception:  # only words: a prune stays a prune
+        return f"pruned at epoch {epoch}"
+
+
+def name_objective(study: optuna.Study) -> None:
+    """Optuna's dashboard and plots name the objective `objective_val_balanced_accuracy`, as MLflow
+    does (once per study: a journal keeps every write)."""
+    if study.metric_names is None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([OBJECTIVE])
 
 
 def dataset_frame(images: LabelledImages, categories: list[str]):
@@ -126,9 +162,10 @@ def log_outcome(tracker: Tracker, run_id: str, outcome: TrialOutcome, workspace:
         "wall_time_s": outcome.seconds,
         **{f"final_val_recall_{c}": r for c, r in val.per_class_recall.items()},
     })
-    tracker.log_figure(run_id, confusion_figure(val, "validation"), "validation_confusion_matrix.png")
+    tracker.log_figure(run_id, validation_confusion(outcome), "validation_confusion_matrix.png")
     history = outcome.mean_history() if outcome.folds else outcome.training.history
-    name = story.trial_name(trial.number, outcome.method, dict(trial.params), "COMPLETE", objective) if trial else None
+    name = story.trial_name(trial.number, outcome.method, dict(trial.params), "COMPLETE", objective,
+                            label=run_label(trial)) if trial else None
     if history:
         title = f"{name or outcome.method}" + (" (mean over folds)" if outcome.folds else "")
         tracker.log_figure(run_id, story.learning_curve_figure(history, outcome.selected_epoch, title), "learning_curve.png")
@@ -149,6 +186,24 @@ def log_outcome(tracker: Tracker, run_id: str, outcome: TrialOutcome, workspace:
         )
         tracker.log_adapter(run_id, folder)
     return objective
+
+
+def validation_confusion(outcome: TrialOutcome):
+    """The validation confusion matrix, titled with the epoch whose cells it draws apart from the
+    score (a window of epochs around it; kfold: the folds' cells summed)."""
+    val, epoch = outcome.validation, outcome.selected_epoch
+    figure = confusion_figure(val, "validation")
+    validated = len(outcome.training.validations) if outcome.training is not None else 0
+    if outcome.folds:
+        title = story.confusion_title("validation", val.confusion, val.balanced_accuracy, folds=len(outcome.folds))
+    elif epoch and validated:
+        window = (max(1, epoch - SCORE_RADIUS), min(validated, epoch + SCORE_RADIUS))
+        title = story.confusion_title("validation", val.confusion, val.balanced_accuracy, epoch, window)
+    else:  # zero-shot: one score, no epoch
+        title = story.confusion_title("validation", val.confusion, val.balanced_accuracy)
+    figure.axes[0].set_title(title, fontsize=9)
+    figure.tight_layout()
+    return figure
 
 
 def log_test_result(tracker: Tracker, run_id: str, metrics: Metrics, test: LabelledImages | None = None,
@@ -190,8 +245,13 @@ def best_marker(tracker: Tracker, parent_id: str):
     its run and the session parent records it. Two workers whose trials finish together may each
     look for the tag before the other sets it; so after moving it, a worker looks at the study
     again and moves it on to a better trial finished meanwhile (whose own worker, having looked
-    before, could not take it off ours): the tag ends on the best trial alone either way."""
+    before, could not take it off ours): the tag ends on the best trial alone either way. After
+    every completed trial, the runs' `selection_rank` and the pick's name mark follow (`sync_ranks`)."""
     def mark(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if trial.state == optuna.trial.TrialState.COMPLETE:
+            with interrupts.deferred():
+                name_objective(study)  # once; a study made before it was named too
+                sync_ranks(tracker, study)
         best = select_best(study.get_trials(deepcopy=False))
         if best is None or best.number != trial.number or RUN_ID_ATTR not in best.user_attrs:
             return
@@ -202,6 +262,28 @@ def best_marker(tracker: Tracker, parent_id: str):
                 tracker.move_best(now.user_attrs[RUN_ID_ATTR])
 
     return mark
+
+
+def sync_ranks(tracker: Tracker, study: optuna.Study) -> None:
+    """`selection_rank` on every completed trial's run, where it changed, and the pick's mark on its
+    run name alone. Logged at step = the number of completed trials, so that a worker that looked
+    earlier cannot overwrite a newer rank (the UI shows the latest step's value); a worker whose
+    view went stale meanwhile (another trial completed) looks again, as `best_marker` does."""
+    trials = study.get_trials(deepcopy=False)
+    for _ in range(3):
+        places = ranks(trials)
+        rank_of = {t.user_attrs[RUN_ID_ATTR]: places.get(t.number) for t in trials if RUN_ID_ATTR in t.user_attrs}
+        runs = tracker.runs_where(f"tags.`{TAG_STUDY}` = '{study.study_name}' and tags.`{TAG_KIND}` = 'trial'")
+        for run in runs:
+            run_id, rank = run.info.run_id, rank_of.get(run.info.run_id)
+            if rank is not None and run.data.metrics.get(RANK) != rank:
+                tracker.log_metrics(run_id, {RANK: rank}, step=len(places))
+            name = story.marked(run.info.run_name or "", rank == 1)
+            if name and name != run.info.run_name:
+                tracker.describe(run_id, name)
+        trials = study.get_trials(deepcopy=False)
+        if len(ranks(trials)) == len(places):
+            return
 
 
 def mark_best(tracker: Tracker, parent_id: str, best: optuna.trial.FrozenTrial) -> None:
@@ -246,6 +328,8 @@ def summarize(tracker: Tracker, parent_id: str, study: optuna.Study, figures: bo
         "n_pruned": sum(t.state == optuna.trial.TrialState.PRUNED for t in trials),
         "n_failed": sum(t.state == optuna.trial.TrialState.FAIL for t in trials),
     })
+    if completed:
+        sync_ranks(tracker, study)  # trials other workers or sessions completed, and the pick's mark
     if config is not None:
         close_session(tracker, parent_id, study, config)
     if not completed:
@@ -256,11 +340,17 @@ def summarize(tracker: Tracker, parent_id: str, study: optuna.Study, figures: bo
         mark_best(tracker, parent_id, best)
     if not figures:
         return
+    tracker.log_figure(parent_id, story.history_figure(trials), "optimization_history.png")
     plotters = {
-        "optimization_history.png": plots.plot_optimization_history,
         "param_importances.png": plots.plot_param_importances,
         "parallel_coordinate.png": plots.plot_parallel_coordinate,
     }
+    if (note := story.importance_note(trials)) is not None:  # ranks from a handful of trials are noise
+        del plotters["param_importances.png"]
+        tracker.set_tags(parent_id, {"hpo_peft.skipped.param_importances.png": note})
+        text = tracker.get_run(parent_id).data.tags.get("mlflow.note.content", "")
+        if note not in text:
+            tracker.describe(parent_id, note=f"{text}\n\n{note}".strip())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for path, plot in plotters.items():

@@ -6,20 +6,27 @@ Names (set when a run ends; `trial_name`, `session_name`):
 | run                   | name                                  |
 |-----------------------|---------------------------------------|
 | completed trial       | `t043 lora r1 lr1.1e-2: 81.3`         |
+| the study's pick      | `★ t043 lora r1 lr1.1e-2: 81.3` (the mark moves with the best, `run_record.sync_ranks`) |
 | pruned trial          | `t031 zs_linear_probe pruned@9` (older kfold runs: `pruned@fold2`) |
 | failed / interrupted  | `t012 full FAILED` / `t012 full KILLED` |
 | session parent        | `demo session 2: t006-t007`           |
+| `compare`'s trials    | the grid point first: `K4 s1 t000 lora r1 lr1.1e-2: 81.3` |
 
 Full precision stays in the JSON artifacts (`validation_metrics.json`, `test_metrics.json`).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 OBJECTIVE = "objective_val_balanced_accuracy"  # on every completed trial == Optuna's value; on the parent: the best
 OBJECTIVE_SE = "objective_standard_error"  # its binomial standard error from the validation images (evaluate.py)
 TAG_BEST = "hpo_peft.best"  # "true" on the study's best trial run only; it moves when a better one appears
+RANK = "selection_rank"  # every completed trial's place in the selection (selection.ranks), 1 = the pick
+BEST_MARK = "★ "  # leads the pick's run name
+TAG_PRUNED_BECAUSE = "hpo_peft.pruned_because"  # a pruned trial's run: why (`prune_reason`)
+MIN_COMPLETE_FOR_IMPORTANCE = 8  # and 2 per searched parameter (`importance_note`)
 TEST_HEADING = "### Evaluated on the test split"
 SIGNIFICANT = 6  # digits kept in logged metrics (57.49999999999999 -> 57.5)
 
@@ -65,15 +72,23 @@ def trial_label(number: int, method: str, sampled: dict[str, Any]) -> str:
 
 
 def trial_name(number: int, method: str, sampled: dict[str, Any], state: str, value: float | None = None,
-               pruned_at: str | None = None) -> str:
-    """state: Optuna's COMPLETE / PRUNED / FAIL / RUNNING, or MLflow's KILLED."""
+               pruned_at: str | None = None, label: str | None = None) -> str:
+    """state: Optuna's COMPLETE / PRUNED / FAIL / RUNNING, or MLflow's KILLED; `label` leads (compare's
+    grid point, `K4 s1`)."""
+    lead = f"{label} " if label else ""
     if state == "COMPLETE":
-        return f"{trial_label(number, method, sampled)}: {value:.1f}"
+        return f"{lead}{trial_label(number, method, sampled)}: {value:.1f}"
     if state == "PRUNED":
-        return f"t{number:03d} {method} pruned@{pruned_at}" if pruned_at else f"t{number:03d} {method} pruned"
+        return f"{lead}t{number:03d} {method} pruned" + (f"@{pruned_at}" if pruned_at else "")
     if state in ("FAIL", "FAILED", "KILLED"):
-        return f"t{number:03d} {method} {'KILLED' if state == 'KILLED' else 'FAILED'}"
-    return trial_label(number, method, sampled)
+        return f"{lead}t{number:03d} {method} {'KILLED' if state == 'KILLED' else 'FAILED'}"
+    return lead + trial_label(number, method, sampled)
+
+
+def marked(name: str, best: bool) -> str:
+    """The run name with the pick's mark in front, or without it."""
+    bare = name.removeprefix(BEST_MARK)
+    return BEST_MARK + bare if best else bare
 
 
 def session_name(study: str, session: int, numbers: list[int] | None = None) -> str:
@@ -213,3 +228,135 @@ def learning_curve_figure(history: list, selected_epoch: int | None, title: str)
     figure.suptitle(title)
     figure.tight_layout()
     return figure
+
+
+def history_figure(trials: list):
+    """The optimisation history: each completed trial's score with its standard-error bar, each
+    pruned trial's last reported value (drawn apart: a different quantity, one epoch's), the best so
+    far and the pick (the selection's order, tie-breaks included)."""
+    import matplotlib
+    from optuna.trial import TrialState
+
+    from hpo_peft.selection import STANDARD_ERROR_ATTR, select_best, selection_key
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    completed = sorted((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: t.number)
+    pruned = [t for t in trials if t.state == TrialState.PRUNED and t.intermediate_values]
+    failed = sum(t.state == TrialState.FAIL for t in trials)
+    figure, axes = plt.subplots(figsize=(11, 6))
+    if completed:
+        errors = [t.user_attrs.get(STANDARD_ERROR_ATTR, math.nan) for t in completed]
+        axes.errorbar([t.number for t in completed], [t.value for t in completed], yerr=errors, fmt="o",
+                      color="tab:blue", ecolor="tab:blue", elinewidth=1, capsize=3, alpha=0.8,
+                      label=f"completed ({len(completed)}): {OBJECTIVE} ± standard error")
+        best, steps = None, []
+        for trial in completed:
+            best = trial if best is None or selection_key(trial) < selection_key(best) else best
+            steps.append(best.value)
+        axes.step([t.number for t in completed], steps, where="post", color="tab:red", label="best so far")
+        pick = select_best(completed)
+        axes.plot([pick.number], [pick.value], marker="*", markersize=16, color="gold", markeredgecolor="black",
+                  linestyle="none", label=f"the pick: trial {pick.number}")
+    if pruned:
+        last = [t.intermediate_values[max(t.intermediate_values)] for t in pruned]
+        axes.scatter([t.number for t in pruned], last, marker="x", color="tab:gray",
+                     label=f"pruned ({len(pruned)}): last reported epoch's val_balanced_accuracy")
+    axes.set_xlabel("trial")
+    axes.set_ylabel(f"{OBJECTIVE} (%)")
+    axes.set_title(f"Optimisation history: {len(completed)} completed, {len(pruned)} pruned, {failed} failed")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8, loc="best")
+    figure.tight_layout()
+    return figure
+
+
+def importance_note(trials: list) -> str | None:
+    """Why the parameter importances are left out (too few completed trials to rank parameters by:
+    fewer than MIN_COMPLETE_FOR_IMPORTANCE or 2 per searched parameter), or None."""
+    from optuna.trial import TrialState
+
+    completed = [t for t in trials if t.state == TrialState.COMPLETE]
+    searched = {name for t in completed for name in t.params}
+    need = max(MIN_COMPLETE_FOR_IMPORTANCE, 2 * len(searched))
+    if len(completed) >= need:
+        return None
+    return (f"**Parameter importances** are left out: {len(completed)} completed trials for {len(searched)} searched "
+            f"parameters; they need at least {need} (2 per parameter, and {MIN_COMPLETE_FOR_IMPORTANCE} or more) "
+            "to say more than noise.")
+
+
+def _ordinal(q: float) -> str:
+    text = f"{q:g}"
+    if "." in text or text.endswith(("11", "12", "13")) or text[-1] not in "123":
+        return f"{text}th"
+    return text + {"1": "st", "2": "nd", "3": "rd"}[text[-1]]
+
+
+def prune_reason(pruner, completed: list, values: dict[int, float], epoch: int, maximize: bool = True) -> str:
+    """Why the pruner stopped a trial at `epoch`, recomputed as Optuna decides it: a percentile (or
+    median) pruner compares the trial's best value so far with that percentile of the completed
+    trials' values at the same epoch, a threshold pruner the epoch's value with its bounds; for
+    other pruners, which pruned it."""
+    import numpy as np
+    from optuna.pruners import PercentilePruner, ThresholdPruner
+
+    name = type(pruner).__name__
+    plain = f"pruned by {name} at epoch {epoch}"
+    try:
+        if isinstance(pruner, PercentilePruner):
+            theirs = [t.intermediate_values[epoch] for t in completed if epoch in t.intermediate_values]
+            if not theirs or np.isnan(theirs).all():
+                return plain
+            q = 100.0 - pruner._percentile if maximize else pruner._percentile
+            bar = float(np.nanpercentile(theirs, q))
+            mine = float(np.nanmax(list(values.values())) if maximize else np.nanmin(list(values.values())))
+            which = "median" if q == 50 else f"{_ordinal(q)} percentile"
+            return (f"{mine:.1f} {'<' if maximize else '>'} {which} {bar:.1f} at epoch {epoch} (its best so far vs "
+                    f"{len(theirs)} completed trial{'s' if len(theirs) != 1 else ''}; {name})")
+        if isinstance(pruner, ThresholdPruner) and epoch in values:
+            value, lower, upper = values[epoch], pruner._lower, pruner._upper
+            if value < lower:
+                return f"{value:.1f} < lower bound {lower:g} at epoch {epoch} ({name})"
+            if value > upper:
+                return f"{value:.1f} > upper bound {upper:g} at epoch {epoch} ({name})"
+    except (AttributeError, TypeError, ValueError):  # another Optuna's internals: say only who pruned
+        return plain
+    return plain
+
+
+def confusion_title(split: str, confusion: list[list[int]], score: float, epoch: int | None = None,
+                    window: tuple[int, int] | None = None, folds: int = 0) -> str:
+    """A confusion matrix's title: the epoch whose cells it draws, with their balanced accuracy,
+    apart from the score, which averages a window of epochs (validation.score_window)."""
+    rows = [(row[i], sum(row)) for i, row in enumerate(confusion) if sum(row)]
+    cells = 100.0 * sum(right / n for right, n in rows) / len(rows) if rows else math.nan
+    if folds:
+        return (f"{split}: {folds} folds' cells summed, each at its scored epoch ({cells:.1f}%)\n"
+                f"score {score:.1f}%: mean over folds, each of its epoch window")
+    if epoch is None:
+        return f"{split}\nbalanced accuracy {score:.1f}%"
+    first, last = window or (epoch, epoch)
+    span = f"epoch {epoch} alone" if first == last else f"mean of epochs {first}-{last}"
+    return f"{split}: cells of epoch {epoch}, balanced accuracy {cells:.1f}%\nscore {score:.1f}% ({span})"
+
+
+def version_description(study: str | None, run_name: str, run_id: str, metrics: dict, params: dict) -> str:
+    """A registered model version's description: where it comes from, its selection and test
+    scores, and the label budget it was chosen within."""
+    def score(key: str, error: str) -> str:
+        if key not in metrics:
+            return "not recorded"
+        return f"{metrics[key]:.2f}" + (f" ± {metrics[error]:.2f}" if error in metrics else "")
+
+    validation = params.get("data.validation")
+    budget = (f"{params['labels_per_class']} labels per class" if "labels_per_class" in params else "not recorded") + (
+        f", validation `{validation}`" if validation else "") + (", refit on all labels" if params.get("data.refit") == "True" else "")
+    return "\n".join([
+        f"hpo-peft adapter from study `{study or 'unknown'}`, run `{run_name}` ({run_id}); method `{params.get('method', '?')}`.",
+        "",
+        f"- **Selection score** (`{OBJECTIVE}`, validation balanced accuracy %): {score(OBJECTIVE, OBJECTIVE_SE)}",
+        f"- **Test balanced accuracy** (%): {score('test_balanced_accuracy', 'test_standard_error')}",
+        f"- **Label budget**: {budget}",
+    ])

@@ -63,6 +63,48 @@ def available_devices() -> list[str]:
     return names
 
 
+GPU_ENV = "CUDA_VISIBLE_DEVICES"
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use, as CUDA_VISIBLE_DEVICES names them: its entries where it is
+    set (indices, UUIDs or MIG ids; CUDA stops at the first negative one), else 0..N-1 for the N
+    GPUs torch counts (through NVML where it can: counting does not start CUDA)."""
+    listed = os.environ.get(GPU_ENV)
+    if listed is None:
+        return [str(i) for i in range(torch.cuda.device_count())]
+    entries = []
+    for entry in (e.strip() for e in listed.split(",")):
+        if not entry or entry.startswith("-"):
+            break
+        entries.append(entry)
+    return entries
+
+
+def worker_gpus(jobs: int, devices: set[str], visible: list[str] | None = None) -> list[str | None]:
+    """CUDA_VISIBLE_DEVICES for each of `jobs` worker processes on one machine: worker i sees GPU
+    i mod G of the G visible ones, as its only device. None (the parent's own list) where the config
+    pins a device (`train.device: cuda:N` is used as named, by every worker) or there is no GPU.
+    `devices`: the `train.device` values the config uses (`train`'s and `method_train`'s)."""
+    if any(":" in device for device in devices) or not devices & {"auto", "cuda"}:
+        return [None] * jobs
+    visible = visible_gpus() if visible is None else visible
+    if not visible:
+        return [None] * jobs
+    return [visible[i % len(visible)] for i in range(jobs)]
+
+
+def spread_workers(jobs: int, config) -> list[str | None]:
+    """`worker_gpus` for a study config's devices (`train`'s and `method_train`'s), said in one line
+    where workers get GPUs."""
+    devices = {config.train.device, *(str(t["device"]) for t in config.method_train.values() if "device" in t)}
+    gpus = worker_gpus(jobs, devices)
+    if any(gpus):
+        print(f"the workers' GPUs ({GPU_ENV}): " + ", ".join(f"worker {i} on {gpu}" for i, gpu in enumerate(gpus)),
+              flush=True)
+    return gpus
+
+
 def resolve_device(name: str = "auto") -> torch.device:
     """`auto`: CUDA, else MPS, else CPU. A named device must exist here (UserError otherwise)."""
     if name == "auto":

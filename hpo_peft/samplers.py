@@ -19,6 +19,7 @@ from optuna.samplers import BaseSampler
 
 from hpo_peft.config import StudyConfig
 from hpo_peft.errors import UserError
+from hpo_peft.search_space import epochs_bound
 
 SAMPLERS = {
     "tpe": "TPESampler",
@@ -104,4 +105,11 @@ def make_sampler(config: StudyConfig) -> BaseSampler:
 
 
 def make_pruner(config: StudyConfig) -> optuna.pruners.BasePruner:
-    return _build(PRUNERS, optuna.pruners, config.search.pruner, "search.pruner")
+    """The epoch is the step every pruner sees. Hyperband's resource is epochs too: `max_resource`,
+    unless given, is the most epochs a trial of the space can train (Optuna's `auto` would wait for
+    a first complete trial, which early stopping may end well short of it); `min_resource` keeps
+    Optuna's 1 (rungs at epochs 1, 3, 9, ... for reduction_factor 3) unless given."""
+    spec = dict(config.search.pruner)
+    if PRUNERS.get(spec["name"], spec["name"]) == "HyperbandPruner" and "max_resource" not in spec:
+        spec["max_resource"] = max(epochs_bound(config), int(spec.get("min_resource", 1)))
+    return _build(PRUNERS, optuna.pruners, spec, "search.pruner")

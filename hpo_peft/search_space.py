@@ -14,6 +14,7 @@ own space does not name; a shared key is only drawn for methods without a defaul
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,7 @@ from hpo_peft.config import (
     StudyConfig,
     TrainConfig,
 )
+from hpo_peft import identity
 from hpo_peft.errors import UserError
 from hpo_peft.methods import get_method, method_config
 
@@ -55,15 +57,20 @@ def suggest(trial: optuna.Trial, name: str, spec: Any) -> Any:
     return spec
 
 
+def shared_space(config: StudyConfig, method: str) -> dict[str, Any]:
+    """The shared `search.params` keys a trial of `method` draws: none for a method that trains
+    nothing, no `augment` for one on frozen features, none the method's defaults or own space set."""
+    own, defaults = config.search.methods.get(method, {}), config.method_train.get(method, {})
+    shared = {} if not get_method(method).trains else config.search.params  # nothing to train: nothing to draw
+    unused = {"method"} | (set() if get_method(method).trains_encoder else {"augment"})  # frozen features: no images
+    return {key: spec for key, spec in shared.items() if key not in unused and key not in defaults and key not in own}
+
+
 def sample_plan(trial: optuna.Trial, config: StudyConfig) -> TrialPlan:
     search = config.search
     method = suggest(trial, "method", search.params.get("method", config.method.name))
     own = search.methods.get(method, {})
-    defaults = config.method_train.get(method, {})
-    shared = {} if not get_method(method).trains else search.params  # nothing to train: nothing to draw
-    unused = {"method"} | (set() if get_method(method).trains_encoder else {"augment"})  # frozen features: no images
-    train_values = {key: suggest(trial, key, spec) for key, spec in shared.items()
-                    if key not in unused and key not in defaults and key not in own}
+    train_values = {key: suggest(trial, key, spec) for key, spec in shared_space(config, method).items()}
     options = dict(config.methods.get(method, {}))
     for key, spec in own.items():
         value = suggest(trial, f"{method}.{key}", spec)
@@ -79,6 +86,77 @@ def train_settings(config: StudyConfig, method: str, **values: Any) -> TrainConf
     (black-box adapters, zero-shot): they never see an image, so their runs record none."""
     train = config.train_for(method, **values)
     return train if get_method(method).trains_encoder else train.model_copy(update={"augment": "none"})
+
+
+# a PEFT method's prior settings (the encoder trains): the course's Adam, 1e-3, 20 epochs, batch 32
+COURSE_PEFT = {"optimizer": "adam", "learning_rate": 1e-3, "max_epochs": 20, "batch_size": 32, "weight_decay": 0.0}
+
+
+def methods_drawn(config: StudyConfig) -> list[str]:
+    spec = config.search.params.get("method", config.method.name)
+    return list(spec.choices) if isinstance(spec, Choices) else [spec]
+
+
+def clip(spec: Any, value: Any) -> Any:
+    """`value` made one the space can draw: into a Range (the nearest bound; on its step grid, an
+    integer for an integer range), or for Choices the listed value nearest it (numbers), else the first."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(spec, Range):
+        value = min(max(value if number else spec.low, spec.low), spec.high)
+        if spec.step:
+            steps = min(round((value - spec.low) / spec.step), int((spec.high - spec.low) / spec.step + 1e-9))
+            value = round(spec.low + steps * spec.step, 12)  # on the grid, without float residue
+        return int(round(value)) if spec.is_int else float(value)
+    if isinstance(spec, Choices):
+        if any(value == c and type(value) is type(c) for c in spec.choices):
+            return value
+        numbers = [c for c in spec.choices if isinstance(c, (int, float)) and not isinstance(c, bool)]
+        return min(numbers, key=lambda c: abs(c - value)) if number and numbers else spec.choices[0]
+    return spec
+
+
+def prior_entry(config: StudyConfig, method: str) -> dict[str, Any]:
+    """One trial of `method` at its prior settings, named as the space names them and clipped into
+    it: a PEFT method the course's (COURSE_PEFT) unless `method_train` sets them, a black-box
+    adapter its `method_train` defaults over `train`, method options as `methods.<name>` (else the
+    method's defaults, e.g. LoRA rank 4, B zeros). Only what the space draws: a fixed key is no parameter."""
+    prior = config.train_for(method).model_dump()
+    if get_method(method).trains_encoder:  # PEFT: the course's settings, but for those method_train sets
+        prior |= {key: value for key, value in COURSE_PEFT.items() if key not in config.method_train.get(method, {})}
+    options = method_config(method, config.methods.get(method, {})).model_dump()
+    drawn = {key: (spec, prior[key]) for key, spec in shared_space(config, method).items()}
+    for key, spec in config.search.methods.get(method, {}).items():
+        drawn[f"{method}.{key}"] = (spec, prior[key] if key in SEARCHABLE_TRAIN_KEYS else options.get(key))
+    entry = {"method": method} if isinstance(config.search.params.get("method"), Choices) else {}
+    searched = {name: (spec, value) for name, (spec, value) in drawn.items() if isinstance(spec, (Choices, Range))}
+    return entry | {name: clip(spec, value) for name, (spec, value) in searched.items()}
+
+
+def race_entries(config: StudyConfig) -> list[dict[str, Any]]:
+    """`search.start: race`: one trial per method the space draws at its prior settings (prior_entry),
+    but for methods a `search.enqueue` entry already starts."""
+    started = {entry.get("method") for entry in config.search.enqueue}
+    return [prior_entry(config, method) for method in methods_drawn(config) if method not in started]
+
+
+def first_trials(config: StudyConfig) -> list[dict[str, Any]]:
+    """What a new study runs before its sampler: `search.enqueue`, then (`start: race`) the race."""
+    return [*config.search.enqueue, *(race_entries(config) if config.search.start == "race" else [])]
+
+
+def epochs_bound(config: StudyConfig) -> int:
+    """The most epochs a trial of this space can train (a method's own space, else its defaults,
+    else the shared space, else `train`): a pruner's maximum resource."""
+    def highest(spec: Any) -> int:
+        values = spec.choices if isinstance(spec, Choices) else [spec.high] if isinstance(spec, Range) else [spec]
+        return max(int(v) for v in values)
+
+    bounds = []
+    for method in methods_drawn(config):
+        own, shared = config.search.methods.get(method, {}), shared_space(config, method)
+        spec = own.get("max_epochs", shared.get("max_epochs", config.train_for(method).max_epochs))
+        bounds.append(highest(spec) if get_method(method).trains else 0)
+    return max([1, *bounds])
 
 
 def distributions(config: StudyConfig) -> dict[str, tuple[str, optuna.distributions.BaseDistribution]]:
@@ -121,3 +199,20 @@ def check_space(study: optuna.Study, config: StudyConfig, study_name: str) -> No
                 raise UserError(f"{key}: study {study_name!r} drew it from {then}, the config now from {now}; "
                                 f"Optuna cannot continue a study whose choices change, even with --accept-changes: "
                                 f"start a new study with --study-name {study_name}-2") from None
+
+
+def check_settings(study: optuna.Study, config: StudyConfig, study_name: str, accept_changes: bool = False) -> None:
+    """The study was started with these settings (or `accept_changes` says the user means to change them)."""
+    current, recorded = identity.fingerprint(config), study.user_attrs.get(identity.FINGERPRINT_ATTR)
+    if recorded is None:
+        return
+    if (differ := identity.differences(recorded, current)) and accept_changes:
+        print(f"continuing study {study_name!r} with changed settings: {', '.join(differ)}", file=sys.stderr)
+    elif differ:
+        first = differ[0]
+        raise UserError(
+            f"study {study_name!r} was started with other settings: {', '.join(differ[:6])}"
+            f"{f' and {len(differ) - 6} more' if len(differ) > 6 else ''} differ (e.g. {first}: "
+            f"{recorded.get(first, 'unset')} then, {current.get(first, 'unset')} now); continue it with its "
+            f"own settings, start a new study with --study-name {study_name}-2, or pass --accept-changes"
+        )

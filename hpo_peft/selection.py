@@ -38,6 +38,13 @@ def select_best(trials: Iterable[FrozenTrial]) -> FrozenTrial | None:
     return min(completed, key=selection_key) if completed else None
 
 
+def ranks(trials: Iterable[FrozenTrial]) -> dict[int, int]:
+    """Trial number -> its place in the selection, 1 being `select_best`'s pick: every completed
+    trial, in the same order, tie-breaks included (the run table sorts by it)."""
+    completed = sorted((t for t in trials if t.state == TrialState.COMPLETE), key=selection_key)
+    return {t.number: place for place, t in enumerate(completed, start=1)}
+
+
 def corrected_score(trials: Iterable[FrozenTrial], best: FrozenTrial) -> float | None:
     """kfold: `best`'s score less the winner's-curse bias estimated over the completed trials scored
     on the same folds; None without fold scores (holdout) or with fewer than two such trials."""

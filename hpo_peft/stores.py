@@ -1,7 +1,8 @@
 """Where studies and runs are kept, and opening those stores safely.
 
 Defaults (documented in the README): Optuna's journal file `mlruns/optuna.journal` and MLflow's
-SQLite store `mlruns/mlflow.db` (artifacts in `mlruns/artifacts/`), relative to the working folder.
+SQLite store `mlruns/mlflow.db` (artifacts in `mlruns/artifacts/`), relative to the working folder;
+`OPTUNA_STORAGE` and `MLFLOW_TRACKING_URI` replace them where they are set.
 
 - Several processes may start at once on an empty folder: creating a SQLite store (MLflow's schema
   migrations, Optuna's tables) happens under a file lock beside it, so they never race.
@@ -35,12 +36,25 @@ PROBE_TRIES = 3
 PROBE_TIMEOUT = 3.0  # seconds per try
 
 
+# The ecosystem's own variables, read wherever no flag (or, for MLflow, config) value is given:
+# flag > config (`tracking.uri`) > environment > the defaults here. MLflow's clients read
+# MLFLOW_REGISTRY_URI themselves (the registry is the tracking store unless it is set).
+TRACKING_ENV = "MLFLOW_TRACKING_URI"
+STORAGE_ENV = "OPTUNA_STORAGE"
+
+
 def default_journal() -> Path:
     return DEFAULT_DIR / "optuna.journal"
 
 
+def default_storage() -> str | None:
+    """`OPTUNA_STORAGE` where it is set; None means the default journal file."""
+    return os.environ.get(STORAGE_ENV) or None
+
+
 def default_tracking_uri() -> str:
-    return "sqlite:///" + str((DEFAULT_DIR / "mlflow.db").resolve())
+    """`MLFLOW_TRACKING_URI` where it is set, else the SQLite store `mlruns/mlflow.db`."""
+    return os.environ.get(TRACKING_ENV) or "sqlite:///" + str((DEFAULT_DIR / "mlflow.db").resolve())
 
 
 def journal_path(url: str | None) -> Path | None:

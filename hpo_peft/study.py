@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import optuna
 
-from hpo_peft import budget, identity, interrupts, preflight, retention, stores
+from hpo_peft import budget, compute_budget, identity, interrupts, preflight, retention, stores
 from hpo_peft.config import StudyConfig
 from hpo_peft.errors import UserError
 from hpo_peft.recovery import (
@@ -27,15 +27,16 @@ from hpo_peft.recovery import (
 from hpo_peft.run_record import (
     Pruned,
     best_marker,
+    name_objective,
     log_outcome,
     open_session,
     summarize,
     trial_run,
 )
 from hpo_peft.run_story import defining_params
-from hpo_peft.runtime import worker_identity
+from hpo_peft.runtime import GPU_ENV, spread_workers, worker_identity
 from hpo_peft.samplers import make_pruner, make_sampler
-from hpo_peft.search_space import check_space, sample_plan
+from hpo_peft.search_space import check_settings, check_space, first_trials, sample_plan
 from hpo_peft.selection import (
     FOLD_SCORES_ATTR,
     STANDARD_ERROR_ATTR,
@@ -51,11 +52,16 @@ from hpo_peft.trial import Workspace, open_workspace, run_trial
 
 @dataclass
 class StudyLocation:
-    """Where a study lives: every command takes the same options with the same defaults."""
+    """Where a study lives, the same for every command: each store the flag's, else the config's, else
+    the environment's (`OPTUNA_STORAGE`, `MLFLOW_TRACKING_URI`), else (None) the default in `mlruns/`."""
 
     study_name: str
     storage: str | None = None
     tracking_uri: str | None = None
+
+    def __post_init__(self) -> None:
+        self.storage = self.storage or stores.default_storage()
+        self.tracking_uri = self.tracking_uri or os.environ.get(stores.TRACKING_ENV) or None
 
     @classmethod
     def of(cls, config: StudyConfig, study_name: str | None, storage: str | None, tracking_uri: str | None) -> "StudyLocation":
@@ -112,30 +118,14 @@ def create_study(config: StudyConfig, options: StudyLocation, storage=None, acce
     except KeyError:
         study = optuna.create_study(study_name=options.study_name, storage=storage, sampler=sampler, pruner=pruner,
                                     direction="maximize", load_if_exists=True)
-        for params in config.search.enqueue:  # a new study's first trials (workers starting together: once)
+        for params in first_trials(config):  # enqueue, then the race (workers starting together: once)
             study.enqueue_trial(params, skip_if_exists=True)
+        name_objective(study)  # Optuna's dashboard names the objective
     if study.user_attrs.get(identity.FINGERPRINT_ATTR) is None:
         study.set_user_attr(identity.FINGERPRINT_ATTR, identity.fingerprint(config))
     else:
         check_settings(study, config, options.study_name, accept_changes)
     return study
-
-
-def check_settings(study: optuna.Study, config: StudyConfig, study_name: str, accept_changes: bool = False) -> None:
-    """The study was started with these settings (or `accept_changes` says the user means to change them)."""
-    current, recorded = identity.fingerprint(config), study.user_attrs.get(identity.FINGERPRINT_ATTR)
-    if recorded is None:
-        return
-    if (differ := identity.differences(recorded, current)) and accept_changes:
-        print(f"continuing study {study_name!r} with changed settings: {', '.join(differ)}", file=sys.stderr)
-    elif differ:
-        first = differ[0]
-        raise UserError(
-            f"study {study_name!r} was started with other settings: {', '.join(differ[:6])}"
-            f"{f' and {len(differ) - 6} more' if len(differ) > 6 else ''} differ (e.g. {first}: "
-            f"{recorded.get(first, 'unset')} then, {current.get(first, 'unset')} now); continue it with its "
-            f"own settings, start a new study with --study-name {study_name}-2, or pass --accept-changes"
-        )
 
 
 def load_study(options: StudyLocation) -> optuna.Study:
@@ -175,8 +165,10 @@ def make_objective(workspace: Workspace, config: StudyConfig, tracker: Tracker, 
                 run_id = opened.enter_context(trial_run(tracker, trial, parent_id, study_name, params))
             # a stop held back above is raised here, and trial_run closes the run as KILLED
             heartbeat.attach(trial, run_id)
+            spending = compute_budget.TrialSpending(parent_id, workspace.plan.scheme)  # epochs and seconds trained
 
             def on_epoch(metrics: EpochMetrics) -> None:
+                spending.saw(metrics)  # before pruning: a pruned trial counts the epochs it ran
                 fold = metrics.fold  # kfold: each fold's epoch, then (None) the folds' mean
                 prefix = "" if fold is None else f"fold{fold + 1}."
                 tracker.log_metrics(run_id, {
@@ -194,6 +186,7 @@ def make_objective(workspace: Workspace, config: StudyConfig, tracker: Tracker, 
             try:
                 outcome = run_trial(workspace, plan.method, plan.method_options, plan.train, on_epoch,
                                     progress=sys.stderr.isatty())  # an epoch bar in a terminal, none in logs
+                spending.record(trial, tracker, run_id, outcome)  # with its refit's epochs
                 value = log_outcome(tracker, run_id, outcome, workspace, trial, params)
                 trial.set_user_attr(VAL_LOSS_ATTR, outcome.validation.loss)  # tie-breakers (selection.py)
                 trial.set_user_attr(TRAINABLE_ATTR, outcome.trainable_parameters)
@@ -207,6 +200,7 @@ def make_objective(workspace: Workspace, config: StudyConfig, tracker: Tracker, 
                     trial.study.stop()
                 raise
             finally:
+                spending.record(trial, tracker, run_id, quiet=True)  # pruned, failed, stopped: what it ran
                 heartbeat.attach(None, None)
         return value  # the objective as logged on the run (rounded for display)
 
@@ -234,7 +228,8 @@ def optimize(study: optuna.Study, workspace: Workspace, tracker: Tracker, parent
             catch=(Exception,),  # a failing trial is recorded as FAIL and the study goes on
             show_progress_bar=False,  # Optuna logs one line per trial instead
             callbacks=[best_marker(tracker, parent_id),  # the best tag moves as better trials appear
-                       retention.callback(tracker, config.search.keep_adapters)],  # adapters that fit on a disk
+                       retention.callback(tracker, config.search.keep_adapters),  # adapters that fit on a disk
+                       *compute_budget.callbacks(config.search.budget, parent_id)],  # no new trial once spent
         )
     if full:
         raise full[0]
@@ -272,7 +267,8 @@ def run_study(config: StudyConfig, options: StudyLocation, n_trials: int | None,
     try:  # the parent run is closed on every path from here on
         with interrupts.deferred():
             parent_id = tracker.start_parent(options.study_name, {"hpo_peft.storage": str(options.storage or "default"),
-                                                                  "hpo_peft.jobs": str(jobs)})
+                                                                  "hpo_peft.jobs": str(jobs),  # the data's path: logged, never compared
+                                                                  "hpo_peft.data_root": str(config.data.root.resolve())})
         tracker.log_dict(parent_id, config.model_dump(mode="json"), "config.json")
         monitor = open_session(tracker, parent_id, options.study_name, workspace)
         with Heartbeat(tracker, parent_id, config.search.heartbeat_interval):
@@ -339,7 +335,9 @@ def work_through_budget(study: optuna.Study, workspace: Workspace, tracker: Trac
         time.sleep(max(1.0, min(search.heartbeat_interval, 10.0)))  # running trials fill the budget; one may die
 
 
-def _worker(config_json: str, options: StudyLocation, parent_id: str, n_trials: int, timeout: float | None) -> None:
+def _worker(config_json: str, options: StudyLocation, parent_id: str, n_trials: int, timeout: float | None,
+            gpu: str | None = None) -> None:
+    os.environ.update({GPU_ENV: gpu} if gpu else {})  # first: CUDA reads it once, when it starts (not yet)
     interrupts.exit_with_parent()  # a worker never outlives its parent, however the parent ended
     with interrupts.handled():
         config = StudyConfig.model_validate_json(config_json)
@@ -359,13 +357,14 @@ def run_workers(config: StudyConfig, options: StudyLocation, parent_id: str, n_t
                 timeout: float | None, jobs: int) -> None:
     """`jobs` worker processes on the same storage, splitting the trials between them. Whatever
     stops the parent stops them: the signal it got is passed on (Ctrl-C stays Ctrl-C on their
-    trials), and a dead parent is noticed (SIGTERM, `interrupts.exit_with_parent`)."""
+    trials), and a dead parent is noticed (SIGTERM, `interrupts.exit_with_parent`). Worker i of G GPUs sees GPU i mod G."""
     import multiprocessing
 
     context = multiprocessing.get_context("spawn")  # no forked torch/MLflow state
     shares = [n_trials // jobs + (i < n_trials % jobs) for i in range(jobs)]
+    gpus = spread_workers(min(jobs, n_trials), config)  # runtime.worker_gpus, said in one line
     workers = [
-        context.Process(target=_worker, args=(config.model_dump_json(), options, parent_id, share, timeout),
+        context.Process(target=_worker, args=(config.model_dump_json(), options, parent_id, share, timeout, gpus[i]),
                         name=f"hpo-peft-worker-{i}")
         for i, share in enumerate(shares) if share
     ]

@@ -2,7 +2,8 @@
 child run per trial, per-epoch metrics, figures, adapters, test results, the model registry.
 
 Default store (documented in the README): MLflow 3's SQLite backend at `mlruns/mlflow.db`, with
-artifacts under `mlruns/artifacts/` (see `stores`). Open it with
+artifacts under `mlruns/artifacts/` (see `stores`), or `MLFLOW_TRACKING_URI` where it is set and
+no `--tracking-uri` or `tracking.uri` is given. Open it with
 `mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db`.
 Works through `MlflowClient` with explicit run ids, so several workers never share a global
 "active run".
@@ -332,8 +333,11 @@ class Tracker:
 
     @_whole
     def move_best(self, run_id: str) -> None:
-        """`hpo_peft.best=true` on this run and on no other run of the experiment."""
-        for run in self.runs_where(f"tags.`{TAG_BEST}` = 'true'"):
+        """`hpo_peft.best=true` on this run and on no other run of its study (compare keeps several
+        studies in one experiment: one best each)."""
+        study = self.client.get_run(run_id).data.tags.get(TAG_STUDY)
+        scope = f" and tags.`{TAG_STUDY}` = '{study}'" if study else ""
+        for run in self.runs_where(f"tags.`{TAG_BEST}` = 'true'{scope}"):
             if run.info.run_id != run_id:
                 _same_key_race(lambda: self.client.delete_tag(run.info.run_id, TAG_BEST))
         _same_key_race(lambda: self.client.log_batch(run_id, tags=[RunTag(TAG_BEST, "true")]))

@@ -94,3 +94,42 @@ def test_a_value_listed_twice_is_refused_before_anything_is_written(write_config
     assert len(lines) == 1 and lines[0].startswith(f"hpo-peft: error: {config}: invalid config: {key}: "), lines
     assert f"{key}: {value} is listed more than once" in lines[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == [config.name]  # no journal, no MLflow store, no results
+
+
+def test_the_accuracy_plot_claims_no_spread_from_one_seed():
+    import math
+
+    import matplotlib.pyplot as plt
+
+    from hpo_peft.compare import accuracy_plot
+
+    table = pd.DataFrame({"method": ["lora", "lora"], "shots": [2, 4], "test_bacc_mean": [50.0, 60.0],
+                          "test_bacc_std": [math.nan, math.nan], "seeds": [1, 1]})
+    figure = accuracy_plot(table)
+    assert figure.axes[0].get_title() == "one sampling seed" and not figure.axes[0].containers  # no error bars
+    plt.close(figure)
+    figure = accuracy_plot(table.assign(seeds=2, test_bacc_std=1.0))
+    assert "± std" in figure.axes[0].get_title() and figure.axes[0].containers
+    plt.close(figure)
+
+
+def test_compare_names_runs_by_grid_point_marks_each_studys_pick_and_links_its_parent(write_config, tmp_path, capsys):
+    import re
+
+    config = write_config(search={"params": {"max_epochs": 2}})
+    store = "sqlite:///" + str(tmp_path / "mlflow.db")
+    assert main(["compare", str(config), "--shots", "2", "--seeds", "1", "--methods", "zero_shot", "bias",
+                 "--trials-per-method", "2", "--study-name", "cmp", "--storage", str(tmp_path / "o.journal"),
+                 "--tracking-uri", store, "--out", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    client = MlflowClient(store)
+    experiment_id = client.get_experiment_by_name("cmp-compare").experiment_id
+    runs = client.search_runs([experiment_id], max_results=100)
+    (parent,) = [r for r in runs if r.data.tags.get("hpo_peft.run_kind") == "compare"]
+    assert (f"comparison run: http://127.0.0.1:5000/#/experiments/{experiment_id}/runs/{parent.info.run_id}"
+            "?workflowType=machine_learning") in printed
+    trials = [r for r in runs if r.data.tags.get("hpo_peft.run_kind") == "trial"]
+    assert len(trials) == 3 and all(re.match(r"^(★ )?K2 s1 t\d{3} (zero_shot|bias)", r.info.run_name) for r in trials)
+    picks = [r for r in runs if r.data.tags.get("hpo_peft.best") == "true"]
+    assert sorted(r.data.tags["hpo_peft.study"] for r in picks) == ["cmp-compare-k2-s1-bias", "cmp-compare-k2-s1-zero_shot"]
+    assert all(r.info.run_name.startswith("★ K2 s1 ") for r in picks)

@@ -70,7 +70,6 @@ def test_a_torn_journal_is_mended_under_its_lock_before_the_next_append(cheap):
     assert best.returncode == 0, best.stderr[-3000:]
     study, _ = assert_consistent(where)
     assert len(study.trials) == 3 and "RUNNING" not in {t.state.name for t in study.trials}
-    assert hpo("study", "run", str(config), "--n-trials", "1", *options).returncode == 0  # and it stays readable
 
 
 @pytest.fixture
@@ -92,8 +91,8 @@ def test_a_full_disk_stops_the_session_in_one_line_and_the_next_session_resumes(
     first = hpo("study", "run", str(config), cwd=small_disk)
     assert first.returncode == 0, first.stderr[-3000:]
     filler = small_disk / "filler"
-    with open(filler, "wb") as handle:  # all but 16 KB
-        handle.write(b"\0" * (shutil.disk_usage(small_disk).free - 16 * 1024))
+    with pytest.raises(OSError, match="No space left"), open(filler, "wb") as handle:  # every byte, whatever
+        handle.write(b"\0" * (shutil.disk_usage(small_disk).free + 1024 * 1024))  # the next write is refused
 
     full = hpo("study", "run", str(config), "--n-trials", "3", cwd=small_disk)
     assert full.returncode == 2
@@ -211,3 +210,26 @@ def test_reading_commands_read_a_read_only_store_and_a_late_worker_opens_no_run(
     predicted = in_read_only(folder / "mlruns", [*cli, "predict", run_id, str(image), "--out", str(out)], folder)
     assert predicted.returncode == 0, predicted.stderr[-3000:]
     assert len(out.read_text().splitlines()) == 2
+
+
+def test_a_full_disk_inside_a_trial_stops_the_session_after_it(cheap, monkeypatch):
+    """ENOSPC injected where a trial writes its adapter: that trial fails, no further trial starts,
+    the session's one line names the disk, and every run is closed."""
+    import errno
+
+    from hpo_peft.commands import prepare_study_config
+    from hpo_peft.errors import UserError
+    from hpo_peft.study import run_study
+    from hpo_peft.tracking import Tracker
+
+    config, where, _ = cheap
+
+    def full(self, run_id, folder):
+        raise OSError(errno.ENOSPC, "No space left on device", str(folder))
+
+    monkeypatch.setattr(Tracker, "log_adapter", full)
+    with pytest.raises(UserError, match=r"disk full \(.*: No space left on device\): the session stopped"):
+        run_study(prepare_study_config(config, []), where, n_trials=3, timeout=None)
+    study, runs = assert_consistent(where)
+    assert [t.state.name for t in study.trials] == ["FAIL"]
+    assert sorted(r.info.status for r in runs) == ["FAILED", "FAILED"]  # the trial's run and the session's

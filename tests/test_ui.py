@@ -14,7 +14,9 @@ from mlflow import MlflowClient
 from hpo_peft.cli import main
 from hpo_peft.recovery import RUN_ID_ATTR
 from hpo_peft.run_story import (
+    BEST_MARK,
     OBJECTIVE,
+    RANK,
     TAG_BEST,
     display_value,
     session_name,
@@ -87,7 +89,7 @@ def test_trial_runs_are_named_by_number_method_settings_and_score(story):
     states = {t.state for t, _ in pairs}
     assert {optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED} <= states
     for trial, run in pairs:
-        name = run.info.run_name
+        name = run.info.run_name.removeprefix(BEST_MARK)  # the pick's mark: test_the_pick_is_marked_...
         if trial.state == optuna.trial.TrialState.COMPLETE:
             number, method, score = COMPLETE.match(name).groups()
             assert score == f"{trial.value:.1f}" and method == trial.params["method"]
@@ -245,7 +247,8 @@ def test_commands_print_the_run_table_sorted_by_the_objective_and_the_best_run(s
     best_id = select_best(story["study"].trials).user_attrs[RUN_ID_ATTR]
     table = run_table_url("http://127.0.0.1:5000", experiment_id)
     assert table in story["run_out"] and run_url("http://127.0.0.1:5000", experiment_id, best_id) in story["run_out"]
-    assert "workflowType=machine_learning" in table and "orderByKey=metrics.%60" + OBJECTIVE + "%60" in table
+    assert "workflowType=machine_learning" in table and "orderByKey=metrics.%60" + RANK + "%60" in table
+    assert "orderByAsc=true" in table  # rank 1, the pick, first
     assert f"mlflow ui --backend-store-uri {story['store']}" in story["run_out"]
     assert story["evaluate"]["mlflow_ui"]["run_table"] == table
 
@@ -265,13 +268,16 @@ def test_the_browser_lists_the_trials_by_name_in_objective_order(story):
         stop_ui(process)
     assert (story["tmp"] / "run_table.png").stat().st_size > 10_000
     complete = optuna.trial.TrialState.COMPLETE  # (a pruned trial keeps its last reported value: no objective)
-    value_of = {r.info.run_name: t.value if t.state == complete else None for t, r in trials_and_runs(story)}
+    value_of = {r.info.run_name.removeprefix(BEST_MARK): t.value if t.state == complete else None
+                for t, r in trials_and_runs(story)}  # (the names read from the page start at `t0`)
     shown_trials = [n for n in shown if n in value_of]
     assert sorted(shown_trials) == sorted(value_of)  # every trial, by its new name
     values = [value_of[n] for n in shown_trials]
     completed = [v for v in values if v is not None]
     assert values[:len(completed)] == completed  # pruned trials (no objective) last
     assert completed == sorted(completed, reverse=True)  # best first
+    pick = story["runs"][select_best(story["study"].trials).user_attrs[RUN_ID_ATTR]].info.run_name
+    assert pick == BEST_MARK + shown[0]  # the marked winner is the table's first row, ties broken as selected
 
 
 def test_workers_writing_the_same_tag_at_once_do_not_fail(tmp_path, monkeypatch):
@@ -310,3 +316,130 @@ def test_workers_writing_the_same_tag_at_once_do_not_fail(tmp_path, monkeypatch)
     tracker.move_best(second)
     tags = {run_id: MlflowClient(tracker.uri).get_run(run_id).data.tags.get(TAG_BEST) for run_id in (first, second)}
     assert tags == {first: None, second: "true"}
+
+
+# the search shown (issue #28): ranks, the pick's mark, the history, why trials were pruned --------
+def test_every_completed_trial_carries_its_rank_and_the_pick_alone_is_marked(story):
+    from hpo_peft.selection import ranks
+
+    study, complete = story["study"], optuna.trial.TrialState.COMPLETE
+    places = ranks(study.trials)
+    assert sorted(places.values()) == list(range(1, len(places) + 1)) and places[select_best(study.trials).number] == 1
+    for trial, run in trials_and_runs(story):
+        assert run.info.run_name.startswith(BEST_MARK) == (places.get(trial.number) == 1)
+        if trial.state != complete:
+            assert RANK not in run.data.metrics
+            continue
+        assert run.data.metrics[RANK] == places[trial.number]
+    first = min((t for t in study.trials if t.state == complete), key=lambda t: t.number)
+    history = story["client"].get_metric_history(first.user_attrs[RUN_ID_ATTR], RANK)  # kept up to date
+    assert min(history, key=lambda m: m.step).value == 1 and max(history, key=lambda m: m.step).value == places[first.number]
+    assert study.metric_names == [OBJECTIVE]  # Optuna's dashboard names the objective as MLflow does
+
+
+def test_the_optimisation_history_shows_pruned_trials_and_standard_errors(story):
+    import matplotlib.pyplot as plt
+    from matplotlib.container import ErrorbarContainer
+
+    from hpo_peft.run_story import history_figure
+
+    trials = story["study"].trials
+    completed = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    pruned = [t for t in trials if t.state == optuna.trial.TrialState.PRUNED]
+    figure = history_figure(trials)
+    axes = figure.axes[0]
+    (bars,) = [c for c in axes.containers if isinstance(c, ErrorbarContainer)]
+    points, _, (errors,) = bars.lines
+    assert list(points.get_xdata()) == [t.number for t in completed] and list(points.get_ydata()) == [t.value for t in completed]
+    spans = [y for low, high in errors.get_segments() for y in (low[1], high[1])]
+    expected = [t.value + sign * t.user_attrs["standard_error"] for t in completed for sign in (-1, 1)]
+    assert spans == pytest.approx(expected)
+    (crosses,) = [c for c in axes.collections if c.get_label().startswith("pruned")]
+    last = [xy for t in pruned for xy in (t.number, t.intermediate_values[max(t.intermediate_values)])]
+    assert list(crosses.get_offsets().ravel()) == pytest.approx(last)
+    plt.close(figure)
+
+
+def test_a_pruned_run_says_why_and_is_named_pruned(story):
+    """The percentile pruner (90: keep the top 90 %) compared the trial's best value so far with
+    the 10th percentile of the completed trials' values at that epoch: one worker, so those are the
+    trials numbered before it."""
+    import numpy as np
+
+    from hpo_peft.run_story import TAG_PRUNED_BECAUSE
+
+    why = re.compile(r"^(\d+\.\d) < 10th percentile (\d+\.\d) at epoch (\d+) "
+                     r"\(its best so far vs (\d+) completed trials?; PercentilePruner\)$")
+    trials = story["study"].trials
+    for trial, run in trials_and_runs(story):
+        if trial.state != optuna.trial.TrialState.PRUNED:
+            assert TAG_PRUNED_BECAUSE not in run.data.tags
+            continue
+        reason = run.data.tags[TAG_PRUNED_BECAUSE]
+        mine, bar, epoch, n = why.match(reason).groups()
+        before = [t.intermediate_values[int(epoch)] for t in trials if t.number < trial.number
+                  and t.state == optuna.trial.TrialState.COMPLETE and int(epoch) in t.intermediate_values]
+        assert int(n) == len(before) and bar == f"{np.percentile(before, 10):.1f}"
+        assert mine == f"{max(trial.intermediate_values.values()):.1f}" and int(epoch) == max(trial.intermediate_values)
+        assert f"pruned at epoch {epoch}: {reason}" in run.data.tags["mlflow.note.content"]
+        assert run.info.run_name.endswith(f" pruned@{epoch}") and run.info.status == "FINISHED"
+        assert run.data.tags["hpo_peft.trial_state"] == "PRUNED"
+
+
+def test_prune_reasons_name_the_comparison_each_pruner_made():
+    from optuna.pruners import HyperbandPruner, MedianPruner, ThresholdPruner
+    from optuna.trial import TrialState, create_trial
+
+    from hpo_peft.run_story import prune_reason
+
+    others = [create_trial(state=TrialState.COMPLETE, value=70.0, intermediate_values={6: v}) for v in (60.0, 64.1, 70.0)]
+    assert prune_reason(MedianPruner(), others, {5: 62.5, 6: 61.0}, 6) == \
+        "62.5 < median 64.1 at epoch 6 (its best so far vs 3 completed trials; MedianPruner)"
+    assert prune_reason(ThresholdPruner(lower=101.0), [], {1: 50.0}, 1) == "50.0 < lower bound 101 at epoch 1 (ThresholdPruner)"
+    assert prune_reason(HyperbandPruner(), others, {6: 1.0}, 6) == "pruned by HyperbandPruner at epoch 6"
+
+
+def test_the_confusion_matrix_title_names_its_epoch_apart_from_the_window_score():
+    """The score averages the selected epoch and its neighbours; the cells are the epoch's own."""
+    from types import SimpleNamespace
+
+    import matplotlib.pyplot as plt
+
+    from hpo_peft.evaluate import Metrics
+    from hpo_peft.run_record import validation_confusion
+    from hpo_peft.validation import score_window
+
+    def epoch(right: int) -> Metrics:  # two classes of 8 images; `right` of the first one predicted right
+        return Metrics(balanced_accuracy=(right / 8 + 1) / 2 * 100, loss=1.0,
+                       per_class_recall={"a": right / 8 * 100, "b": 100.0}, confusion=[[right, 8 - right], [0, 8]],
+                       categories=["a", "b"])
+
+    validations = [epoch(4), epoch(6), epoch(6)]  # 75.0, 87.5, 87.5: the window's mean 83.3
+    outcome = SimpleNamespace(validation=score_window(validations, 2), selected_epoch=2, folds=[],
+                              training=SimpleNamespace(validations=validations))
+    figure = validation_confusion(outcome)
+    assert figure.axes[0].get_title() == "validation: cells of epoch 2, balanced accuracy 87.5%\nscore 83.3% (mean of epochs 1-3)"
+    plt.close(figure)
+
+
+def test_a_small_study_says_why_it_shows_no_parameter_importances(story):
+    parent = session_parent(story)
+    assert "**Parameter importances** are left out: " in parent.data.tags["mlflow.note.content"]
+    files = {a.path for a in story["client"].list_artifacts(parent.info.run_id)}
+    assert "param_importances.png" not in files and "optimization_history.png" in files
+
+
+def test_a_registered_version_describes_its_study_scores_and_label_budget(story):
+    from hpo_peft.pyfunc_model import register_model
+    from hpo_peft.tracking import Tracker
+
+    evaluated = story["evaluate"]
+    run_id = evaluated["mlflow_run_id"]
+    tracker = Tracker(story["store"], experiment="s", create=False)
+    version = register_model(tracker, run_id, evaluated["model_uri"], "story-model")["version"]
+    text = story["client"].get_model_version("story-model", str(version)).description
+    params = story["client"].get_run(run_id).data.params
+    assert "study `s`" in text and run_id in text
+    assert f"{evaluated['val_balanced_accuracy']:.2f} ± {evaluated['val_balanced_accuracy_se']:.2f}" in text
+    assert f"{evaluated['balanced_accuracy']:.2f} ± {evaluated['standard_error']:.2f}" in text
+    assert f"{params['labels_per_class']} labels per class, validation `holdout`" in text

@@ -1,0 +1,185 @@
+"""How a study spends and starts: a compute budget (`--budget 300e | 20m`, search.budget), the
+method race (`search.start: race`), and Hyperband on epochs. Cheap trials: a head on cached features."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+from conftest import demo_config_dict
+from mlflow import MlflowClient
+
+from hpo_peft import compute_budget
+from hpo_peft.cli import main
+from hpo_peft.commands import prepare_study_config
+from hpo_peft.config import Choices, Range, StudyConfig
+from hpo_peft.recovery import RUN_ID_ATTR
+from hpo_peft.samplers import make_pruner
+from hpo_peft.search_space import clip, race_entries
+from hpo_peft.study import StudyLocation, create_study, load_study, run_study
+from hpo_peft.train import EpochMetrics
+
+HEAD = {  # zs_linear_probe: a head on cached features, a second a trial; every trial trains 2 epochs
+    "n_trials": 4,
+    "sampler": {"name": "random"},
+    "pruner": {"name": "none"},
+    "params": {"method": "zs_linear_probe", "learning_rate": {"low": 0.0001, "high": 0.1, "log": True},
+               "max_epochs": 2, "patience": None},
+    "heartbeat_interval": 1.0,
+}
+
+
+@pytest.fixture
+def where(tmp_path):
+    return StudyLocation("spend", storage=str(tmp_path / "optuna.journal"),
+                         tracking_uri="sqlite:///" + str(tmp_path / "mlflow.db"))
+
+
+def options(where: StudyLocation) -> list[str]:
+    return ["--study-name", where.study_name, "--storage", where.storage, "--tracking-uri", where.tracking_uri]
+
+
+def metric(where: StudyLocation, trial: optuna.trial.FrozenTrial, name: str) -> float:
+    return MlflowClient(where.tracking_uri).get_run(trial.user_attrs[RUN_ID_ATTR]).data.metrics[name]
+
+
+# the compute budget ---------------------------------------------------------------------------------
+def test_epochs_are_counted_per_fold_and_refit_not_for_the_folds_mean():
+    class Outcome:
+        refit, selected_epoch = True, 3
+
+    kfold = compute_budget.TrialSpending("parent", "kfold")
+    for epoch in (1, 2, 3, 4):
+        for fold in (0, 1, 2):
+            kfold.saw(EpochMetrics(epoch, 1.0, 1.0, 50.0, fold=fold))
+        kfold.saw(EpochMetrics(epoch, 1.0, 1.0, 50.0))  # the folds' mean trained nothing
+    kfold.refit(Outcome())
+    assert kfold.epochs == 4 * 3 + 3
+    holdout = compute_budget.TrialSpending("parent", "holdout")
+    for epoch in (1, 2):
+        holdout.saw(EpochMetrics(epoch, 1.0, 1.0, 50.0))
+    assert holdout.epochs == 2
+
+
+def test_a_time_budget_counts_the_trials_training_seconds():
+    trials = [optuna.trial.create_trial(value=1.0, user_attrs={"train_seconds": s, "epochs_trained": 2}) for s in (30, 60)]
+    minutes = compute_budget.parse("1m")
+    assert minutes.spent(trials) == 1.5
+    assert minutes.line(trials) == "budget: 1.5 of 1 minutes spent over 2 trials"
+    assert compute_budget.parse("90s").line(trials[:1]) == "budget: 30.0 of 90 seconds spent over 1 trial"
+    assert compute_budget.study_line(trials) == "the study so far: 4 epochs and 1.5 minutes of training over 2 trials"
+
+
+def test_kfold_trials_record_every_fold_and_the_refit(write_config, where):
+    config = write_config(search={**HEAD, "n_trials": 1}, data={"validation": "kfold", "folds": 2})
+    trial = run_study(prepare_study_config(config, []), where, n_trials=1, timeout=None).trials[0]
+    refit = int(metric(where, trial, "selected_epoch"))
+    assert trial.user_attrs["epochs_trained"] == 2 * 2 + refit and 1 <= refit <= 2
+    assert metric(where, trial, "epochs_trained") == 2 * 2 + refit
+    assert trial.user_attrs["train_seconds"] > 0
+
+
+def test_a_pruned_trial_counts_the_epochs_it_ran(write_config, where):
+    config = write_config(search={**HEAD, "n_trials": 1, "params": {**HEAD["params"], "max_epochs": 5},
+                                  "pruner": {"name": "threshold", "lower": 101.0}})
+    trial = run_study(prepare_study_config(config, []), where, n_trials=1, timeout=None).trials[0]
+    assert trial.state == optuna.trial.TrialState.PRUNED
+    assert trial.user_attrs["epochs_trained"] == 1 and metric(where, trial, "epochs_trained") == 1
+
+
+def test_a_session_stops_once_its_budget_is_spent_and_says_so(write_config, where, capsys):
+    config = write_config(search=HEAD)  # n_trials 4: a budget lifts it
+    assert main(["study", "run", str(config), "--budget", "3e", *options(where)]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[-1] == "budget: 4 of 3 epochs spent over 2 trials"  # the second trial spent it, and finished
+    assert [t.user_attrs["epochs_trained"] for t in load_study(where).trials] == [2, 2]
+    # resumed, with the budget in the config: its own session's spending, and the study's
+    config = write_config(search={**HEAD, "budget": "2e"})
+    assert main(["study", "run", str(config), *options(where)]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[-2].startswith("the study so far: 6 epochs and ") and out[-2].endswith(" over 3 trials")
+    assert out[-1] == "budget: 2 of 2 epochs spent over 1 trial"
+    # --n-trials still caps a session
+    assert main(["study", "run", str(config), "--budget", "100e", "--n-trials", "1", *options(where)]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == "budget: 2 of 100 epochs spent over 1 trial"
+
+
+@pytest.mark.parametrize("value", ["300", "2.5e", "0m", "ten minutes"])
+def test_a_malformed_budget_is_one_line_naming_the_flag(write_config, where, capsys, value):
+    assert main(["study", "run", str(write_config(search=HEAD)), "--budget", value, *options(where)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("hpo-peft: error: --budget: ") and repr(value) in err[0], err
+    assert not Path(where.storage).exists()
+
+
+def test_a_worker_refuses_a_compute_budget(write_config, where, capsys):
+    assert main(["study", "worker", str(write_config(search={**HEAD, "budget": "20m"})), *options(where)]) == 2
+    assert "search.budget: `study worker` counts trials" in capsys.readouterr().err
+
+
+# the method race ------------------------------------------------------------------------------------
+def test_the_race_of_the_demo_space_starts_every_method_at_its_prior(demo_kit):
+    raw = demo_config_dict(demo_kit)
+    raw["search"]["start"] = "race"
+    config = StudyConfig.model_validate(raw)
+    black_box = {"learning_rate": 0.003, "max_epochs": 30, "patience": 8}  # the demo's train: no method_train for them
+    peft = {"learning_rate": 0.001, "max_epochs": 20, "patience": 8}  # the course's Adam 1e-3, 20 epochs
+    assert race_entries(config) == [  # lora: the enqueued entry already starts it
+        {"method": "zs_linear_probe", **black_box}, {"method": "clip_adapter", **black_box},
+        {"method": "clap", **black_box}, {"method": "affine_ln", **peft}, {"method": "bias", **peft},
+        {"method": "full", **peft},
+    ]
+    raw["search"]["enqueue"] = []
+    assert race_entries(StudyConfig.model_validate(raw))[-2] == {
+        "method": "lora", **peft, "lora.rank": 4, "lora.b_init": "zeros"}
+
+
+def test_priors_outside_the_space_are_clipped_into_it(demo_kit):
+    assert clip(Range(low=0.002, high=0.01, log=True), 0.001) == 0.002
+    assert clip(Range(low=10, high=40, step=10), 55) == 40 and clip(Range(low=10, high=40, step=10), 24) == 20
+    assert clip(Range(low=1, high=8), 20.0) == 8 and isinstance(clip(Range(low=1, high=8), 2.0), int)
+    assert clip(Choices(choices=[8, 16, 64]), 4) == 8 and clip(Choices(choices=[8, 16, 64]), 50) == 64
+    assert clip(Choices(choices=["random"]), "zeros") == "random" and clip(Choices(choices=[3, 5]), None) == 3
+    search = {"start": "race", "params": {"method": {"choices": ["bias", "lora"]}, "learning_rate": {"low": 0.01, "high": 0.1},
+                                          "max_epochs": {"choices": [5, 50]}, "patience": None},
+              "methods": {"lora": {"rank": {"choices": [8, 16]}, "b_init": {"choices": ["random"]}}}}
+    config = StudyConfig.model_validate(demo_config_dict(demo_kit, search))
+    assert race_entries(config) == [
+        {"method": "bias", "learning_rate": 0.01, "max_epochs": 5},
+        {"method": "lora", "learning_rate": 0.01, "max_epochs": 5, "lora.rank": 8, "lora.b_init": "random"}]
+
+
+def test_a_new_study_races_after_its_enqueued_trials_and_a_resumed_one_does_not(demo_kit, where):
+    raw = demo_config_dict(demo_kit)
+    raw["search"]["start"] = "race"
+    config = StudyConfig.model_validate(raw)
+    study = create_study(config, where)
+    waiting = [t.system_attrs["fixed_params"] for t in study.get_trials(states=(optuna.trial.TrialState.WAITING,))]
+    assert waiting == [*config.search.enqueue, *race_entries(config)] and len(waiting) == 7
+    create_study(config, where)  # a second session (or worker): nothing enqueued again
+    assert len(load_study(where).trials) == 7
+    raw["search"].pop("start")  # the default: no race
+    assert len(create_study(StudyConfig.model_validate(raw), StudyLocation("plain", where.storage)).trials) == 1
+
+
+# Hyperband on epochs --------------------------------------------------------------------------------
+def test_hyperband_takes_its_resources_from_the_epochs_a_trial_can_train(demo_kit):
+    config = StudyConfig.model_validate(demo_config_dict(demo_kit, {"pruner": {"name": "hyperband"}}))
+    pruner = make_pruner(config)
+    assert (pruner._min_resource, pruner._max_resource) == (1, 30)  # the demo's max_epochs: 10-30
+    config.search.methods["lora"]["max_epochs"] = Range(low=5, high=60)  # a method's own space counts
+    config.search.pruner = {"name": "hyperband", "min_resource": 2, "reduction_factor": 2}
+    assert (make_pruner(config)._min_resource, make_pruner(config)._max_resource) == (2, 60)
+    config.search.pruner = {"name": "hyperband", "max_resource": 12}
+    assert make_pruner(config)._max_resource == 12
+
+
+def test_a_hyperband_study_prunes_on_epochs_and_records_it(write_config, where):
+    search = {**HEAD, "n_trials": 6, "pruner": {"name": "hyperband", "reduction_factor": 2},
+              "params": {**HEAD["params"], "learning_rate": {"low": 0.00001, "high": 1.0, "log": True}, "max_epochs": 4}}
+    study = run_study(prepare_study_config(write_config(search=search), []), where, n_trials=6, timeout=None)
+    pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
+    assert pruned and any(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    for trial in pruned:
+        assert metric(where, trial, "pruned_at_epoch") == trial.last_step == trial.user_attrs["epochs_trained"]
