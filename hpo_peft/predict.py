@@ -78,12 +78,14 @@ def load_predictor(folder: Path, base: BaseModel | None = None, device: str = "a
 
 # images in ------------------------------------------------------------------------------------
 def collect_images(inputs: Iterable[str]) -> list[Path]:
-    """Files as given, folders (their images, sorted, not recursive) and globs (their matches)."""
+    """Files as given, folders (their images and their subfolders', sorted: a test/<class>/ tree
+    is read whole; hidden files and folders skipped) and globs (their matches)."""
     inputs, found = list(inputs), []
     for given in inputs:
         path = Path(given)
         if path.is_dir():
-            found += sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            found += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                            and not any(part.startswith(".") for part in p.relative_to(path).parts))
         elif path.is_file():
             found.append(path)
         elif glob.has_magic(given):
@@ -95,7 +97,7 @@ def collect_images(inputs: Iterable[str]) -> list[Path]:
             raise UserError(f"IMAGES: {given}: no such file or folder")
     if not found:
         raise UserError(f"IMAGES: no images found in {', '.join(inputs)} "
-                        f"(a folder's {', '.join(IMAGE_SUFFIXES)} files are read, not its subfolders)")
+                        f"(a folder's {', '.join(IMAGE_SUFFIXES)} files are read, its subfolders' too)")
     return found
 
 

@@ -19,6 +19,7 @@ import base64
 import binascii
 import io
 import logging
+import os
 import re
 from contextlib import contextmanager
 from pathlib import Path
@@ -168,12 +169,12 @@ def _quiet(*loggers: str):
 def using_store(uri: str):
     """MLflow's fluent API (Model.log, the registry resolving `models:/m-...`) reads the store from
     the process-wide tracking URI: point it at this study's store for the call, then back."""
-    previous = mlflow.get_tracking_uri()
+    previous = os.environ.get("MLFLOW_TRACKING_URI")  # MLflow keeps its URI there too: it is the user's setting
     mlflow.set_tracking_uri(uri)
     try:
         yield
     finally:
-        mlflow.set_tracking_uri(previous)
+        mlflow.set_tracking_uri(previous)  # None: unset again, not MLflow's computed default
 
 
 def _absolute(name_or_path: str) -> str:

@@ -325,3 +325,52 @@ def test_the_course_protocol_runs_on_an_image_folder(demo_kit, tmp_path, capsys)
     out = capsys.readouterr().out
     assert code == 0, out[-2000:]
     assert "test ACA (course rounding)" in out
+
+
+def test_an_image_folder_study_goes_through_every_command(demo_kit, tmp_path, monkeypatch, capsys):
+    """study run, evaluate --register, predict on the test/<class>/ tree and on a labelled CSV,
+    the registered pyfunc model, and compare: the same commands as on SICAPv2 tables."""
+    import json
+
+    import mlflow
+
+    from hpo_peft.cli import main
+
+    root = make_imagefolder(tmp_path / "folder", classes=("tumour epithelium", "Stroma"), per_class=(6, 3))
+    search = {"n_trials": 2, "sampler": {"name": "random", "seed": 1}, "pruner": {"name": "none"},
+              "params": {"method": "zs_linear_probe", "learning_rate": {"low": 0.001, "high": 0.1, "log": True},
+                         "max_epochs": 2, "patience": None}}
+    raw = demo_config_dict(demo_kit, search)
+    raw["data"] = {"root": str(root), "format": "imagefolder", "shots": 2, "val_shots": 2}
+    raw["train"] = {**raw["train"], "device": "cpu", "augment": "none"}
+    config = tmp_path / "folder.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    monkeypatch.chdir(tmp_path)
+    assert main(["study", "run", str(config)]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(config), "--register", "folder-best", "--json"]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated["registered_version"] == 1 and sum(map(sum, evaluated["confusion_matrix"])) == 6
+
+    assert main(["predict", "models:/folder-best@best", str(root / "test"), "--out", "tree.csv"]) == 0
+    tree = pd.read_csv(tmp_path / "tree.csv")
+    assert len(tree) == 6 and {Path(p).parent.name for p in tree.iloc[:, 0]} == {"tumour epithelium", "Stroma"}
+    labels = pd.DataFrame({"image_name": [str(Path(p).relative_to(root / "test")) for p in tree.iloc[:, 0]],
+                           "label": [Path(p).parent.name for p in tree.iloc[:, 0]]})
+    labels.to_csv(tmp_path / "labels.csv", index=False)
+    assert main(["predict", "models:/folder-best@best", str(root / "test"), "--table", "labels.csv",
+                 "--out", "table.csv", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert f"balanced accuracy {evaluated['balanced_accuracy']:.2f}%" in out  # the same images, the same score
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    try:
+        model = mlflow.pyfunc.load_model("models:/folder-best@best")
+        probabilities = model.predict(pd.DataFrame({"path": [str(p) for p in tree.iloc[:, 0]]}))
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert list(probabilities.columns) == ["Stroma", "tumour epithelium"] and len(probabilities) == 6  # sorted folders
+
+    assert main(["compare", str(config), "--shots", "1", "--seeds", "1", "--methods", "zs_linear_probe",
+                 "--trials-per-method", "1", "--out", "compare"]) == 0
+    assert (tmp_path / "compare" / "compare_summary.csv").is_file()
