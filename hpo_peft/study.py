@@ -235,10 +235,12 @@ def optimize(study: optuna.Study, workspace: Workspace, tracker: Tracker, parent
         raise full[0]
 
 
-def open_stores(config: StudyConfig, options: StudyLocation, accept_changes: bool = False) -> tuple[optuna.Study, Tracker]:
+def open_stores(config: StudyConfig, options: StudyLocation, accept_changes: bool = False,
+                checked: bool = False) -> tuple[optuna.Study, Tracker]:
     """Both stores answer (or fail in seconds with one line) and the study's settings match before
-    either is written to."""
-    check_store(stores.database_url(options.tracking_uri or stores.default_tracking_uri()))
+    either is written to; `checked`: the caller ran check_store on the tracking store already."""
+    if not checked:
+        check_store(stores.database_url(options.tracking_uri or stores.default_tracking_uri()))
     study = create_study(config, options, open_storage(options.storage), accept_changes)
     return study, Tracker(options.tracking_uri, experiment=options.study_name, checked=True)
 
@@ -254,7 +256,7 @@ def run_study(config: StudyConfig, options: StudyLocation, n_trials: int | None,
             check_settings(existing, config, options.study_name)
     # the model loads and every image decodes before anything is written (workers repeat it)
     workspace = open_workspace(config)
-    study, tracker = open_stores(config, options, accept_changes)
+    study, tracker = open_stores(config, options, accept_changes, checked=True)  # checked above, before the model
     recovered = recover_stale(study, tracker, config.search.grace_period)
     if recovered:
         print(f"recovered stale trials {recovered}: marked FAIL, queued once more")
