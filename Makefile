@@ -22,7 +22,10 @@ demo: $(STAMP)
 	$(VENV)/bin/hpo-peft study run studies/demo.yaml
 	$(VENV)/bin/hpo-peft evaluate studies/demo.yaml
 
+# the full suite also needs PostgreSQL, SLURM (slurm-wlm, munge) and Chromium: installed with apt-get
+# when missing and this user may (root or sudo), else one line says what to install
 test: $(STAMP)
+	bash scripts/system-deps.sh
 	$(PY) -m pytest -q
 
 clean:
