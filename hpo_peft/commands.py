@@ -68,9 +68,9 @@ def run_single_trial(path: Path, overrides: list[str], method: str | None, save:
     else:  # the printed epochs are its progress; an epoch bar only for --json in a terminal
         result = _study_trial(config, name, report, progress=as_json and sys.stderr.isatty())
     if save is not None:
-        save_adapter(save, result["classifier"], result["base"], name, result["method_config"], config)
+        save_adapter(save, result["classifier"], result["base"], name, result["method_config"], config, result["saved"])
     if as_json:
-        print(json.dumps({k: v for k, v in result.items() if k not in ("classifier", "base", "lines")}, indent=2))
+        print(json.dumps({k: v for k, v in result.items() if k not in ("classifier", "base", "lines", "saved")}, indent=2))
         return
     print(f"trainable parameters: {result['trainable_parameters']:,}")
     for line in result["lines"]:
@@ -116,6 +116,9 @@ def _study_trial(config: StudyConfig, name: str, report, progress: bool) -> dict
         "training": outcome.training.as_dict(), "folds": [f.as_dict() for f in outcome.folds],
         "validation": outcome.validation.as_dict() if outcome.validation is not None else None,
         "test": test.as_dict(), "classifier": outcome.classifier, "base": workspace.base, "lines": lines,
+        "saved": {"train": outcome.train_config.model_dump(mode="json"), "selected_epoch": outcome.selected_epoch,
+                  "data": {"shots": config.data.shots, "seed": config.data.seed, "validation": outcome.scheme,
+                           "labels_per_class": outcome.labels_per_class, "refit": outcome.refit}},
     }
 
 
@@ -135,6 +138,8 @@ def _course_trial(config: StudyConfig, name: str, report) -> dict:
         "protocol": "course", "labels_per_class": config.data.shots,
         "training": {"train_losses": result.train_losses}, "test": result.test.as_dict(), "test_aca": result.test_aca,
         "classifier": result.classifier, "base": base,
+        "saved": {"train": config.train_for(name).model_dump(mode="json") | {"precision": "fp32"},  # the course runs fp32
+                  "data": {"shots": config.data.shots, "seed": config.data.seed, "protocol": "course"}},
         "lines": [f"{len(result.train_losses)} epochs, last epoch's weights (the course's protocol: no validation)",
                   f"test ACA (course rounding): {result.test_aca:.2f}"],
     }

@@ -25,7 +25,10 @@ def test_trial_prints_counts_epochs_and_accuracies(write_config, tmp_path, capsy
     assert "Loading weights" not in err  # nor transformers' bars
     assert "validation balanced accuracy" in out and "test balanced accuracy" in out
     assert "true\\pred" in out
-    assert (tmp_path / "adapter" / "hpo_peft_adapter.json").is_file()
+    metadata = json.loads((tmp_path / "adapter" / "hpo_peft_adapter.json").read_text())
+    # what the trial trained with, as a study's adapter records it: predict runs it in the same precision
+    assert metadata["train"]["max_epochs"] == 3 and metadata["train"]["precision"] == "fp32"
+    assert metadata["data"] == {"shots": 16, "seed": 1, "validation": "holdout", "labels_per_class": 32, "refit": False}
 
 
 def test_trial_json_output(write_config, capsys):
