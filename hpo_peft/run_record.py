@@ -137,11 +137,12 @@ def dataset_frame(images: LabelledImages, categories: list[str]):
 
 
 def few_shot_inputs(workspace: Workspace) -> list[tuple]:
-    """The training shots and (holdout) validation images as MLflow dataset inputs."""
+    """The training shots and (holdout) validation images as MLflow dataset inputs; kfold validates
+    inside the shots, so it logs no (empty) validation input."""
     data, split = workspace.config.data, workspace.data
     table = data.root / data.train_table
     inputs = [(dataset_frame(split.train, data.categories), table, f"{data.root.name} train {data.shots}-shot", "training")]
-    if split.val is not None:
+    if split.val is not None and len(split.val.names):
         inputs.append((dataset_frame(split.val, data.categories), table,
                        f"{data.root.name} validation {data.val_shots}-shot", "validation"))
     return inputs

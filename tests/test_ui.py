@@ -443,3 +443,24 @@ def test_a_registered_version_describes_its_study_scores_and_label_budget(story)
     assert f"{evaluated['val_balanced_accuracy']:.2f} ± {evaluated['val_balanced_accuracy_se']:.2f}" in text
     assert f"{evaluated['balanced_accuracy']:.2f} ± {evaluated['standard_error']:.2f}" in text
     assert f"{params['labels_per_class']} labels per class, validation `holdout`" in text
+
+
+def test_kfold_logs_no_empty_validation_input(demo_kit):
+    """kfold validates inside the shots: its runs carry the training input only, not a 0-row
+    "validation 16-shot" dataset."""
+    from types import SimpleNamespace
+
+    import torch
+    from conftest import demo_config_dict
+
+    from hpo_peft.config import StudyConfig
+    from hpo_peft.data.images import LabelledImages
+    from hpo_peft.run_record import few_shot_inputs
+
+    config = StudyConfig.model_validate(demo_config_dict(demo_kit))
+    shots = LabelledImages(["a.jpg", "b.jpg"], torch.tensor([0, 1]), torch.zeros(2, 3, 4, 4))
+    empty = shots.subset([])
+    workspace = SimpleNamespace(config=config, data=SimpleNamespace(train=shots, val=empty))
+    assert [(len(frame), context) for frame, _, _, context in few_shot_inputs(workspace)] == [(2, "training")]
+    workspace.data.val = shots  # holdout: the validation images are an input of their own
+    assert [context for *_, context in few_shot_inputs(workspace)] == ["training", "validation"]
