@@ -27,10 +27,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import hpo_peft
-from hpo_peft.config import StudyConfig
+from hpo_peft.config import PromptConfig, StudyConfig
 from hpo_peft.errors import UserError
 from hpo_peft.methods import get_method, method_config
-from hpo_peft.model import BaseModel, ImageClassifier, build_classifier
+from hpo_peft.model import BaseModel, ImageClassifier, build_classifier, class_names
 
 METADATA_FILE = "hpo_peft_adapter.json"
 HEAD_FILE = "head.safetensors"
@@ -201,7 +201,8 @@ def _load_adapter(folder: Path, base: BaseModel, categories: list[str] | None) -
     head_state = load_file(folder / HEAD_FILE)
     if "weight" not in head_state:
         raise UserError(f"{folder / HEAD_FILE}: no head weight")
-    classifier = build_classifier(base, torch.zeros_like(head_state["weight"]))
+    prompts = PromptConfig.model_validate(metadata["prompts"]) if metadata.get("prompts") else PromptConfig()
+    classifier = build_classifier(base, torch.zeros_like(head_state["weight"]), class_names(prompts, metadata["categories"]))
     classifier = get_method(method_name).load(classifier, config, folder)
     try:
         classifier.head.load_state_dict(head_state)

@@ -35,7 +35,7 @@ from hpo_peft.recovery import RUN_ID_ATTR
 from hpo_peft.run_record import RUN_LABEL_ATTR, log_test_result
 from hpo_peft.run_story import TAG_BEST
 from hpo_peft.scoring import evaluate_run
-from hpo_peft.search_space import train_settings
+from hpo_peft.search_space import searches, train_settings
 from hpo_peft.selection import STANDARD_ERROR_ATTR, select_best
 from hpo_peft.study import StudyLocation, create_study, open_storage, optimize
 from hpo_peft.tracking import TAG_KIND, Tracker
@@ -167,7 +167,9 @@ def run_compare(config: StudyConfig, options: StudyLocation, out: Path) -> pd.Da
                     study = create_study(variant, replace(options, study_name=name))
                     if study.user_attrs.get(RUN_LABEL_ATTR) is None:  # its trials' run names lead with it
                         study.set_user_attr(RUN_LABEL_ATTR, f"K{shots} s{seed}")
-                    budget = compare.trials_per_method if get_method(method).trains else 1
+                    # a method that trains nothing and draws nothing (zero-shot) needs one trial; Tip-Adapter
+                    # trains nothing but searches its alpha and beta
+                    budget = compare.trials_per_method if get_method(method).trains or searches(variant, method) else 1
                     done = sum(t.state.is_finished() for t in study.trials)
                     if done < budget:
                         optimize(study, workspace, tracker, parent_id, budget - done, None, variant)

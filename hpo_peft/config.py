@@ -195,7 +195,9 @@ class SearchConfig(Strict):
     # {parameter: value} named as the space names them (method, learning_rate, lora.rank); the
     # parameters a trial draws that an entry leaves out are sampled as usual
     enqueue: list[dict[str, Any]] = Field(default_factory=list)
-    start: Literal["sampler", "race"] = "sampler"  # race: each method once at its priors first (search_space.py)
+    # what a new study runs after `enqueue`, before its sampler (search_space.py): race, each method once at
+    # its priors; portfolio, configurations that did well across the search benchmark's kits (portfolio.py)
+    start: Literal["sampler", "race", "portfolio"] = "sampler"
     # a session's compute budget (compute_budget.py): `300e` epochs trained (folds and refits included),
     # or `20m` / `90s` / `2h` of the trials' own training time; no new trial once its trials spent it
     budget: str | None = None
@@ -279,6 +281,18 @@ class CompareConfig(Strict):
         return value
 
 
+# training settings from a method's paper: its defaults under `method_train.<name>`, which overrides
+# them key by key; filled into `method_train` for the methods a config names (so the study's shared
+# space leaves them alone and the fingerprint records them), and under `train_for` for any other
+PAPER_TRAIN: dict[str, dict[str, Any]] = {
+    # Tip-Adapter-F: AdamW (PyTorch's weight decay 0.01, the paper's code), lr 1e-3, 20 epochs, batch 256
+    "tip_adapter_f": {"optimizer": "adamw", "learning_rate": 1e-3, "weight_decay": 0.01, "max_epochs": 20, "batch_size": 256},
+    # CoOp and KgCoOp (Dassl): SGD momentum 0.9, weight decay 5e-4, lr 0.002, 200 epochs, batch 32
+    **{name: {"optimizer": "sgd", "learning_rate": 0.002, "momentum": 0.9, "weight_decay": 5e-4, "max_epochs": 200,
+              "batch_size": 32} for name in ("coop", "kgcoop")},
+}
+
+
 class StudyConfig(Strict):
     name: str = "study"
     # `study`: this package's trials (early stopping, best epoch). `course`: the course notebook's
@@ -301,7 +315,15 @@ class StudyConfig(Strict):
 
     def train_for(self, method: str, **values: Any) -> TrainConfig:
         """`train`, then the method's own defaults, then `values` (e.g. sampled ones)."""
-        return TrainConfig.model_validate({**self.train.model_dump(), **self.method_train.get(method, {}), **values})
+        return TrainConfig.model_validate({**self.train.model_dump(), **PAPER_TRAIN.get(method, {}),
+                                           **self.method_train.get(method, {}), **values})
+
+    def methods_named(self) -> set[str]:
+        """Every method the config names: to train, to search, to compare, or with options."""
+        drawn = self.search.params.get("method")
+        named = {self.method.name, *self.compare.methods, *self.methods, *self.search.methods,
+                 *(entry.get("method") for entry in self.search.enqueue)}
+        return named | set(drawn.choices if isinstance(drawn, Choices) else [drawn] if isinstance(drawn, str) else [])
 
     @model_validator(mode="after")
     def _course_trains_on_the_images_as_they_are(self) -> "StudyConfig":
@@ -310,6 +332,14 @@ class StudyConfig(Strict):
         if self.protocol == "course" and augmented:
             raise ValueError(f"{augmented[0]}.augment: the course protocol trains on the images as they are; "
                              "remove it (or use protocol: study)")
+        return self
+
+    @model_validator(mode="after")
+    def _paper_defaults(self) -> "StudyConfig":
+        named = {m for m in self.methods_named() if m in PAPER_TRAIN}
+        filled = {**self.method_train, **{m: {**PAPER_TRAIN[m], **self.method_train.get(m, {})} for m in sorted(named)}}
+        if filled != self.method_train:  # set without validate_assignment (this validator would run again)
+            self.__dict__["method_train"] = filled
         return self
 
     @model_validator(mode="after")

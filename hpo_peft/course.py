@@ -1,9 +1,9 @@
-"""The course notebook's own experiment, reproduced exactly (`protocol: course`).
+"""The course notebook's own experiment (`protocol: course`).
 
 The package's `study` protocol (trial.py, train.py) improves on the course: validation shots,
 early stopping, the best epoch's weights, a resize of the uint8 image before normalising. This
-module does what the course's notebook and its `vlms` helpers do instead (REFERENCE.md, "The
-course's protocol"), so that a result can be compared with the notebook's own number:
+module does what the course's notebook and its `vlms` helpers do instead (docs/course-protocol.md),
+so that a result can be compared with the notebook's own number:
 
 - seeds 42 (Python, numpy, torch) at the start;
 - the course's sampler (`course_shots`): rows in table order, Python's `random.shuffle` with the

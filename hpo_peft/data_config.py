@@ -29,7 +29,7 @@ FORMAT_ONLY_KEYS = ("train_dir", "test_dir", "label_column", "group_column", "sp
 class DataConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)  # as config.Strict
 
-    # where the images and labels come from (hpo_peft/data/, README "Your own data")
+    # where the images and labels come from (hpo_peft/data/, docs/data.md)
     format: Literal["sicapv2", "imagefolder", "csv", "hf"] = "sicapv2"
     root: Path
     images_dir: str = "images"

@@ -64,9 +64,8 @@ def balanced_accuracy_se(recall: list[float], counts: list[int]) -> float:
     sqrt(sum p (1 - p) / n) / classes, each class's p its recall (percent) as a proportion of its n
     images with half an image right and half wrong added, (r n + 1/2) / (n + 1) (the Jeffreys
     prior's mean). Unlike the plain recall it never calls a class certain because its few images
-    all came out alike: one validation image per class would otherwise give ± 0. With 8-16
-    validation images per class it is 4-7 points; on the demo kit it matched how far the chosen
-    trial's score fell from its accuracy on 4,000 unseen images (benchmarks/README.md)."""
+    all came out alike: one validation image per class would otherwise give ± 0. How it compared
+    with the chosen trial's accuracy on unseen images: docs/validation-and-selection.md."""
     shrunk = [(((r / 100) * n + 0.5) / (n + 1), n) for r, n in zip(recall, counts) if n > 0]
     terms = [p * (1 - p) / n for p, n in shrunk]
     return 100.0 * math.sqrt(sum(terms)) / len(terms) if terms else math.nan

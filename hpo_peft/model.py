@@ -17,7 +17,7 @@ from hpo_peft.config import PromptConfig
 from hpo_peft.models import BaseModel, load_base_model
 from hpo_peft.models.hf_clip import ImageEncoder
 
-__all__ = ["BaseModel", "ImageClassifier", "ImageEncoder", "ZeroShotHead", "build_classifier", "count_trainable",
+__all__ = ["BaseModel", "ImageClassifier", "ImageEncoder", "ZeroShotHead", "build_classifier", "class_names", "count_trainable",
            "encoder_is_frozen", "load_base_model", "prompt_texts", "text_prototypes"]
 
 
@@ -46,6 +46,11 @@ class ZeroShotHead(nn.Module):
 
     def penalty(self) -> torch.Tensor | None:
         """A term added to the training loss; CLAP's pull towards the prototypes overrides it."""
+        return None
+
+    def schedule(self, optimizer: torch.optim.Optimizer, steps_per_epoch: int, epochs: int):
+        """The learning-rate scheduler training this head steps once per batch (None: constant);
+        heads whose paper schedules the rate (Tip-Adapter-F, CoOp) override it."""
         return None
 
 
@@ -82,11 +87,21 @@ def text_prototypes(base: BaseModel, prompts: PromptConfig, categories: list[str
     return torch.stack(rows).float().cpu()
 
 
-def build_classifier(base: BaseModel, prototypes: torch.Tensor) -> ImageClassifier:
-    """A fresh, independent copy of the image side with the zero-shot head, all frozen."""
+def class_names(prompts: PromptConfig, categories: list[str]) -> list[str]:
+    """Each class's name in a learned prompt (CoOp's [CLS]): its first description, else its own name."""
+    prompts = prompts.for_classes(categories) if prompts.templates is None or prompts.descriptions is None else prompts
+    return [prompts.descriptions.get(category, [category])[0] for category in categories]
+
+
+def build_classifier(base: BaseModel, prototypes: torch.Tensor, names: list[str] | None = None) -> ImageClassifier:
+    """A fresh, independent copy of the image side with the zero-shot head, all frozen. The base
+    model (shared, never trained) and the class names (`class_names`) go along for the methods that
+    learn on the text side (prompt learning), which refuse without them."""
     encoder = copy.deepcopy(base.image_encoder())
     head = ZeroShotHead(prototypes, base.logit_scale).to(next(encoder.parameters()).device)
-    return ImageClassifier(encoder, head).requires_grad_(False).eval()
+    classifier = ImageClassifier(encoder, head).requires_grad_(False).eval()
+    classifier.base, classifier.class_names = base, names
+    return classifier
 
 
 def encoder_is_frozen(classifier: ImageClassifier) -> bool:

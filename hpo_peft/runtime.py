@@ -125,8 +125,8 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def cpu_has_bf16() -> bool:
-    """AVX512-BF16 or AMX: measured here, a PLIP LoRA step at batch 32 runs ~3x faster under bf16
-    autocast than in fp32 on such a CPU (benchmarks/README.md); without them bf16 is emulated."""
+    """AVX512-BF16 or AMX: on such a CPU a PLIP trial runs faster under bf16 autocast
+    than in fp32 (docs/configs.md, "Precision and device"); without them bf16 is emulated."""
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 

@@ -30,6 +30,7 @@ from hpo_peft.config import (
 from hpo_peft import identity
 from hpo_peft.errors import UserError
 from hpo_peft.methods import get_method, method_config
+from hpo_peft.portfolio import PORTFOLIO
 
 
 @dataclass
@@ -64,6 +65,12 @@ def shared_space(config: StudyConfig, method: str) -> dict[str, Any]:
     shared = {} if not get_method(method).trains else config.search.params  # nothing to train: nothing to draw
     unused = {"method"} | (set() if get_method(method).trains_encoder else {"augment"})  # frozen features: no images
     return {key: spec for key, spec in shared.items() if key not in unused and key not in defaults and key not in own}
+
+
+def searches(config: StudyConfig, method: str) -> bool:
+    """A trial of `method` draws something: a shared key, or one of its own space."""
+    own = config.search.methods.get(method, {}).values()
+    return any(isinstance(spec, (Choices, Range)) for spec in [*shared_space(config, method).values(), *own])
 
 
 def sample_plan(trial: optuna.Trial, config: StudyConfig) -> TrialPlan:
@@ -120,13 +127,19 @@ def prior_entry(config: StudyConfig, method: str) -> dict[str, Any]:
     it: a PEFT method the course's (COURSE_PEFT) unless `method_train` sets them, a black-box
     adapter its `method_train` defaults over `train`, method options as `methods.<name>` (else the
     method's defaults, e.g. LoRA rank 4, B zeros). Only what the space draws: a fixed key is no parameter."""
+    return entry_at(config, method, {})
+
+
+def entry_at(config: StudyConfig, method: str, values: dict[str, Any]) -> dict[str, Any]:
+    """One trial of `method` named as the space names its parameters and clipped into it: `values`
+    (bare keys: learning_rate, max_epochs, rank, ...) where given, the method's prior settings elsewhere."""
     prior = config.train_for(method).model_dump()
     if get_method(method).trains_encoder:  # PEFT: the course's settings, but for those method_train sets
         prior |= {key: value for key, value in COURSE_PEFT.items() if key not in config.method_train.get(method, {})}
     options = method_config(method, config.methods.get(method, {})).model_dump()
-    drawn = {key: (spec, prior[key]) for key, spec in shared_space(config, method).items()}
+    drawn = {key: (spec, values.get(key, prior[key])) for key, spec in shared_space(config, method).items()}
     for key, spec in config.search.methods.get(method, {}).items():
-        drawn[f"{method}.{key}"] = (spec, prior[key] if key in SEARCHABLE_TRAIN_KEYS else options.get(key))
+        drawn[f"{method}.{key}"] = (spec, values.get(key, prior[key] if key in SEARCHABLE_TRAIN_KEYS else options.get(key)))
     entry = {"method": method} if isinstance(config.search.params.get("method"), Choices) else {}
     searched = {name: (spec, value) for name, (spec, value) in drawn.items() if isinstance(spec, (Choices, Range))}
     return entry | {name: clip(spec, value) for name, (spec, value) in searched.items()}
@@ -139,9 +152,21 @@ def race_entries(config: StudyConfig) -> list[dict[str, Any]]:
     return [prior_entry(config, method) for method in methods_drawn(config) if method not in started]
 
 
+def portfolio_entries(config: StudyConfig) -> list[dict[str, Any]]:
+    """`search.start: portfolio`: the package's portfolio (portfolio.py) taken into this study's space:
+    entries of methods the space draws, their values clipped into it (entry_at), each once."""
+    drawn, out = methods_drawn(config), []
+    for values in PORTFOLIO:
+        entry = entry_at(config, values["method"], values) if values["method"] in drawn else None
+        if entry is not None and entry not in out:
+            out.append(entry)
+    return out
+
+
 def first_trials(config: StudyConfig) -> list[dict[str, Any]]:
-    """What a new study runs before its sampler: `search.enqueue`, then (`start: race`) the race."""
-    return [*config.search.enqueue, *(race_entries(config) if config.search.start == "race" else [])]
+    """What a new study runs before its sampler: `search.enqueue`, then the race or the portfolio (`start`)."""
+    start = {"race": race_entries, "portfolio": portfolio_entries}.get(config.search.start, lambda _: [])
+    return [*config.search.enqueue, *start(config)]
 
 
 def epochs_bound(config: StudyConfig) -> int:

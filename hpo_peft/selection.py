@@ -10,8 +10,8 @@ folds, so how much choosing the maximum flatters it can be estimated from the st
 (Tibshirani & Tibshirani, 2009, Ann. Appl. Stat. 3(2)): on each fold, how far the best trial of that
 fold is above the chosen trial, averaged over folds. `corrected_score` is the chosen trial's score
 less that amount, reported beside the selection score: an estimate for images that chose nothing
-(it leaves out what the refit on all K shots adds; on the demo kit within 2 points of 400 unseen
-images' score, benchmarks/README.md).
+(it leaves out what the refit on all K shots adds; how it compared with unseen images on the demo
+kit: docs/validation-and-selection.md).
 """
 
 from __future__ import annotations

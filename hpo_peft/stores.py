@@ -1,6 +1,6 @@
 """Where studies and runs are kept, and opening those stores safely.
 
-Defaults (documented in the README): Optuna's journal file `mlruns/optuna.journal` and MLflow's
+Defaults (documented in docs/tracking-and-ui.md): Optuna's journal file `mlruns/optuna.journal` and MLflow's
 SQLite store `mlruns/mlflow.db` (artifacts in `mlruns/artifacts/`), relative to the working folder;
 `OPTUNA_STORAGE` and `MLFLOW_TRACKING_URI` replace them where they are set.
 

@@ -1,6 +1,6 @@
 """The study: Optuna storage, sampler and pruner, the objective, and resume.
 
-Default storage (documented in the README): Optuna's journal file `mlruns/optuna.journal`, beside
+Default storage (documented in docs/tracking-and-ui.md): Optuna's journal file `mlruns/optuna.journal`, beside
 the MLflow store; any Optuna storage URL works too (e.g. `postgresql://...` for workers on several
 machines). The same study name and storage continue a study where it stopped.
 """

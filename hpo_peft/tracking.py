@@ -1,7 +1,7 @@
 """Everything MLflow: one experiment per study, a parent run per `study run` session, a nested
 child run per trial, per-epoch metrics, figures, adapters, test results, the model registry.
 
-Default store (documented in the README): MLflow 3's SQLite backend at `mlruns/mlflow.db`, with
+Default store (documented in docs/tracking-and-ui.md): MLflow 3's SQLite backend at `mlruns/mlflow.db`, with
 artifacts under `mlruns/artifacts/` (see `stores`), or `MLFLOW_TRACKING_URI` where it is set and
 no `--tracking-uri` or `tracking.uri` is given. Open it with
 `mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db`.

@@ -114,6 +114,8 @@ class Training:
             self.train_inputs = encode(data.train).to(device)
             self.val_inputs = None if self.blind else encode(data.val)
             classifier.head.initialize_from_shots(self.train_inputs, self.labels)
+        self.scheduler = classifier.head.schedule(self.optimizer, -(-len(self.train_inputs) // config.batch_size),
+                                                  config.max_epochs)
         self.order_rng = torch.Generator().manual_seed(seed)
         self.stream = RandomStream(device)
         self.result = TrainResult(best=None)
@@ -139,6 +141,8 @@ class Training:
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 self.optimizer.step()
+                if self.scheduler is not None:
+                    self.scheduler.step()
                 losses.append(loss.item())
 
         if self.blind:  # nothing to select on: every epoch is the latest, the last one is kept

@@ -21,6 +21,7 @@ from hpo_peft.model import (
     BaseModel,
     ImageClassifier,
     build_classifier,
+    class_names,
     count_trainable,
     load_base_model,
     text_prototypes,
@@ -125,19 +126,22 @@ def run_trial(
     options = method_config(method_name, method_options)
     categories = workspace.config.data.categories
     prep = workspace.base.preprocessing
+    names = class_names(workspace.config.prompts, categories)
 
     def fresh() -> ImageClassifier:
         set_seeds(seed)  # the same initialisation (e.g. a linear probe's) every run
-        return method.prepare(build_classifier(workspace.base, workspace.prototypes), options)
+        return method.prepare(build_classifier(workspace.base, workspace.prototypes, names), options)
 
     classifier, folds, scores, selected, scored = fresh(), [], [], None, []
-    trainable = count_trainable(classifier)
-    if not method.trains:  # zero-shot: nothing to fit, score it on each validation split
+    if not method.trains:  # zero-shot, Tip-Adapter: nothing to fit, score it on each validation split
         classifier.to(resolve_device(train_config.device))
         dtype = amp_dtype(train_config.precision, next(classifier.parameters()).device)
-        for split in plan.splits:
+        for split in plan.splits:  # a head built from the shots (Tip-Adapter's cache) sees each split's own
+            classifier.head.initialize_from_shots(workspace.features(split.train), split.train.labels)
             logits = predict_logits(classifier.head, workspace.features(split.val), None, train_config.eval_batch_size, dtype)
             scores.append(compute_metrics(logits, split.val.labels, categories))
+        kept = plan.refit if plan.refit is not None else plan.splits[0].train  # every label the trial may learn from
+        classifier.head.initialize_from_shots(workspace.features(kept), kept.labels)
         result = TrainResult(best=None)
     elif plan.scheme == "holdout":
         result = train(classifier, plan.splits[0], prep, categories, train_config, seed, on_epoch, progress,
@@ -164,7 +168,7 @@ def run_trial(
         method=method_name,
         method_options=options.model_dump(),
         train_config=train_config,
-        trainable_parameters=trainable,
+        trainable_parameters=count_trainable(classifier),  # after training: a head sized by the shots (Tip-Adapter-F)
         training=result,
         validation=scores[0] if len(scores) == 1 else pooled(scores) if scores else None,
         seconds=time.perf_counter() - started,

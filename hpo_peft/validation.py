@@ -17,10 +17,8 @@
 - Either way the score at a chosen epoch is the mean over that epoch and its neighbours
   (`score_window`, SCORE_RADIUS either side, within the epochs run): one epoch's balanced accuracy
   on a few images jumps from epoch to epoch, and a trial whose curve spikes once would win a study
-  on that spike (the best of many trials is optimistic). Over the selection benchmark's 13 seeds
-  it cut the mean gap between the chosen trial's score and its accuracy on unseen images from +3.6
-  to +1.9 points (kfold) and from +6.0 to +3.2 (holdout 8+8), and kfold's picks did no worse
-  (benchmarks/README.md). The confusion matrix and per-class recall stay the chosen epoch's.
+  on that spike (the best of many trials is optimistic). What it changed on the selection
+  benchmark: docs/validation-and-selection.md, "A trial's score". The confusion matrix and per-class recall stay the chosen epoch's.
 - `fixed`: too few shots to hold any out (kfold with K = 1): nothing is selected; the method's
   fixed settings train on all K shots for `max_epochs` (what `compare` reports, labelled as such).
 """

@@ -1,5 +1,5 @@
 """How a study spends and starts: a compute budget (`--budget 300e | 20m`, search.budget), the
-method race (`search.start: race`), and Hyperband on epochs. Cheap trials: a head on cached features."""
+method race (`search.start: race`), the portfolio (`search.start: portfolio`), and Hyperband on epochs. Cheap trials: a head on cached features."""
 
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ import pytest
 from conftest import demo_config_dict
 from mlflow import MlflowClient
 
-from hpo_peft import compute_budget
+from hpo_peft import compute_budget, portfolio, search_space
 from hpo_peft.cli import main
 from hpo_peft.commands import prepare_study_config
 from hpo_peft.config import Choices, Range, StudyConfig
 from hpo_peft.recovery import RUN_ID_ATTR
 from hpo_peft.samplers import make_pruner
-from hpo_peft.search_space import clip, race_entries
+from hpo_peft.search_space import clip, portfolio_entries, race_entries, searches
 from hpo_peft.study import StudyLocation, create_study, load_study, run_study
 from hpo_peft.train import EpochMetrics
 
@@ -161,6 +161,34 @@ def test_a_new_study_races_after_its_enqueued_trials_and_a_resumed_one_does_not(
     assert len(load_study(where).trials) == 7
     raw["search"].pop("start")  # the default: no race
     assert len(create_study(StudyConfig.model_validate(raw), StudyLocation("plain", where.storage)).trials) == 1
+
+
+def test_a_method_that_trains_nothing_searches_only_what_its_own_space_draws(demo_kit):
+    """compare gives such a method (Tip-Adapter's alpha and beta) its trials, zero-shot one."""
+    config = StudyConfig.model_validate(demo_config_dict(demo_kit))
+    assert searches(config, "lora") and not searches(config, "zero_shot") and not searches(config, "tip_adapter")
+    config.search.methods["tip_adapter"] = {"alpha": Range(low=0.0, high=10.0), "beta": 1.0}
+    assert searches(config, "tip_adapter")
+    config.search.methods["tip_adapter"] = {"alpha": 2.0}  # fixed: nothing drawn
+    assert not searches(config, "tip_adapter")
+
+
+# the portfolio --------------------------------------------------------------------------------------
+def test_the_portfolio_is_taken_into_the_study_space(demo_kit, monkeypatch):
+    monkeypatch.setattr(search_space, "PORTFOLIO", [
+        {"method": "lora", "learning_rate": 0.05, "max_epochs": 20, "rank": 16, "b_init": "random"},
+        {"method": "clap", "learning_rate": 0.002, "max_epochs": 35},
+        {"method": "full", "learning_rate": 0.001, "max_epochs": 10},
+        {"method": "lora", "learning_rate": 0.02, "max_epochs": 20, "rank": 20, "b_init": "zeros"}])
+    search = {"start": "portfolio", "params": {"method": {"choices": ["clap", "lora"]}, "learning_rate": {"low": 0.001, "high": 0.01},
+                                               "max_epochs": {"low": 10, "high": 30, "step": 10}, "patience": None},
+              "methods": {"lora": {"rank": {"choices": [8, 16]}}}}
+    config = StudyConfig.model_validate(demo_config_dict(demo_kit, search))
+    # full is not drawn: left out; values clipped into the space; the fourth entry becomes the first: once;
+    # lora.b_init is fixed by the space (not drawn), so no parameter names it
+    assert portfolio_entries(config) == [
+        {"method": "lora", "learning_rate": 0.01, "max_epochs": 20, "lora.rank": 16},
+        {"method": "clap", "learning_rate": 0.002, "max_epochs": 30}]
 
 
 # Hyperband on epochs --------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from hpo_peft.errors import UserError
 from hpo_peft.methods.affine_ln import AffineLN
 from hpo_peft.methods.base import Method, MethodConfig
 from hpo_peft.methods.bias import Bias
+from hpo_peft.methods.coop import CoOp, KgCoOp
 from hpo_peft.methods.black_box import (
     CLAP,
     CLIPAdapter,
@@ -19,6 +20,7 @@ from hpo_peft.methods.black_box import (
 )
 from hpo_peft.methods.full import Full
 from hpo_peft.methods.lora import LoRA
+from hpo_peft.methods.tip_adapter import TipAdapter, TipAdapterF
 from hpo_peft.methods.zero_shot import ZeroShot
 
 METHODS: dict[str, Method] = {
@@ -33,6 +35,10 @@ METHODS: dict[str, Method] = {
         ZeroShotLinearProbe(),
         CLIPAdapter(),
         CLAP(),
+        TipAdapter(),
+        TipAdapterF(),
+        CoOp(),
+        KgCoOp(),
     )
 }
 

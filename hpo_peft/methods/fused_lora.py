@@ -7,6 +7,11 @@ A (r x d_in) and B (d x r) per projection, initialised as HF peft does (A Kaimin
 `nn.Linear`; B zeros, or `nn.Linear`'s init with `b_init: random`). With B = 0 the weight is W
 exactly. Only the A and B matrices train; the original weight stays frozen under
 `parametrizations.<name>.original`. The deltas are saved as `encoder_parameters.safetensors`.
+
+DoRA (Liu et al., ICML 2024; `use_dora`), as HF peft computes it: each adapted projection's rows
+become m * (W + s B A) / ||W + s B A||, the norm taken per output row and detached from the graph
+(the paper's section 4.3, peft's `DoraLinearLayer`), the magnitude m (one per output row, d per
+projection) trainable and initialised to ||W + s B A|| at the start, so the model starts unchanged.
 """
 
 from __future__ import annotations
@@ -26,10 +31,11 @@ PROJECTIONS = ("q_proj", "k_proj", "v_proj")  # the slices of the fused weight, 
 class QKVLoRA(nn.Module):
     """W (3d x d_in) -> W + scale * cat(B_q A_q, B_k A_k, B_v A_v) over the projections chosen."""
 
-    def __init__(self, weight: torch.Tensor, rank: int, scale: float, random_b: bool, targets: tuple[str, ...]):
+    def __init__(self, weight: torch.Tensor, rank: int, scale: float, random_b: bool, targets: tuple[str, ...],
+                 dora: bool = False):
         super().__init__()
         fused, d_in = weight.shape
-        self.d, self.scale, self.targets = fused // 3, scale, targets
+        self.d, self.scale, self.targets, self.dora = fused // 3, scale, targets, dora
         for target in targets:
             a = nn.Parameter(torch.empty(rank, d_in, dtype=weight.dtype, device=weight.device))
             b = nn.Parameter(torch.zeros(self.d, rank, dtype=weight.dtype, device=weight.device))
@@ -38,8 +44,29 @@ class QKVLoRA(nn.Module):
                 nn.init.kaiming_uniform_(b, a=math.sqrt(5))
             self.register_parameter(f"lora_A_{target[0]}", a)
             self.register_parameter(f"lora_B_{target[0]}", b)
+        if dora:
+            with torch.no_grad():
+                for target in targets:
+                    rows = self.adapted(weight, target)
+                    self.register_parameter(f"lora_magnitude_{target[0]}", nn.Parameter(rows.norm(dim=1)))
+
+    def adapted(self, weight: torch.Tensor, target: str) -> torch.Tensor:
+        """W + s B A for one projection's rows of the fused weight."""
+        index = PROJECTIONS.index(target)
+        a, b = getattr(self, f"lora_A_{target[0]}"), getattr(self, f"lora_B_{target[0]}")
+        return weight[index * self.d:(index + 1) * self.d] + ((b @ a) * self.scale).to(weight.dtype)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.dora:
+            blocks = []
+            for index, target in enumerate(PROJECTIONS):
+                if target not in self.targets:
+                    blocks.append(weight[index * self.d:(index + 1) * self.d])
+                    continue
+                rows = self.adapted(weight, target)
+                magnitude = getattr(self, f"lora_magnitude_{target[0]}")
+                blocks.append((magnitude / rows.norm(dim=1).detach()).to(weight.dtype)[:, None] * rows)
+            return torch.cat(blocks)
         blocks = []
         for target in PROJECTIONS:
             if target in self.targets:
@@ -51,7 +78,7 @@ class QKVLoRA(nn.Module):
 
 
 def add_fused_lora(encoder: nn.Module, pattern: str, rank: int, alpha: float, random_b: bool,
-                   target_modules: list[str], dropout: float) -> int:
+                   target_modules: list[str], dropout: float, dora: bool = False) -> int:
     """Parametrize every fused q/k/v weight whose name matches `pattern`; returns how many."""
     unknown = sorted(set(target_modules) - set(PROJECTIONS))
     if unknown:
@@ -65,7 +92,7 @@ def add_fused_lora(encoder: nn.Module, pattern: str, rank: int, alpha: float, ra
     for name in found:
         owner_name, _, attribute = name.rpartition(".")
         owner = encoder.get_submodule(owner_name)
-        lora = QKVLoRA(getattr(owner, attribute), rank, alpha / rank, random_b, targets)
+        lora = QKVLoRA(getattr(owner, attribute), rank, alpha / rank, random_b, targets, dora)
         parametrize.register_parametrization(owner, attribute, lora)
     if not found:
         raise UserError("methods.lora: this model has no fused q/k/v projection to adapt")

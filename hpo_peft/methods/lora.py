@@ -8,6 +8,9 @@ peft's `init_lora_weights=False`, i.e. PyTorch's default `nn.Linear` init for bo
 A, B ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (fan_in 768 for A, r for B), so the model starts
 perturbed. Through peft, the adapter is saved in peft's own format (`PeftModel.from_pretrained`
 loads it); fused, as the trained A and B matrices (`encoder_parameters.safetensors`).
+`use_dora: true` is DoRA (Liu et al., ICML 2024): W' = m (W + s B A) / ||W + s B A|| per output
+row, the magnitudes m trainable (one per output row of each adapted projection, initialised to the
+row norms), through peft's `LoraConfig(use_dora=True)`, or the same in the fused path.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ class LoRAConfig(MethodConfig):
     alpha: float | None = Field(None, gt=0)  # None: alpha = rank, i.e. scale 1
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj"], min_length=1)
+    use_dora: bool = False  # DoRA: magnitude and direction apart (peft's `use_dora`; fused_lora.py likewise)
 
 
 def peft_config(config: LoRAConfig) -> LoraConfig:
@@ -42,6 +46,7 @@ def peft_config(config: LoRAConfig) -> LoraConfig:
         target_modules=list(config.target_modules),
         init_lora_weights=config.b_init == "zeros",
         bias="none",
+        use_dora=config.use_dora,
     )
 
 
@@ -55,7 +60,7 @@ class LoRA(Method):
         if not names.qkv_linears:
             add_fused_lora(classifier.encoder, names.fused_qkv, config.rank,
                            config.alpha if config.alpha is not None else config.rank, config.b_init == "random",
-                           config.target_modules, config.dropout)
+                           config.target_modules, config.dropout, config.use_dora)
             return classifier
         classifier.encoder = get_peft_model(classifier.encoder, peft_config(config))
         return classifier

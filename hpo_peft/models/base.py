@@ -17,6 +17,7 @@ from torch import nn
 
 from hpo_peft.config import ModelConfig
 from hpo_peft.data import Preprocessing
+from hpo_peft.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,37 @@ class Family:
 
     def encode_text(self, base: "BaseModel", texts: list[str]) -> torch.Tensor:
         """Projected (not normalised) text features, N x D."""
+        return self.encode_tokens(base, self.tokenize(base, texts))
+
+    def tokenize(self, base: "BaseModel", texts: list[str]) -> dict[str, torch.Tensor]:
+        """The text encoder's inputs (`input_ids` first, N x L), on the text tower's device."""
         raise NotImplementedError
+
+    def encode_tokens(self, base: "BaseModel", tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+        """`encode_text` from `tokenize`'s output."""
+        raise NotImplementedError
+
+    def token_embedding_owner(self, model: nn.Module) -> nn.Module:
+        """The module whose `token_embedding` (ids -> N x L x width) the text encoder calls first:
+        prompt learning runs the text encoder from token embeddings through it (`encode_embedded`)."""
+        raise UserError(f"model family {self.name} cannot run its text encoder from token embeddings, which "
+                        "prompt learning (coop, kgcoop) needs; choose another method")
+
+    def embed_tokens(self, base: "BaseModel", tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The token embeddings of `tokens["input_ids"]`, N x L x width."""
+        return self.token_embedding_owner(base.clip).token_embedding(tokens["input_ids"])
+
+    def encode_embedded(self, base: "BaseModel", tokens: dict[str, torch.Tensor], embeddings: torch.Tensor) -> torch.Tensor:
+        """`encode_tokens`, with `embeddings` (N x L x width) in place of the token embedding of
+        `tokens["input_ids"]`: the family's own text encoder (its masks and pooling read the ids), so
+        the embeddings of the ids themselves give `encode_tokens` exactly."""
+        owner = self.token_embedding_owner(base.clip)
+        lookup = owner.token_embedding
+        owner.token_embedding = GivenEmbeddings(embeddings)
+        try:
+            return self.encode_tokens(base, tokens)
+        finally:
+            owner.token_embedding = lookup
 
     def logit_scale(self, model: nn.Module) -> torch.Tensor:
         return model.logit_scale.detach()
@@ -81,6 +112,18 @@ class Family:
         """Every weight an adapter depends on: the image encoder and the logit scale."""
         yield from self.image_encoder(model).state_dict().items()
         yield "logit_scale", model.logit_scale
+
+
+class GivenEmbeddings(nn.Module):
+    """Stands in for a token-embedding lookup: the given embeddings of the first L tokens (a family
+    may drop the last place, e.g. CONCH's for its CLS token)."""
+
+    def __init__(self, embeddings: torch.Tensor):
+        super().__init__()
+        self.embeddings = embeddings
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.embeddings[:, :ids.shape[1]].to(self.embeddings.dtype)
 
 
 @dataclass
@@ -114,7 +157,20 @@ class BaseModel:
         return _FINGERPRINTS[self.clip]
 
 
+    def text_fingerprint(self) -> str:
+        """The identity of every weight of the whole model, text tower included (what a prompt
+        learned on its text encoder depends on), as `fingerprint`. Computed once per model."""
+        if self.clip not in _TEXT_FINGERPRINTS:
+            digest = hashlib.sha256()
+            for name, tensor in sorted(self.clip.state_dict().items(), key=lambda item: item[0]):
+                digest.update(f"{name}:{tuple(tensor.shape)}".encode())
+                digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+            _TEXT_FINGERPRINTS[self.clip] = digest.hexdigest()[:16]
+        return _TEXT_FINGERPRINTS[self.clip]
+
+
 _FINGERPRINTS: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()  # base models never train in place
+_TEXT_FINGERPRINTS: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
 
 
 RESAMPLE = {"bicubic": 3, "bilinear": 2, "nearest": 0}  # PIL's codes, as `Preprocessing.resample` holds them

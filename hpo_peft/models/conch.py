@@ -168,6 +168,15 @@ class Conch(Family):
     def text_device(self, model: nn.Module) -> torch.device:
         return model.logit_scale.device
 
-    def encode_text(self, base: BaseModel, texts: list[str]) -> torch.Tensor:
-        tokens = base.processor(texts).to(self.text_device(base.clip))
-        return base.clip.encode_text(tokens, normalize=False)
+    def tokenize(self, base: BaseModel, texts: list[str]) -> dict[str, torch.Tensor]:
+        return {"input_ids": base.processor(texts).to(self.text_device(base.clip))}
+
+    def encode_tokens(self, base: BaseModel, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+        return base.clip.encode_text(tokens["input_ids"], normalize=False)
+
+    def token_embedding_owner(self, model: nn.Module) -> nn.Module:
+        """The text tower's (CoCa's `text`, which appends its CLS token after the embeddings)."""
+        owner = getattr(model, "text", None)
+        if not isinstance(getattr(owner, "token_embedding", None), nn.Embedding):
+            return super().token_embedding_owner(model)
+        return owner

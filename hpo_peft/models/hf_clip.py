@@ -74,12 +74,17 @@ class HFClip(Family):
     def text_device(self, model: nn.Module) -> torch.device:
         return next(model.text_model.parameters()).device
 
-    def encode_text(self, base: BaseModel, texts: list[str]) -> torch.Tensor:
-        clip = base.clip
+    def tokenize(self, base: BaseModel, texts: list[str]) -> dict[str, torch.Tensor]:
         tokens = base.processor.tokenizer(texts, max_length=77, padding=True, truncation=True, return_tensors="pt")
-        tokens = tokens.to(self.text_device(clip))
-        pooled = clip.text_model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]).pooler_output
-        return clip.text_projection(pooled)
+        device = self.text_device(base.clip)
+        return {"input_ids": tokens["input_ids"].to(device), "attention_mask": tokens["attention_mask"].to(device)}
+
+    def encode_tokens(self, base: BaseModel, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+        pooled = base.clip.text_model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]).pooler_output
+        return base.clip.text_projection(pooled)
+
+    def token_embedding_owner(self, model: nn.Module) -> nn.Module:
+        return model.text_model.embeddings  # CLIPTextEmbeddings: token_embedding(input_ids) + positions
 
 
 HUB_TIMEOUT_S = 5.0  # one bounded look at the hub when a model is not in the local cache

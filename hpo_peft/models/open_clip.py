@@ -77,12 +77,21 @@ class OpenClip(Family):
     def image_encoder(self, model: nn.Module) -> OpenClipEncoder:
         return OpenClipEncoder(model.visual)
 
-    def text_device(self, model: nn.Module) -> torch.device:
-        return model.token_embedding.weight.device
+    def tokenize(self, base: BaseModel, texts: list[str]) -> dict[str, torch.Tensor]:
+        return {"input_ids": base.processor(texts).to(self.text_device(base.clip))}
 
-    def encode_text(self, base: BaseModel, texts: list[str]) -> torch.Tensor:
-        tokens = base.processor(texts).to(self.text_device(base.clip))
-        return base.clip.encode_text(tokens)
+    def encode_tokens(self, base: BaseModel, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+        return base.clip.encode_text(tokens["input_ids"])
+
+    def text_device(self, model: nn.Module) -> torch.device:
+        return self.token_embedding_owner(model).token_embedding.weight.device
+
+    def token_embedding_owner(self, model: nn.Module) -> nn.Module:
+        """CLIP's own `token_embedding`, or its text tower's (`CustomTextCLIP.text`)."""
+        owner = model if hasattr(model, "token_embedding") else getattr(model, "text", None)
+        if not isinstance(getattr(owner, "token_embedding", None), nn.Embedding):
+            return super().token_embedding_owner(model)
+        return owner
 
 
 def _check_local(name: str) -> None:
