@@ -38,42 +38,53 @@ sys.path.insert(0, str(ROOT))
 DEMO = ROOT / "studies" / "demo.yaml"
 RESULTS = HERE / "results"
 SCENARIO = ["data.shots=16", "data.validation=kfold", "data.folds=4", "train.precision=fp32"]
+# demo.yaml's space on a grid: every method, 5 learning rates over its log range, every epoch count,
+# and for LoRA 4 of its 7 ranks (B initialised to zeros): 6 x 5 x 3 + 4 x 5 x 3 = 150 configurations
 GRID = {
     "method": ["zs_linear_probe", "clip_adapter", "clap", "affine_ln", "bias", "lora", "full"],
-    "learning_rate": [1e-3, 3e-3, 1e-2],
+    "learning_rate": [3e-4, 7e-4, 1.7e-3, 4e-3, 1e-2],
     "max_epochs": [10, 20, 30],
-    "lora.rank": [1, 4, 16],
+    "lora.rank": [1, 4, 16, 64],
+    "lora.b_init": ["zeros"],  # both would be 210 configurations: more than 2 cores afford here
 }
+GRID_NAME = "grid150"
 PATIENCE = 8  # fixed (the demo space's larger choice)
+FOLDS = 4
+LOCKED_CELLS = 10  # cells trained in one turn of the heavy-jobs lock
 BUDGETS = [4, 8, 12, 16, 24, 32, 48]
-STRATEGIES = {  # name: (sampler spec, pruner spec, first trials: none | demo (its enqueue) | race)
-    "random": ({"name": "random"}, {"name": "none"}, "none"),
-    "tpe (package default: 10 random first)": ({"name": "tpe"}, {"name": "none"}, "none"),
-    "tpe, 4 random first": ({"name": "tpe", "n_startup_trials": 4}, {"name": "none"}, "none"),
-    "demo.yaml today: course LoRA, tpe 4 first, median pruner": (
-        {"name": "tpe", "n_startup_trials": 4}, {"name": "median", "n_startup_trials": 2, "n_warmup_steps": 4}, "demo"),
-    "tpe independent, 4 first": ({"name": "tpe", "n_startup_trials": 4, "multivariate": False, "group": False},
-                                 {"name": "none"}, "none"),
-    "gp, 4 first": ({"name": "gp", "n_startup_trials": 4}, {"name": "none"}, "none"),
-    "race, then tpe": ({"name": "tpe", "n_startup_trials": 0}, {"name": "none"}, "race"),
-    "race, then tpe + median pruner": ({"name": "tpe", "n_startup_trials": 0},
-                                       {"name": "median", "n_startup_trials": 2, "n_warmup_steps": 4}, "race"),
-    "race, then gp": ({"name": "gp", "n_startup_trials": 0}, {"name": "none"}, "race"),
-    "tpe, 4 first + hyperband": ({"name": "tpe", "n_startup_trials": 4}, {"name": "hyperband", "min_resource": 2,
-                                                                          "max_resource": 30, "reduction_factor": 3}, "none"),
+MEDIAN = {"name": "median", "n_startup_trials": 2, "n_warmup_steps": 4}
+HYPERBAND = {"name": "hyperband", "min_resource": 2, "max_resource": 30, "reduction_factor": 3}
+SAMPLERS = {  # name: (sampler spec, first trials: none | demo (demo.yaml's enqueue) | race | portfolio)
+    "random": ({"name": "random"}, "none"),
+    "tpe (10 random first)": ({"name": "tpe"}, "none"),
+    "tpe, 4 first": ({"name": "tpe", "n_startup_trials": 4}, "none"),
+    "tpe independent, 4 first": ({"name": "tpe", "n_startup_trials": 4, "multivariate": False, "group": False}, "none"),
+    "gp, 4 first": ({"name": "gp", "n_startup_trials": 4}, "none"),
+    "race, then tpe": ({"name": "tpe", "n_startup_trials": 0}, "race"),
+    "portfolio, then tpe": ({"name": "tpe", "n_startup_trials": 4}, "portfolio"),  # 4: counts the portfolio's
 }
+PRUNERS = {"": {"name": "none"}, " + median": MEDIAN, " + hyperband": HYPERBAND, " + fold-1 median": "folds"}
+STRATEGIES = {f"{sampler}{suffix}": (spec, pruner, first)
+              for sampler, (spec, first) in SAMPLERS.items() for suffix, pruner in PRUNERS.items()}
+TODAY = "demo.yaml before: course LoRA, tpe 4 first, median pruner"
+STRATEGIES[TODAY] = ({"name": "tpe", "n_startup_trials": 4}, MEDIAN, "demo")
+PORTFOLIO_SIZE = 6  # at most: the greedy stops when no configuration brings the picks closer
 
 
-def first_trials(kind: str) -> list[dict]:
-    """What a new study enqueues before its sampler: demo.yaml's course LoRA (`search.enqueue`), or the
-    package's race (`search.start: race`: the enqueue, then every other method at its prior settings)."""
+def first_trials(kind: str, portfolio: list[dict] | None = None) -> list[dict]:
+    """What a strategy's study runs before its sampler: demo.yaml's former course-LoRA enqueue (`demo`),
+    the package's race (`search.start: race` on demo.yaml's space: every method at its prior settings),
+    or a portfolio (configurations learned on other kits)."""
     from hpo_peft.config_file import load_config
     from hpo_peft.search_space import first_trials as package_first_trials
 
-    if kind == "none":
-        return []
-    config = load_config(DEMO, ["search.start=race"] if kind == "race" else [])
-    return package_first_trials(config)
+    if kind == "demo":
+        return [{"method": "lora", "learning_rate": 1e-3, "max_epochs": 20, "lora.rank": 4, "lora.b_init": "zeros"}]
+    if kind == "race":
+        return package_first_trials(load_config(DEMO, ["search.start=race", "search.enqueue=[]"]))
+    if kind == "portfolio":
+        return list(portfolio or [])
+    return []
 
 
 @dataclass
@@ -85,15 +96,17 @@ class Cell:
     learning_rate: float
     max_epochs: int
     rank: int | None
+    b_init: str | None
     selection: float  # the trial's objective (validation balanced accuracy, kfold's fold mean)
     val_loss: float
     curve: list[float]  # the folds' mean validation balanced accuracy per epoch (what the pruner sees)
+    fold_curves: list[list[float]]  # each fold's validation balanced accuracy per epoch
     epochs: int  # epochs trained: every fold's, and the refit's
-    seconds: float
+    seconds: float  # measured holding the heavy-jobs lock (nothing else training on the cores)
     unseen: float  # balanced accuracy of the kept adapter on the unseen images
 
     def key(self) -> tuple:
-        return (self.method, self.learning_rate, self.max_epochs, self.rank)
+        return (self.method, self.learning_rate, self.max_epochs, self.rank, self.b_init)
 
 
 def log(message: str) -> None:
@@ -105,25 +118,45 @@ def configurations() -> list[dict]:
     for method in GRID["method"]:
         for lr in GRID["learning_rate"]:
             for epochs in GRID["max_epochs"]:
-                for rank in (GRID["lora.rank"] if method == "lora" else [None]):
-                    out.append({"method": method, "learning_rate": lr, "max_epochs": epochs, "rank": rank})
+                lora = [(r, b) for r in GRID["lora.rank"] for b in GRID["lora.b_init"]]
+                for rank, b_init in (lora if method == "lora" else [(None, None)]):
+                    out.append({"method": method, "learning_rate": lr, "max_epochs": epochs, "rank": rank, "b_init": b_init})
     return out
 
 
+def config_key(cfg: dict) -> tuple:
+    return (cfg["method"], cfg["learning_rate"], cfg["max_epochs"], cfg["rank"], cfg["b_init"])
+
+
 def table_path(kit_name: str, seed: int) -> Path:
-    return RESULTS / "search-table" / f"{kit_name}-seed{seed}.json"
+    return RESULTS / "search-table" / f"{kit_name}-{GRID_NAME}-seed{seed}.json"
 
 
 def load_cells(kit_name: str, seed: int) -> list[Cell]:
     path = table_path(kit_name, seed)
-    return [Cell(**row) for row in json.loads(path.read_text())] if path.exists() else []
+    if not path.exists():
+        return []
+    grid = {config_key(c) for c in configurations()}  # a table may hold cells of a larger grid: kept to the grid's
+    return [cell for cell in (Cell(**row) for row in json.loads(path.read_text())) if cell.key() in grid]
 
 
-def run_grid(kit: Path, kit_name: str, seed: int, unseen_per_class: int, lock: Path | None, limit: int | None = None) -> None:
+def kit_setup(kit_name: str, seed: int, unseen_per_class: int) -> tuple[list[str], dict]:
+    """The kit's overrides of demo.yaml and how its unseen images are named (a DataConfig update)."""
+    if kit_name == "demo-kit":
+        from selection import UNSEEN_TABLE, add_unseen_table, kit_overrides
+
+        kit = ROOT / "local_data" / "demo"
+        add_unseen_table(kit, unseen_per_class)
+        return kit_overrides(kit, seed), {"test_table": UNSEEN_TABLE}
+    import kits
+
+    kits.build_kit(kit_name)
+    return kits.overrides(kit_name, seed), {"test_dir": "unseen"}
+
+
+def run_grid(kit_name: str, seed: int, unseen_per_class: int, lock: Path | None, limit: int | None = None) -> None:
     """Every grid configuration for one seed; resumable (cells already in the table are kept)."""
     import fcntl
-
-    from selection import UNSEEN_TABLE, add_unseen_table, kit_overrides
 
     from hpo_peft.commands import prepare_study_config
     from hpo_peft.data import load_test
@@ -131,41 +164,39 @@ def run_grid(kit: Path, kit_name: str, seed: int, unseen_per_class: int, lock: P
     from hpo_peft.search_space import train_settings
     from hpo_peft.trial import open_workspace, run_trial
 
-    add_unseen_table(kit, unseen_per_class)
-    config = prepare_study_config(DEMO, [*kit_overrides(kit, seed), *SCENARIO])
+    overrides, unseen_update = kit_setup(kit_name, seed, unseen_per_class)
+    config = prepare_study_config(DEMO, [*overrides, *SCENARIO])
     workspace = open_workspace(config)
-    unseen = load_test(config.data.model_copy(update={"test_table": UNSEEN_TABLE}), workspace.base.preprocessing)
+    unseen = load_test(config.data.model_copy(update=unseen_update), workspace.base.preprocessing)
     cells = load_cells(kit_name, seed)
     done = {c.key() for c in cells}
-    todo = [c for c in configurations() if (c["method"], c["learning_rate"], c["max_epochs"], c["rank"]) not in done]
+    todo = [c for c in configurations() if config_key(c) not in done]
     todo = todo[:limit] if limit else todo
-    log(f"{kit_name} seed {seed}: {len(done)} cells stored, {len(todo)} to train")
+    log(f"{kit_name} seed {seed}: {len(done)} cells stored, {len(todo)} to train, {len(unseen.labels)} unseen images")
+    handle = None
     for number, cfg in enumerate(todo, 1):
         options = dict(config.methods.get(cfg["method"], {}))
         if cfg["rank"] is not None:
-            options.update(rank=cfg["rank"], b_init="zeros")
+            options.update(rank=cfg["rank"], b_init=cfg["b_init"])
         train = train_settings(config, cfg["method"], learning_rate=cfg["learning_rate"],
                                max_epochs=cfg["max_epochs"], patience=PATIENCE)
-        curve, fold_epochs = [], []
+        curve, folds = [], [[] for _ in range(FOLDS)]
 
         def on_epoch(metrics) -> None:
-            (fold_epochs if metrics.fold is not None else curve).append(
-                metrics.val_balanced_accuracy if metrics.fold is None else metrics.epoch)
+            (curve if metrics.fold is None else folds[metrics.fold]).append(metrics.val_balanced_accuracy)
 
-        handle = open(lock, "a") if lock else None
-        if handle:  # other heavy jobs on this machine take turns with each cell
+        if lock and handle is None:  # other heavy jobs on this machine take turns with each 10 cells
+            handle = open(lock, "a")
             fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            outcome = run_trial(workspace, cfg["method"], options, train, on_epoch, progress=False)
-            score = evaluate_as_trained(outcome.classifier, unseen, workspace.base.preprocessing,
-                                        config.data.categories, outcome.train_config)
-        finally:
-            if handle:
-                fcntl.flock(handle, fcntl.LOCK_UN)
-                handle.close()
-        trained = len(fold_epochs) + (outcome.selected_epoch or 0) if outcome.folds else len(curve)
-        cells.append(Cell(seed, cfg["method"], cfg["learning_rate"], cfg["max_epochs"], cfg["rank"],
-                          outcome.validation.balanced_accuracy, outcome.validation.loss, curve, trained,
+        outcome = run_trial(workspace, cfg["method"], options, train, on_epoch, progress=False)
+        score = evaluate_as_trained(outcome.classifier, unseen, workspace.base.preprocessing,
+                                    config.data.categories, outcome.train_config)
+        if handle and (number % LOCKED_CELLS == 0 or number == len(todo)):
+            handle.close()  # releases the lock
+            handle = None
+        trained = sum(len(f) for f in folds) + (outcome.selected_epoch or 0) if outcome.folds else len(curve)
+        cells.append(Cell(seed, cfg["method"], cfg["learning_rate"], cfg["max_epochs"], cfg["rank"], cfg["b_init"],
+                          outcome.validation.balanced_accuracy, outcome.validation.loss, curve, folds, trained,
                           outcome.seconds, score.balanced_accuracy))
         table_path(kit_name, seed).parent.mkdir(parents=True, exist_ok=True)
         table_path(kit_name, seed).write_text(json.dumps([asdict(c) for c in cells]))
@@ -173,172 +204,28 @@ def run_grid(kit: Path, kit_name: str, seed: int, unseen_per_class: int, lock: P
             f"unseen {score.balanced_accuracy:.2f}, {trained} epochs, {outcome.seconds:.1f} s")
 
 
-# ---------------------------------------------------------------------------------------------
-# strategies over the table
-# ---------------------------------------------------------------------------------------------
-def nearest(value: float, grid: list, log_scale: bool) -> float:
-    measure = (lambda v: math.log(v)) if log_scale else (lambda v: v)
-    return min(grid, key=lambda g: abs(measure(g) - measure(value)))
-
-
-def run_strategy(cells: list[Cell], name: str, n_trials: int, seed: int) -> list[dict]:
-    """One strategy's study over the table: per trial, its state, and the pick so far."""
-    import optuna
-
-    from hpo_peft.config import StudyConfig
-    from hpo_peft.samplers import make_pruner, make_sampler
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    sampler_spec, pruner_spec, first = STRATEGIES[name]
-    config = StudyConfig.model_validate({"data": {"root": ".", "seed": seed}, "search": {"sampler": {**sampler_spec, "seed": seed},
-                                                                              "pruner": pruner_spec}})
-    study = optuna.create_study(direction="maximize", sampler=make_sampler(config), pruner=make_pruner(config))
-    for params in first_trials(first):
-        study.enqueue_trial({k: v for k, v in params.items() if k in ("method", "learning_rate", "max_epochs", "lora.rank")})
-    by_key = {c.key(): c for c in cells}
-    lrs = GRID["learning_rate"]
-    rows = []
-
-    def objective(trial) -> float:
-        method = trial.suggest_categorical("method", GRID["method"])
-        lr = nearest(trial.suggest_float("learning_rate", 3e-4, 1e-2, log=True), lrs, True)
-        epochs = trial.suggest_int("max_epochs", 10, 30, step=10)
-        rank = int(trial.suggest_categorical("lora.rank", GRID["lora.rank"])) if method == "lora" else None
-        cell = by_key[(method, lr, epochs, rank)]
-        folds = 4
-        for epoch, value in enumerate(cell.curve, 1):
-            trial.report(value, epoch)
-            if trial.should_prune():
-                rows.append({"state": "PRUNED", "epochs": epoch * folds, "seconds": cell.seconds * epoch / len(cell.curve)})
-                raise optuna.TrialPruned()
-        rows.append({"state": "COMPLETE", "epochs": cell.epochs, "seconds": cell.seconds, "cell": cell})
-        return cell.selection
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        study.optimize(objective, n_trials=n_trials)
-    best, spent, seconds, out = None, 0, 0.0, []
-    for row in rows:
-        spent, seconds = spent + row["epochs"], seconds + row["seconds"]
-        cell = row.get("cell")
-        if cell is not None and (best is None or (cell.selection, -cell.val_loss) > (best.selection, -best.val_loss)):
-            best = cell
-        out.append({"pick_unseen": best.unseen if best else None, "pick": best.key() if best else None,
-                    "epochs": spent, "seconds": seconds})
-    return out
-
-
-def median(values: list) -> float | None:
-    values = [v for v in values if v is not None]
-    return statistics.median(values) if values else None
-
-
-def curves(kit_name: str, seeds: list[int], n_max: int) -> dict:
-    tables = {seed: load_cells(kit_name, seed) for seed in seeds}
-    full = len(configurations())
-    missing = [s for s, t in tables.items() if len(t) < full]
-    if missing:
-        raise SystemExit(f"seeds {missing}: the table is incomplete (run `grid` first)")
-    oracle = {seed: max(c.unseen for c in t) for seed, t in tables.items()}
-    # every configuration tried, the best selection score picked: what no search can beat with these labels
-    exhaustive = {seed: max(t, key=lambda c: (c.selection, -c.val_loss)).unseen for seed, t in tables.items()}
-    report = {"oracle": oracle, "oracle_median": median(list(oracle.values())), "exhaustive": exhaustive,
-              "exhaustive_below_oracle": median([oracle[s] - exhaustive[s] for s in seeds]),
-              "grid_epochs": median([sum(c.epochs for c in t) for t in tables.values()]), "strategies": {}}
-    for name in STRATEGIES:
-        runs = {seed: run_strategy(tables[seed], name, n_max, seed) for seed in seeds}
-        points = {}
-        for n in [b for b in BUDGETS if b <= n_max]:
-            points[n] = {
-                "pick_unseen": median([runs[s][n - 1]["pick_unseen"] for s in seeds]),
-                "below_oracle": median([oracle[s] - runs[s][n - 1]["pick_unseen"] for s in seeds
-                                        if runs[s][n - 1]["pick_unseen"] is not None]),
-                "epochs": median([runs[s][n - 1]["epochs"] for s in seeds]),
-                "seconds": median([runs[s][n - 1]["seconds"] for s in seeds]),
-            }
-        report["strategies"][name] = points
-        log(f"{name}: " + ", ".join(f"n={n} {p['below_oracle']:.2f} below" for n, p in points.items()
-                                    if p["below_oracle"] is not None))
-    return report
-
-
-def write_report(kit_name: str, seeds: list[int], report: dict, tag: str) -> Path:
-    from harness import machine_info
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    info = machine_info("cpu")
-    stem = RESULTS / f"search-{date.today().isoformat()}-{kit_name}-{tag}"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str))
-    figure, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for name, points in report["strategies"].items():
-        ns = list(points)
-        ax.plot(ns, [points[n]["below_oracle"] for n in ns], marker="o", label=name)
-        bx.plot([points[n]["epochs"] for n in ns], [points[n]["below_oracle"] for n in ns], marker="o", label=name)
-    for axis, xlabel in ((ax, "trials"), (bx, "epochs trained (median over seeds)")):
-        axis.set_xlabel(xlabel)
-        axis.set_ylabel("oracle - pick, unseen balanced accuracy (points)")
-        axis.axhline(3, color="grey", lw=0.8, ls="--")
-        axis.axhline(6, color="grey", lw=0.8, ls=":")
-        axis.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    figure.suptitle(f"{kit_name}: distance of each strategy's pick from the grid's oracle (median over seeds {seeds})")
-    figure.tight_layout()
-    figure.savefig(stem.with_suffix(".png"), dpi=110)
-    lines = [
-        f"# Search efficiency against the oracle: {kit_name}",
-        "",
-        f"- date: {info['date']}; commit {info['commit']}; machine: {info['cpu']}, {info['cores']} cores, "
-        f"{info['torch_threads']} torch threads, torch {info['versions'].get('torch')}, CPU fp32; seconds were "
-        "measured with other jobs taking turns on the same cores (epochs are the compute figure to compare)",
-        f"- scenario: studies/demo.yaml's space on the demo kit, {' '.join(SCENARIO)}; grid {GRID}, patience {PATIENCE}",
-        f"- oracle (best unseen balanced accuracy in the grid), per seed: "
-        + ", ".join(f"{s}: {v:.2f}" for s, v in report["oracle"].items()) + f"; median {report['oracle_median']:.2f}",
-        "- first trials: `demo` enqueues demo.yaml's course LoRA (lr 1e-3, 20 epochs, rank 4); `race` is the package's "
-        "`search.start: race` on demo.yaml: that entry, then every other method at its prior settings (black-box "
-        "adapters lr 3e-3, 30 epochs; Affine-LN, bias, full lr 1e-3, 20 epochs), 7 trials",
-        f"- the exhaustive pick (all {len(configurations())} configurations trained, the best selection score picked): "
-        + ", ".join(f"{s}: {v:.2f}" for s, v in report["exhaustive"].items())
-        + f"; median {report['exhaustive_below_oracle']:.2f} points below the oracle, for "
-        f"{report['grid_epochs']:.0f} epochs: the distance that selection on these labels leaves, whatever the search",
-        "- cells: median over seeds of (oracle - the pick's unseen score), points; in brackets the median epochs trained",
-        "",
-        "| strategy | " + " | ".join(f"n={n}" for n in BUDGETS) + " |",
-        "|---|" + "---|" * len(BUDGETS),
-    ]
-    for name, points in report["strategies"].items():
-        cells = [f"{points[n]['below_oracle']:.2f} ({points[n]['epochs']:.0f})" if n in points and
-                 points[n]["below_oracle"] is not None else "-" for n in BUDGETS]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", f"![curves]({stem.with_suffix('.png').name})", ""]
-    stem.with_suffix(".md").write_text("\n".join(lines))
-    return stem.with_suffix(".md")
+KIT_NAMES = ["demo-kit", "three-class-untrained", "five-class-pretrained"]
+UNSEEN_PER_CLASS = {"demo-kit": 500}  # the generated kits' unseen folders are drawn with the kit (kits.py)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("step", choices=["grid", "curves"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
-    parser.add_argument("--kit", type=Path, default=ROOT / "local_data" / "demo")
-    parser.add_argument("--kit-name", default="demo-kit")
-    parser.add_argument("--unseen-per-class", type=int, default=250)
+    parser.add_argument("--kits", nargs="+", default=KIT_NAMES, choices=KIT_NAMES)
     parser.add_argument("--trials", type=int, default=48, help="the longest study each strategy runs")
     parser.add_argument("--lock", type=Path, default=None, help="a lock file shared with other heavy jobs")
     parser.add_argument("--tag", default="a")
     parser.add_argument("--limit", type=int, default=None, help="grid: at most this many new cells per seed")
     args = parser.parse_args()
     if args.step == "grid":
-        from hpo_peft.demo_kit import build_demo_kit
-
-        build_demo_kit(args.kit)
-        for seed in args.seeds:
-            run_grid(args.kit, args.kit_name, seed, args.unseen_per_class, args.lock, args.limit)
+        for seed in args.seeds:  # a seed on every kit, then the next: stopped early, every kit has as many seeds
+            for kit in args.kits:
+                run_grid(kit, seed, UNSEEN_PER_CLASS.get(kit, 0), args.lock, args.limit)
     else:
-        report = curves(args.kit_name, args.seeds, args.trials)
-        log(f"written {write_report(args.kit_name, args.seeds, report, args.tag)}")
+        from search_replay import report_all
+
+        log(f"written {report_all(args.kits, args.seeds, args.trials, args.tag)}")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,13 @@ into its ranges, the method's prior settings for keys an entry leaves out. Learn
 a starting point for a search, not a recipe for PLIP-sized models.
 """
 
-SOURCE = "benchmarks/results/search-2026-12-07-3-kits-grid210-a.md"
+SOURCE = "benchmarks/results/search-2026-12-07-3-kits-grid150-a.md"
 
-PORTFOLIO: list[dict] = []
+PORTFOLIO: list[dict] = [  # in the order they run
+    {"method": "lora", "learning_rate": 0.004, "max_epochs": 30, "rank": 64, "b_init": "zeros"},
+    {"method": "lora", "learning_rate": 0.004, "max_epochs": 30, "rank": 1, "b_init": "zeros"},
+    {"method": "full", "learning_rate": 0.0007, "max_epochs": 30},
+    {"method": "lora", "learning_rate": 0.0017, "max_epochs": 30, "rank": 64, "b_init": "zeros"},
+    {"method": "lora", "learning_rate": 0.01, "max_epochs": 20, "rank": 4, "b_init": "zeros"},
+    {"method": "bias", "learning_rate": 0.004, "max_epochs": 20},
+]

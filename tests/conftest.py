@@ -17,10 +17,18 @@ def demo_kit(tmp_path_factory) -> Path:
     return build_demo_kit(tmp_path_factory.mktemp("kit") / "demo", progress=False)
 
 
+# the tests' search settings over demo.yaml's space: how the demo started and pruned before the search
+# benchmark chose its default (tests check mechanisms on them; test_search checks the shipped default)
+TEST_SEARCH = {"sampler": {"name": "tpe", "n_startup_trials": 4},
+               "pruner": {"name": "median", "n_startup_trials": 2, "n_warmup_steps": 4}, "start": "sampler",
+               "enqueue": [{"method": "lora", "learning_rate": 0.001, "max_epochs": 20, "lora.rank": 4, "lora.b_init": "zeros"}]}
+
+
 def demo_config_dict(kit: Path, search: dict | None = None) -> dict:
-    """studies/demo.yaml, pointed at the session's kit; `search` merged into its search section (a
-    test's own space: the demo's enqueued trial may lie outside it, so it is dropped)."""
+    """studies/demo.yaml, pointed at the session's kit, searching with TEST_SEARCH; `search` merged into
+    its search section (a test's own space: the demo's enqueued trial may lie outside it, so it is dropped)."""
     raw = yaml.safe_load((ROOT / "studies" / "demo.yaml").read_text())
+    raw["search"] = {**raw["search"], **TEST_SEARCH}
     raw["demo_kit"] = None
     raw["data"]["root"] = str(kit / "sicapv2")
     raw["model"]["name_or_path"] = str(kit / "model")

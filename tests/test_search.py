@@ -191,6 +191,48 @@ def test_the_portfolio_is_taken_into_the_study_space(demo_kit, monkeypatch):
         {"method": "clap", "learning_rate": 0.002, "max_epochs": 30}]
 
 
+def test_a_new_study_enqueues_the_shipped_portfolio_after_its_own_entries(demo_kit, where):
+    raw = demo_config_dict(demo_kit)
+    raw["search"]["start"] = "portfolio"
+    config = StudyConfig.model_validate(raw)
+    entries = portfolio_entries(config)
+    # the shipped portfolio was learned on demo.yaml's space: every entry is in it as it stands
+    assert len(entries) == len(portfolio.PORTFOLIO) >= 4
+    for entry, values in zip(entries, portfolio.PORTFOLIO):
+        assert {k.split(".")[-1]: v for k, v in entry.items() if k.split(".")[-1] in values} == values
+    study = create_study(config, where)
+    waiting = [t.system_attrs["fixed_params"] for t in study.get_trials(states=(optuna.trial.TrialState.WAITING,))]
+    assert waiting == [*config.search.enqueue, *entries]
+    create_study(config, where)  # a second session: nothing enqueued again
+    assert len(load_study(where).trials) == len(waiting)
+
+
+SHIPPED = sorted(p.name for p in (Path(__file__).resolve().parents[1] / "studies").glob("*.yaml") if p.name != "course_notebook.yaml")
+
+
+def benchmark_result() -> dict:
+    """The search benchmark's dated result that portfolio.py names (its JSON beside the report)."""
+    import json
+
+    return json.loads((Path(__file__).resolve().parents[1] / portfolio.SOURCE).with_suffix(".json").read_text())
+
+
+def test_the_shipped_portfolio_is_the_one_the_benchmark_learned():
+    assert portfolio.PORTFOLIO == benchmark_result()["portfolio_all_kits"]
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_shipped_study_starts_samples_and_prunes_as_the_benchmark_chose(name):
+    import yaml
+
+    chosen = benchmark_result()["chosen_settings"]
+    search = yaml.safe_load((Path(__file__).resolve().parents[1] / "studies" / name).read_text())["search"]
+    assert search.get("start", "sampler") == chosen["start"]
+    assert search["sampler"] == {k: v for k, v in chosen["sampler"].items() if k != "seed"}
+    # Hyperband's max_resource comes from each space's epochs (make_pruner); the rest as benchmarked
+    assert search["pruner"] == {k: v for k, v in chosen["pruner"].items() if k != "max_resource"}
+
+
 # Hyperband on epochs --------------------------------------------------------------------------------
 def test_hyperband_takes_its_resources_from_the_epochs_a_trial_can_train(demo_kit):
     config = StudyConfig.model_validate(demo_config_dict(demo_kit, {"pruner": {"name": "hyperband"}}))
