@@ -15,7 +15,6 @@ have "$R/usr/sbin/munged" "$R/usr/bin/munged" || missing+=(munge)
 have "$R/usr/bin/chromium" || missing+=(chromium)
 [ ${#missing[@]} -eq 0 ] && exit 0
 
-command="apt-get update && apt-get install -y ${missing[*]}"
 if ! command -v apt-get >/dev/null 2>&1; then
     echo "make test: missing ${missing[*]} (no apt-get here: install them with your system's package manager)" >&2
     exit 1
@@ -25,7 +24,7 @@ if [ "$(id -u)" -eq 0 ]; then
 elif command -v sudo >/dev/null 2>&1 && sudo -n true >/dev/null 2>&1; then
     as=(sudo -n)
 else
-    echo "make test: missing ${missing[*]}: install them with 'sudo $command'" >&2
+    echo "make test: missing ${missing[*]}: install them with 'sudo apt-get update && sudo apt-get install -y ${missing[*]}'" >&2
     exit 1
 fi
 echo "make test: installing ${missing[*]} (apt-get)" >&2

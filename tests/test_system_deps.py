@@ -34,7 +34,7 @@ def test_a_user_without_sudo_is_told_in_one_line_what_to_install(tmp_path):
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
-    assert f"missing {PACKAGES}" in lines[0] and f"sudo apt-get update && apt-get install -y {PACKAGES}" in lines[0]
+    assert f"missing {PACKAGES}" in lines[0] and f"sudo apt-get update && sudo apt-get install -y {PACKAGES}" in lines[0]
     assert not (tmp_path / "apt.log").exists()
 
 
