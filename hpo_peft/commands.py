@@ -116,9 +116,7 @@ def _study_trial(config: StudyConfig, name: str, report, progress: bool) -> dict
         "training": outcome.training.as_dict(), "folds": [f.as_dict() for f in outcome.folds],
         "validation": outcome.validation.as_dict() if outcome.validation is not None else None,
         "test": test.as_dict(), "classifier": outcome.classifier, "base": workspace.base, "lines": lines,
-        "saved": {"train": outcome.train_config.model_dump(mode="json"), "selected_epoch": outcome.selected_epoch,
-                  "data": {"shots": config.data.shots, "seed": config.data.seed, "validation": outcome.scheme,
-                           "labels_per_class": outcome.labels_per_class, "refit": outcome.refit}},
+        "saved": outcome.adapter_metadata(config.data.shots, config.data.seed),
     }
 
 

@@ -181,9 +181,7 @@ def log_outcome(tracker: Tracker, run_id: str, outcome: TrialOutcome, workspace:
     with temporary_folder() as tmp:
         folder = save_adapter(
             Path(tmp) / "adapter", outcome.classifier, workspace.base, outcome.method, outcome.method_options, config,
-            extra={"train": outcome.train_config.model_dump(), "selected_epoch": outcome.selected_epoch,
-                   "data": {"shots": config.data.shots, "seed": config.data.seed, "validation": outcome.scheme,
-                            "labels_per_class": outcome.labels_per_class, "refit": outcome.refit}},
+            extra=outcome.adapter_metadata(config.data.shots, config.data.seed),
         )
         tracker.log_adapter(run_id, folder)
     return objective

@@ -157,8 +157,7 @@ def portfolio_entries(config: StudyConfig) -> list[dict[str, Any]]:
     entries of methods the space draws, their values clipped into it (entry_at), each once."""
     drawn, out = methods_drawn(config), []
     for values in PORTFOLIO:
-        entry = entry_at(config, values["method"], values) if values["method"] in drawn else None
-        if entry is not None and entry not in out:
+        if values["method"] in drawn and (entry := entry_at(config, values["method"], values)) not in out:
             out.append(entry)
     return out
 

@@ -93,6 +93,13 @@ class TrialOutcome:
         """kfold: the folds' mean curve (the folds train in lockstep: every one reaches every epoch)."""
         return mean_curve([f.history for f in self.folds])
 
+    def adapter_metadata(self, shots: int, seed: int) -> dict[str, Any]:
+        """What the kept adapter's metadata records of its training (artifacts.save_adapter's `extra`):
+        predict runs it in the precision it trained in."""
+        return {"train": self.train_config.model_dump(), "selected_epoch": self.selected_epoch,
+                "data": {"shots": shots, "seed": seed, "validation": self.scheme,
+                         "labels_per_class": self.labels_per_class, "refit": self.refit}}
+
 
 def pooled(metrics: list[Metrics]) -> Metrics:
     """One validation result from the folds': mean balanced accuracy and loss (the score), and the
