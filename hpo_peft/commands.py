@@ -99,6 +99,8 @@ def _study_trial(config: StudyConfig, name: str, report, progress: bool) -> dict
     if outcome.scheme == "holdout" and outcome.training.best is not None:
         lines.append(f"best epoch {outcome.selected_epoch} (early stop: {outcome.training.stopped_early})"
                      + (f"; adapter refit on all {outcome.labels_per_class} labels/class for as many epochs" if outcome.refit else ""))
+    elif outcome.scheme == "kfold" and not outcome.folds:  # a method that trains nothing: scored on each fold
+        lines.append(f"{len(outcome.fold_validations)} folds scored; nothing trains, so nothing is refit")
     elif outcome.scheme == "kfold":
         lines.append(f"{len(outcome.folds)} folds; adapter refit on all {config.data.shots} shots/class for "
                      f"{outcome.selected_epoch} epochs (the folds' mean curve's best epoch)")

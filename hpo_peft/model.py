@@ -15,9 +15,8 @@ from torch import nn
 
 from hpo_peft.config import PromptConfig
 from hpo_peft.models import BaseModel, load_base_model
-from hpo_peft.models.hf_clip import ImageEncoder
 
-__all__ = ["BaseModel", "ImageClassifier", "ImageEncoder", "ZeroShotHead", "build_classifier", "class_names", "count_trainable",
+__all__ = ["BaseModel", "ImageClassifier", "ZeroShotHead", "build_classifier", "class_names", "count_trainable",
            "encoder_is_frozen", "load_base_model", "prompt_texts", "text_prototypes"]
 
 

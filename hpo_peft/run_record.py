@@ -149,7 +149,7 @@ def few_shot_inputs(workspace: Workspace) -> list[tuple]:
 
 
 def log_outcome(tracker: Tracker, run_id: str, outcome: TrialOutcome, workspace: Workspace,
-                trial: optuna.Trial | None = None, params: dict | None = None) -> float:
+                trial: optuna.Trial, params: dict) -> float:
     """Everything a completed trial keeps; returns the objective as logged (Optuna's value)."""
     config = workspace.config
     val = outcome.validation
@@ -166,15 +166,14 @@ def log_outcome(tracker: Tracker, run_id: str, outcome: TrialOutcome, workspace:
     tracker.log_figure(run_id, validation_confusion(outcome), "validation_confusion_matrix.png")
     history = outcome.mean_history() if outcome.folds else outcome.training.history
     name = story.trial_name(trial.number, outcome.method, dict(trial.params), "COMPLETE", objective,
-                            label=run_label(trial)) if trial else None
+                            label=run_label(trial))
     if history:
-        title = f"{name or outcome.method}" + (" (mean over folds)" if outcome.folds else "")
+        title = name + (" (mean over folds)" if outcome.folds else "")
         tracker.log_figure(run_id, story.learning_curve_figure(history, outcome.selected_epoch, title), "learning_curve.png")
     tracker.log_datasets(run_id, few_shot_inputs(workspace))
-    if name:
-        tracker.describe(run_id, name, story.trial_description(
-            params or {}, "COMPLETE", objective, outcome.selected_epoch, outcome.trainable_parameters, outcome.scheme,
-            refit=outcome.refit, standard_error=val.standard_error))
+    tracker.describe(run_id, name, story.trial_description(
+        params, "COMPLETE", objective, outcome.selected_epoch, outcome.trainable_parameters, outcome.scheme,
+        refit=outcome.refit, standard_error=val.standard_error))
     tracker.log_dict(run_id, {**val.as_dict(), "scheme": outcome.scheme, "training": outcome.training.as_dict(),
                               "folds": [f.as_dict() for f in outcome.folds], "scored_epochs": outcome.scored_epochs},
                     "validation_metrics.json")

@@ -80,7 +80,7 @@ def trial_name(number: int, method: str, sampled: dict[str, Any], state: str, va
         return f"{lead}{trial_label(number, method, sampled)}: {value:.1f}"
     if state == "PRUNED":
         return f"{lead}t{number:03d} {method} pruned" + (f"@{pruned_at}" if pruned_at else "")
-    if state in ("FAIL", "FAILED", "KILLED"):
+    if state in ("FAIL", "KILLED"):
         return f"{lead}t{number:03d} {method} {'KILLED' if state == 'KILLED' else 'FAILED'}"
     return lead + trial_label(number, method, sampled)
 

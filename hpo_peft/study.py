@@ -191,7 +191,7 @@ def make_objective(workspace: Workspace, config: StudyConfig, tracker: Tracker, 
                 trial.set_user_attr(VAL_LOSS_ATTR, outcome.validation.loss)  # tie-breakers (selection.py)
                 trial.set_user_attr(TRAINABLE_ATTR, outcome.trainable_parameters)
                 trial.set_user_attr(STANDARD_ERROR_ATTR, outcome.validation.standard_error)  # the parent's, when best
-                if outcome.folds:
+                if outcome.fold_validations:  # kfold, a method that trains or not
                     trial.set_user_attr(FOLD_SCORES_ATTR, outcome.fold_scores())  # for corrected_score
             except Exception as err:
                 release_accelerator_memory()  # e.g. after CUDA out-of-memory, for the next trial
@@ -388,10 +388,6 @@ def run_workers(config: StudyConfig, options: StudyLocation, parent_id: str, n_t
     failed = [w.name for w in workers if w.exitcode not in (0, None)]
     if failed:
         print(f"workers ended abnormally: {failed} (their trials are recovered by the next `study run`)")
-
-
-def best_trial(options: StudyLocation) -> optuna.trial.FrozenTrial:
-    return best_and_corrected(options)[0]
 
 
 def best_and_corrected(options: StudyLocation) -> tuple[optuna.trial.FrozenTrial, float | None]:

@@ -373,19 +373,6 @@ class Tracker:
         monitor.start()
         return monitor
 
-    # registry -------------------------------------------------------------------------------
-    @_whole
-    def register_adapter(self, run_id: str, name: str, alias: str = "best") -> int:
-        """Register the run's adapter folder as a model version and point `alias` at it."""
-        try:
-            self.client.get_registered_model(name)
-        except MlflowException:
-            self.client.create_registered_model(name, description="hpo-peft adapter (see hpo_peft_adapter.json)")
-        source = f"{self.client.get_run(run_id).info.artifact_uri}/{ADAPTER_PATH}"
-        version = self.client.create_model_version(name, source, run_id=run_id)
-        self.client.set_registered_model_alias(name, alias, version.version)
-        return int(version.version)
-
 
 def temporary_folder() -> tempfile.TemporaryDirectory:
     return tempfile.TemporaryDirectory(prefix="hpo_peft_")

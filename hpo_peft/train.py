@@ -162,7 +162,7 @@ class Training:
 
     def patience_ran_out(self) -> bool:
         best, patience = self.result.best, self.config.patience
-        return not self.blind and patience is not None and len(self.result.history) - best.epoch >= patience
+        return patience is not None and len(self.result.history) - best.epoch >= patience  # asked of validated runs only
 
     def finish(self) -> TrainResult:
         if self.keep_best:

@@ -82,7 +82,7 @@ class TrialOutcome:
     folds: list[TrainResult] = field(default_factory=list)  # kfold: one per fold
     selected_epoch: int | None = None  # the epoch of the kept weights (holdout's best, kfold's refit length)
     scored_epochs: list[int] = field(default_factory=list)  # kfold: the epoch each fold is scored at
-    fold_validations: list[Metrics] = field(default_factory=list)  # kfold: each fold's score there
+    fold_validations: list[Metrics] = field(default_factory=list)  # kfold: each fold's score (zero-shot, Tip-Adapter too)
     refit: bool = False  # the kept adapter was trained again on all labels (kfold; holdout with data.refit)
 
     def fold_scores(self) -> list[float]:
@@ -184,7 +184,7 @@ def run_trial(
         folds=folds,
         selected_epoch=selected,
         scored_epochs=scored,
-        fold_validations=scores if folds else [],
+        fold_validations=scores if plan.scheme == "kfold" else [],  # trained or not: one per fold
         refit=refits,
     )
 

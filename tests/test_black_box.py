@@ -7,7 +7,8 @@ from hpo_peft.artifacts import load_adapter, save_adapter
 from hpo_peft.config import TrainConfig
 from hpo_peft.methods import METHODS, method_config
 from hpo_peft.methods.black_box import CLAPHead, CLIPAdapterHead
-from hpo_peft.model import ImageEncoder, ZeroShotHead, build_classifier, count_trainable
+from hpo_peft.model import ZeroShotHead, build_classifier, count_trainable
+from hpo_peft.models.hf_clip import ImageEncoder
 from hpo_peft.trial import run_trial
 
 BLACK_BOX = ["linear_probe", "zs_linear_probe", "clip_adapter", "clap"]

@@ -302,6 +302,7 @@ def test_retention_drops_superseded_adapters_and_keeps_the_best_and_registered(c
     on the run. Then `best:1` keeps the best and a registered trial, and evaluate says why a
     dropped one has no adapter."""
     from hpo_peft import retention
+    from hpo_peft.pyfunc_model import log_adapter_model, register_model
     from hpo_peft.recovery import RUN_ID_ATTR
     from hpo_peft.selection import selection_key
     from hpo_peft.tracking import Tracker
@@ -321,7 +322,7 @@ def test_retention_drops_superseded_adapters_and_keeps_the_best_and_registered(c
     assert "best:2" in client.get_run(third).data.tags["hpo_peft.adapter_dropped"]
     assert "hpo_peft.adapter_dropped" not in client.get_run(second).data.tags
 
-    tracker.register_adapter(second, "kept-by-hand", alias="mine")
+    register_model(tracker, second, log_adapter_model(tracker, second), "kept-by-hand", alias="mine")
     assert retention.enforce(study, tracker, "best:1") == []
     assert has_adapter(best) and has_adapter(second)
 

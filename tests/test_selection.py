@@ -18,7 +18,7 @@ from hpo_peft.selection import (
     corrected_score,
     select_best,
 )
-from hpo_peft.study import StudyLocation, best_trial, load_study
+from hpo_peft.study import StudyLocation, best_and_corrected, load_study
 
 COURSE_SGD = {"optimizer": "sgd", "learning_rate": 0.001, "max_epochs": 100, "patience": 20}
 
@@ -115,7 +115,7 @@ def test_study_best_uses_the_tie_break(tmp_path):
     study = optuna.create_study(study_name="ties", storage=open_storage(options.storage), direction="maximize")
     study.add_trial(completed(80.0, 1.2, 10))
     study.add_trial(completed(80.0, 0.4, 10))
-    assert best_trial(options).number == 1
+    assert best_and_corrected(options)[0].number == 1
 
 
 def test_continuing_a_study_under_other_settings_is_refused_before_anything_is_written(write_config, tmp_path, capsys,

@@ -211,6 +211,32 @@ def test_a_kfold_study_logs_its_budget_fold_curves_and_prunes_on_the_mean_curve(
         assert best["val_balanced_accuracy_corrected"] is None
 
 
+def test_kfold_trials_that_train_nothing_keep_their_fold_scores_for_the_correction(write_config, tmp_path, capsys):
+    """Zero-shot and Tip-Adapter score on each fold's validation images like a trained method: the
+    trial's value is their mean, and the winner's-curse correction counts them among its rows."""
+    from hpo_peft.selection import FOLD_SCORES_ATTR, corrected_score, select_best
+
+    search = {"n_trials": 2, "sampler": {"name": "random"}, "pruner": {"name": "none"},
+              "params": {"method": {"choices": ["zero_shot", "tip_adapter"]}, "max_epochs": 2},
+              "enqueue": [{"method": "zero_shot"}, {"method": "tip_adapter"}]}
+    config = write_config(data={"shots": 4, "validation": "kfold", "folds": 2}, search=search)
+    options = StudyLocation("kz", storage=str(tmp_path / "o.journal"), tracking_uri=f"sqlite:///{tmp_path}/m.db")
+    study = run_study(prepare_study_config(config, []), options, n_trials=2, timeout=None)
+    trials = study.trials
+    assert sorted(t.params["method"] for t in trials) == ["tip_adapter", "zero_shot"]
+    for trial in trials:
+        assert trial.state.name == "COMPLETE"
+        assert len(trial.user_attrs[FOLD_SCORES_ATTR]) == 2
+        assert np.mean(trial.user_attrs[FOLD_SCORES_ATTR]) == pytest.approx(trial.value, rel=1e-5)
+    best = select_best(trials)
+    assert corrected_score(trials, best) is not None
+    capsys.readouterr()
+    assert main(["study", "best", str(config), "--study-name", "kz", "--storage", options.storage,
+                 "--tracking-uri", options.tracking_uri, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["val_balanced_accuracy_corrected"] == pytest.approx(
+        corrected_score(trials, best))
+
+
 @pytest.mark.parametrize("validation, budget", [("kfold", lambda k: k), ("holdout", lambda k: 2 * k)])
 def test_compare_reads_no_more_labels_than_its_budget(write_config, tmp_path, monkeypatch, capsys, validation, budget):
     from hpo_peft import trial as trial_module
@@ -287,3 +313,11 @@ def test_a_holdout_trial_with_refit_keeps_an_adapter_trained_on_every_label(demo
     # a study started before the key existed keeps its fingerprint; turning refit on changes it
     assert "data.refit" not in fingerprint(plain.config)
     assert differences(fingerprint(plain.config), fingerprint(refit.config)) == ["data.refit"]
+
+
+def test_the_trial_command_says_a_kfold_trial_that_trains_nothing_was_scored_on_each_fold(write_config, capsys):
+    config = write_config(data={"shots": 4, "validation": "kfold", "folds": 2})
+    assert main(["trial", str(config), "--method", "zero_shot"]) == 0
+    out = capsys.readouterr().out
+    assert "2 folds scored; nothing trains, so nothing is refit" in out
+    assert "refit on all" not in out and "None epochs" not in out
