@@ -9,6 +9,9 @@ draw is snapped to the nearest grid value, so the configuration is looked up in 
 - "fold-1 median" is folds as a fidelity: the trial reports its first fold's best score, then the
   first two folds' mean, ..., and a median pruner may stop it after any fold; a trial stopped after
   k folds cost those folds' epochs (folds run one after another here, as the package does not);
+- "median within method" is Optuna's MedianPruner (demo.yaml's settings) judging a trial only against
+  the trials of its own method (`WithinMethodPruner`): its n_startup_trials and median count per method,
+  so a method whose curves rise slowly early is not pruned for being unlike LoRA's or full's;
 - the pick after n trials is the completed trial with the best selection score (ties: the lower
   validation loss); the figure of merit is the oracle's unseen score minus the pick's.
 The portfolio for kit X is learned on the other kits' tables only (greedy: each next configuration is
@@ -23,12 +26,49 @@ import time
 import warnings
 from datetime import date
 
-from search import (BUDGETS, FOLDS, GRID, GRID_NAME, PORTFOLIO_SIZE, RESULTS, SCENARIO, STRATEGIES, TODAY, Cell,
-                    configurations, first_trials, load_cells, log)
+import optuna
 
+from search import (BUDGETS, FOLDS, GRID, GRID_NAME, MEDIAN, PORTFOLIO_SIZE, RESULTS, SCENARIO, STRATEGIES, TODAY,
+                    Cell, configurations, first_trials, load_cells, log)
+
+WITHIN_METHOD = "median within method"  # the pruner spec of the strategies below: MEDIAN, per method
+STRATEGIES["portfolio, then tpe + median within method"] = ({"name": "tpe", "n_startup_trials": 4}, WITHIN_METHOD,
+                                                            "portfolio")
+STRATEGIES["tpe, 4 first + median within method"] = ({"name": "tpe", "n_startup_trials": 4}, WITHIN_METHOD, "none")
 RANKS = [1, 2, 4, 8, 16, 32, 64]  # demo.yaml's choices (the grid holds 1, 4, 16, 64)
 SHOWN = ["random", TODAY, "tpe, 4 first", "tpe, 4 first + hyperband", "gp, 4 first", "race, then tpe + hyperband",
          "portfolio, then tpe", "portfolio, then tpe + hyperband", "tpe, 4 first + fold-1 median"]
+
+
+class _SameParamStudy:
+    """A view of a study whose get_trials returns only the trials with params[param] == value; every
+    other attribute (direction, ...) is the study's."""
+
+    def __init__(self, study, param: str, value):
+        self._study, self._param, self._value = study, param, value
+
+    def get_trials(self, deepcopy: bool = True, states=None):
+        return [t for t in self._study.get_trials(deepcopy=deepcopy, states=states)
+                if t.params.get(self._param) == self._value]
+
+    def __getattr__(self, name: str):
+        return getattr(self._study, name)
+
+
+class WithinMethodPruner(optuna.pruners.BasePruner):
+    """Wraps a pruner (Optuna's MedianPruner here) so that it judges a trial only against the trials of
+    the same method: it sees a view of the study whose get_trials holds just those (MedianPruner /
+    PercentilePruner call only study.get_trials(deepcopy=False, states=(COMPLETE,)) and study.direction),
+    so n_startup_trials, n_min_trials and the median at each step count per method. A trial with no
+    `param` yet is judged against the whole study."""
+
+    def __init__(self, pruner, param: str = "method"):
+        self._pruner, self._param = pruner, param
+
+    def prune(self, study, trial) -> bool:
+        if self._param not in trial.params:
+            return self._pruner.prune(study, trial)
+        return self._pruner.prune(_SameParamStudy(study, self._param, trial.params[self._param]), trial)
 
 
 def nearest(value: float, grid: list, log_scale: bool) -> float:
@@ -67,19 +107,22 @@ def learn_portfolio(tables: list[list[Cell]], size: int = PORTFOLIO_SIZE) -> lis
 
 
 def run_strategy(cells: list[Cell], name: str, n_trials: int, seed: int, portfolio: list[tuple] | None = None) -> list[dict]:
-    """One strategy's study over a table: per trial, the pick so far and the compute spent."""
-    import optuna
-
+    """One strategy's study over a table: per trial, the pick so far, the compute spent, the trial's
+    method and state."""
     from hpo_peft.config import StudyConfig
     from hpo_peft.samplers import make_pruner, make_sampler
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # GP falls back to random for lora.rank: said in the report
     sampler_spec, pruner_spec, first = STRATEGIES[name]
-    by_folds = pruner_spec == "folds"
+    by_folds, within = pruner_spec == "folds", pruner_spec == WITHIN_METHOD
     pruner_spec = {"name": "median", "n_startup_trials": 2, "n_warmup_steps": 0} if by_folds else pruner_spec
+    pruner_spec = MEDIAN if within else pruner_spec
     config = StudyConfig.model_validate({"data": {"root": ".", "seed": seed},
                                          "search": {"sampler": {**sampler_spec, "seed": seed}, "pruner": pruner_spec}})
-    study = optuna.create_study(direction="maximize", sampler=make_sampler(config), pruner=make_pruner(config))
+    pruner = make_pruner(config)
+    if within:
+        pruner = WithinMethodPruner(pruner)
+    study = optuna.create_study(direction="maximize", sampler=make_sampler(config), pruner=pruner)
     for params in first_trials(first, [entry(k) for k in portfolio or []]):
         study.enqueue_trial({k: v for k, v in params.items()
                              if k in ("method", "learning_rate", "max_epochs", "lora.rank", "lora.b_init")})
@@ -100,9 +143,10 @@ def run_strategy(cells: list[Cell], name: str, n_trials: int, seed: int, portfol
             trial.report(value, step)
             if step < len(steps) and trial.should_prune():
                 share = spent / max(1, sum(len(f) for f in cell.fold_curves))
-                rows.append({"state": "PRUNED", "epochs": spent, "seconds": cell.seconds * min(1.0, share)})
+                rows.append({"state": "PRUNED", "method": method, "epochs": spent,
+                             "seconds": cell.seconds * min(1.0, share)})
                 raise optuna.TrialPruned()
-        rows.append({"state": "COMPLETE", "epochs": cell.epochs, "seconds": cell.seconds, "cell": cell})
+        rows.append({"state": "COMPLETE", "method": method, "epochs": cell.epochs, "seconds": cell.seconds, "cell": cell})
         return cell.selection
 
     with warnings.catch_warnings():
@@ -114,7 +158,8 @@ def run_strategy(cells: list[Cell], name: str, n_trials: int, seed: int, portfol
         cell = row.get("cell")
         if cell is not None and (best is None or (cell.selection, -cell.val_loss) > (best.selection, -best.val_loss)):
             best = cell
-        out.append({"pick_unseen": best.unseen if best else None, "epochs": spent, "seconds": seconds})
+        out.append({"pick_unseen": best.unseen if best else None, "epochs": spent, "seconds": seconds,
+                    "method": row["method"], "state": row["state"]})
     return out
 
 
@@ -135,7 +180,17 @@ def median(values: list) -> float | None:
     return statistics.median(values) if values else None
 
 
-def kit_curves(kit: str, tables: dict[int, list[Cell]], n_max: int, portfolio: list[tuple]) -> dict:
+def trial_states(runs: dict[int, list[dict]], n: int) -> dict[str, dict[str, int]]:
+    """Per method, the trials among each run's first n that completed and that were pruned, summed over runs."""
+    out = {m: {"COMPLETE": 0, "PRUNED": 0} for m in GRID["method"]}
+    for rows in runs.values():
+        for row in rows[:n]:
+            out[row["method"]][row["state"]] += 1
+    return out
+
+
+def kit_curves(kit: str, tables: dict[int, list[Cell]], n_max: int, portfolio: list[tuple],
+               names: list[str] | None = None) -> dict:
     oracle = {seed: max(c.unseen for c in t) for seed, t in tables.items()}
     exhaustive = {seed: pick(t).unseen for seed, t in tables.items()}
     seeds = list(tables)
@@ -143,8 +198,8 @@ def kit_curves(kit: str, tables: dict[int, list[Cell]], n_max: int, portfolio: l
               "exhaustive_below_oracle": median([oracle[s] - exhaustive[s] for s in seeds]),
               "grid_epochs": median([sum(c.epochs for c in t) for t in tables.values()]),
               "grid_seconds": median([sum(c.seconds for c in t) for t in tables.values()]),
-              "portfolio": [entry(k) for k in portfolio], "strategies": {}}
-    for name in STRATEGIES:
+              "portfolio": [entry(k) for k in portfolio], "strategies": {}, "trial_states": {}}
+    for name in names or STRATEGIES:
         started = time.perf_counter()
         runs = {seed: run_strategy(tables[seed], name, n_max, seed, portfolio) for seed in seeds}
         report["strategies"][name] = {n: {
@@ -153,6 +208,7 @@ def kit_curves(kit: str, tables: dict[int, list[Cell]], n_max: int, portfolio: l
             "epochs": median([runs[s][n - 1]["epochs"] for s in seeds]),
             "seconds": median([runs[s][n - 1]["seconds"] for s in seeds]),
         } for n in BUDGETS if n <= n_max}
+        report["trial_states"][name] = trial_states(runs, n_max)
         log(f"{kit} / {name} ({time.perf_counter() - started:.0f} s): " + ", ".join(
             f"n={n} {p['below_oracle']:.1f}" for n, p in report["strategies"][name].items() if p["below_oracle"] is not None))
     return report
@@ -178,7 +234,7 @@ def goals(reports: dict[str, dict]) -> dict[str, dict]:
 def best_strategy(table: dict[str, dict]) -> str:
     """The default the curves choose: most goals passed over all kits, then the lowest mean distance at 12 and 24;
     among the strategies a study can run (the package trains a trial's folds in lockstep, not one after another)."""
-    runnable = [name for name in table if STRATEGIES[name][1] != "folds"]
+    runnable = [name for name in table if isinstance(STRATEGIES[name][1], dict)]  # not folds, not within method
     return min(runnable, key=lambda name: (-table[name]["passed"], table[name]["mean_12_24"]))
 
 
@@ -291,3 +347,70 @@ def write_markdown(reports: dict, table: dict, chosen: str, shipped: list[tuple]
               + "; ".join(", ".join(f"{k} {v}" for k, v in entry(key).items()) for key in shipped), "",
               f"![curves]({stem.with_suffix('.png').name})", ""]
     stem.with_suffix(".md").write_text("\n".join(lines))
+
+
+def compare(kits: list[str], seeds: list[int], names: list[str], baseline: str, n_max: int, stem,
+            shown: tuple[int, ...] = (12, 24, 48)):
+    """A few strategies replayed against a baseline (the shipped default): per kit and n, the median distance
+    to the oracle and the compute side by side, the baseline's goals (within 6 at 12 trials, within 3 at 24,
+    no more epochs than the baseline at 24), and per method the trials that completed and were pruned."""
+    import json
+    from pathlib import Path
+
+    stem, shown = Path(stem), [n for n in shown if n <= n_max]
+    names = list(dict.fromkeys([baseline, *names]))
+    tables = {kit: {seed: load_cells(kit, seed) for seed in seeds} for kit in kits}
+    portfolios = {kit: learn_portfolio([t for other in kits if other != kit for t in tables[other].values()])
+                  for kit in kits}
+    reports = {kit: kit_curves(kit, tables[kit], n_max, portfolios[kit], names) for kit in kits}
+    goals_met = {name: {kit: {
+        "within 6 at 12": r["strategies"][name][12]["below_oracle"] <= 6,
+        "within 3 at 24": r["strategies"][name][24]["below_oracle"] <= 3,
+        "epochs <= default at 24": r["strategies"][name][24]["epochs"] <= r["strategies"][baseline][24]["epochs"]}
+        for kit, r in reports.items()} for name in names}
+    stem.with_suffix(".json").write_text(json.dumps({"seeds": seeds, "trials": n_max, "baseline": baseline,
+                                                     "kits": reports, "goals": goals_met}, indent=2, default=str))
+    lines = [f"# Median within method against the shipped default (replay of the {GRID_NAME} tables)", "",
+             f"- kits {kits}, seeds {seeds}, studies of {n_max} trials; cells: median over seeds of (oracle - pick's "
+             "unseen balanced accuracy), points; in brackets median epochs (every fold's, and the refit's) and seconds",
+             f"- default (baseline): **{baseline}**; `median` = MedianPruner{tuple(MEDIAN.items())[1:]}; "
+             "`median within method` = the same pruner judging a trial only against trials of its own method", ""]
+    for kit, r in reports.items():
+        lines += [f"## {kit}", "", f"- oracle median {r['oracle_median']:.2f}; exhaustive pick "
+                  f"{r['exhaustive_below_oracle']:.2f} below; portfolio (leave-one-kit-out): {len(r['portfolio'])} "
+                  "configurations", "",
+                  "| strategy | " + " | ".join(f"n={n}" for n in shown) + " |", "|---|" + "---|" * len(shown)]
+        for name in names:
+            p = r["strategies"][name]
+            lines.append(f"| {name} | " + " | ".join(
+                f"{p[n]['below_oracle']:.1f} ({p[n]['epochs']:.0f} ep, {p[n]['seconds']:.0f} s)" for n in shown) + " |")
+        lines += ["", f"Trials per method over the {n_max} of each seed's study, summed over {len(seeds)} seeds: "
+                  "completed / pruned", "", "| strategy | " + " | ".join(GRID["method"]) + " |",
+                  "|---|" + "---|" * len(GRID["method"])]
+        for name in names:
+            s = r["trial_states"][name]
+            lines.append(f"| {name} | " + " | ".join(f"{s[m]['COMPLETE']} / {s[m]['PRUNED']}" for m in GRID["method"]) + " |")
+        lines.append("")
+    lines += ["## Goals", "", "Per kit: within 6 at 12 trials / within 3 at 24 / epochs at 24 no more than the default's",
+              "", "| strategy | " + " | ".join(kits) + " | passed |", "|---|" + "---|" * (len(kits) + 1)]
+    for name in names:
+        g = goals_met[name]
+        lines.append(f"| {name} | " + " | ".join(" ".join("y" if ok else "n" for ok in g[k].values()) for k in kits)
+                     + f" | {sum(sum(v.values()) for v in g.values())} |")
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    return stem.with_suffix(".md")
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="replay a few strategies against the shipped default")
+    parser.add_argument("--strategies", nargs="+", default=["random", "portfolio, then tpe + median within method",
+                                                            "tpe, 4 first + median within method"])
+    parser.add_argument("--baseline", default="portfolio, then tpe + median")
+    parser.add_argument("--kits", nargs="+", default=["demo-kit", "three-class-untrained", "five-class-pretrained"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
+    parser.add_argument("--trials", type=int, default=48)
+    parser.add_argument("--out", default="/tmp/replay-within-method")
+    args = parser.parse_args()
+    log(f"written {compare(args.kits, args.seeds, args.strategies, args.baseline, args.trials, args.out)}")
