@@ -34,11 +34,11 @@ from selection import (  # benchmarks/selection.py
     kit_overrides,
 )
 
-from hpo_peft.commands import prepare_config
+from hpo_peft.app.commands import prepare_config
 from hpo_peft.data import load_test
 from hpo_peft.demo_kit import build_demo_kit
-from hpo_peft.evaluate import evaluate
-from hpo_peft.trial import open_workspace, run_trial
+from hpo_peft.fewshot.evaluate import evaluate
+from hpo_peft.fewshot.trial import open_workspace, run_trial
 
 CONFIGS = {  # label: (method, options, training settings over demo.yaml's)
     "lora r4, Adam 1e-3, 20 epochs (the course's)": ("lora", {"rank": 4}, {"learning_rate": 1e-3, "max_epochs": 20, "patience": 5}),

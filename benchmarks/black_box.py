@@ -14,8 +14,8 @@ BLACK_BOX = ("linear_probe", "zs_linear_probe", "clip_adapter", "clap")
 
 
 def child_black_box(kit, model_dir, shots, val_shots, epochs, warm_trials, device) -> dict:
-    from hpo_peft import features
-    from hpo_peft.trial import open_workspace, run_trial
+    from hpo_peft.fewshot import features
+    from hpo_peft.fewshot.trial import open_workspace, run_trial
 
     course = {"optimizer": "sgd", "learning_rate": 1e-3, "max_epochs": epochs, "patience": None}
     config = trial_config(kit, model_dir, shots, val_shots, epochs, "auto", device,

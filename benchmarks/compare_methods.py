@@ -55,7 +55,7 @@ AUTHORS_LOGS = {
 
 
 def compare_command(work: Path, out: str, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "hpo_peft.cli", "compare", str(DEMO), "--shots", *map(str, SHOTS),
+    return [sys.executable, "-m", "hpo_peft.app.cli", "compare", str(DEMO), "--shots", *map(str, SHOTS),
             "--seeds", *map(str, SEEDS), "--trials-per-method", str(TRIALS), "--out", str(work / out),
             "--storage", str(work / "optuna.journal"), "--tracking-uri", f"sqlite:///{work / 'mlflow.db'}", *extra]
 
@@ -89,7 +89,7 @@ def table(rows: pd.DataFrame) -> pd.DataFrame:
 
 
 def plot(rows: pd.DataFrame, path: Path) -> None:
-    from hpo_peft.evaluate import pyplot
+    from hpo_peft.fewshot.evaluate import pyplot
 
     plt = pyplot()
     figure, axis = plt.subplots(figsize=(9, 5.5))

@@ -129,7 +129,7 @@ def child_baseline(kit, model_dir, method, shots, val_shots, epochs, device) -> 
     from torchvision import transforms
     from transformers import AutoModel, AutoProcessor
 
-    from hpo_peft.config import DataConfig
+    from hpo_peft.core.config import DataConfig
     from hpo_peft.data import few_shot_rows
 
     data = DataConfig(root=Path(kit) / "sicapv2", shots=shots, val_shots=val_shots)
@@ -143,7 +143,7 @@ def child_baseline(kit, model_dir, method, shots, val_shots, epochs, device) -> 
     plip = AutoModel.from_pretrained(model_dir).eval()
     vision_encoder = PLIPWrapper(plip.vision_model, plip.visual_projection)
     text_encoder = PLIPWrapper(plip.text_model, plip.text_projection)
-    from hpo_peft.config import COURSE_DESCRIPTIONS, COURSE_TEMPLATES
+    from hpo_peft.core.config import COURSE_DESCRIPTIONS, COURSE_TEMPLATES
 
     class_prototypes = []
     with torch.no_grad():

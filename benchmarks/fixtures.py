@@ -42,7 +42,7 @@ def build_model_folder(kit: Path, folder: Path, full_arch: bool) -> dict:
 
 
 def trial_config(kit: str, model_dir: str, shots: int, val_shots: int, epochs: int, precision: str, device: str, **extra):
-    from hpo_peft.config import StudyConfig
+    from hpo_peft.core.config import StudyConfig
 
     return StudyConfig.model_validate({
         "name": "benchmark",

@@ -16,10 +16,10 @@ def child_gpu(model_dir, batches, steps, matmul_size, device) -> dict:
     import torch.nn.functional as F
     from torch.utils.flop_counter import FlopCounterMode
 
-    from hpo_peft.config import ModelConfig, PromptConfig
+    from hpo_peft.core.config import ModelConfig, PromptConfig
     from hpo_peft.methods import get_method, method_config
-    from hpo_peft.model import build_classifier, load_base_model, text_prototypes
-    from hpo_peft.runtime import autocast
+    from hpo_peft.models.classifier import build_classifier, load_base_model, text_prototypes
+    from hpo_peft.core.runtime import autocast
 
     dev = torch.device(device)
     n = matmul_size

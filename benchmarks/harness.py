@@ -139,7 +139,7 @@ def machine_info(device: str) -> dict:
                 if line.startswith("model name")), platform.processor() or "unknown")
     mem_kib = next((int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
                     if line.startswith("MemTotal")), 0)
-    from hpo_peft.runtime import cpu_has_bf16
+    from hpo_peft.core.runtime import cpu_has_bf16
 
     versions = {}
     for package in ("torch", "transformers", "peft", "optuna", "mlflow", "torchvision"):

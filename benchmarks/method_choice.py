@@ -41,7 +41,7 @@ def widened_config(work: Path) -> Path:
 
 
 def cli(work: Path, *args: str) -> list[str]:
-    return [sys.executable, "-m", "hpo_peft.cli", *args, "--storage", str(work / "optuna.journal"),
+    return [sys.executable, "-m", "hpo_peft.app.cli", *args, "--storage", str(work / "optuna.journal"),
             "--tracking-uri", f"sqlite:///{work / 'mlflow.db'}"]
 
 
@@ -67,7 +67,7 @@ def counts(work: Path) -> tuple[dict, list[dict]]:
     import optuna
 
     from hpo_peft.methods import METHODS
-    from hpo_peft.selection import select_best
+    from hpo_peft.tracking.selection import select_best
 
     storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(work / "optuna.journal")))
     table = {m: {"drawn": 0, "pruned": 0, "complete": 0, "failed": 0, "picked": 0, "best_val": None} for m in METHODS}

@@ -50,10 +50,10 @@ def rows_to_run() -> list[str]:
 
 
 def measure(rows: list[str], model_dir: Path, epochs: int, device: str, repeats: int) -> dict:
-    from hpo_peft.commands import prepare_study_config
+    from hpo_peft.app.commands import prepare_study_config
     from hpo_peft.methods import get_method
-    from hpo_peft.search_space import train_settings
-    from hpo_peft.trial import open_workspace, run_trial
+    from hpo_peft.study.search_space import train_settings
+    from hpo_peft.fewshot.trial import open_workspace, run_trial
 
     overrides = [f"model.name_or_path={model_dir}", "data.validation=holdout", "data.shots=16", "data.val_shots=16",
                  "train.precision=fp32", f"train.device={device}"]

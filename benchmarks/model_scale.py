@@ -56,7 +56,7 @@ def build(architecture: str, quick: bool):
 def child(architecture: str, method: str, batch: int, steps: int, warmup: int, device: str, quick: bool) -> dict:
     from hpo_peft.methods import METHODS as REGISTRY
     from hpo_peft.methods import method_config
-    from hpo_peft.model import build_classifier, count_trainable
+    from hpo_peft.models.classifier import build_classifier, count_trainable
 
     torch.manual_seed(0)
     base = build(architecture, quick)

@@ -11,8 +11,8 @@ from harness import ROOT, Children, Sizes, run_logged
 
 
 def child_accuracy(kit, methods, epochs, device) -> dict:
-    from hpo_peft.config_file import load_config
-    from hpo_peft.trial import open_workspace, run_trial
+    from hpo_peft.core.config_file import load_config
+    from hpo_peft.fewshot.trial import open_workspace, run_trial
 
     config = load_config(ROOT / "studies" / "demo.yaml", [
         f"data.root={Path(kit) / 'sicapv2'}", f"model.name_or_path={Path(kit) / 'model'}", "demo_kit=null", f"train.device={device}"])

@@ -75,8 +75,8 @@ def first_trials(kind: str, portfolio: list[dict] | None = None) -> list[dict]:
     """What a strategy's study runs before its sampler: demo.yaml's former course-LoRA enqueue (`demo`),
     the package's race (`search.start: race` on demo.yaml's space: every method at its prior settings),
     or a portfolio (configurations learned on other kits)."""
-    from hpo_peft.config_file import load_config
-    from hpo_peft.search_space import first_trials as package_first_trials
+    from hpo_peft.core.config_file import load_config
+    from hpo_peft.study.search_space import first_trials as package_first_trials
 
     if kind == "demo":
         return [{"method": "lora", "learning_rate": 1e-3, "max_epochs": 20, "lora.rank": 4, "lora.b_init": "zeros"}]
@@ -158,11 +158,11 @@ def run_grid(kit_name: str, seed: int, unseen_per_class: int, lock: Path | None,
     """Every grid configuration for one seed; resumable (cells already in the table are kept)."""
     import fcntl
 
-    from hpo_peft.commands import prepare_study_config
+    from hpo_peft.app.commands import prepare_study_config
     from hpo_peft.data import load_test
-    from hpo_peft.evaluate import evaluate_as_trained
-    from hpo_peft.search_space import train_settings
-    from hpo_peft.trial import open_workspace, run_trial
+    from hpo_peft.fewshot.evaluate import evaluate_as_trained
+    from hpo_peft.study.search_space import train_settings
+    from hpo_peft.fewshot.trial import open_workspace, run_trial
 
     overrides, unseen_update = kit_setup(kit_name, seed, unseen_per_class)
     config = prepare_study_config(DEMO, [*overrides, *SCENARIO])

@@ -109,8 +109,8 @@ def learn_portfolio(tables: list[list[Cell]], size: int = PORTFOLIO_SIZE) -> lis
 def run_strategy(cells: list[Cell], name: str, n_trials: int, seed: int, portfolio: list[tuple] | None = None) -> list[dict]:
     """One strategy's study over a table: per trial, the pick so far, the compute spent, the trial's
     method and state."""
-    from hpo_peft.config import StudyConfig
-    from hpo_peft.samplers import make_pruner, make_sampler
+    from hpo_peft.core.config import StudyConfig
+    from hpo_peft.study.samplers import make_pruner, make_sampler
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # GP falls back to random for lora.rank: said in the report
     sampler_spec, pruner_spec, first = STRATEGIES[name]
@@ -198,7 +198,8 @@ def kit_curves(kit: str, tables: dict[int, list[Cell]], n_max: int, portfolio: l
               "exhaustive_below_oracle": median([oracle[s] - exhaustive[s] for s in seeds]),
               "grid_epochs": median([sum(c.epochs for c in t) for t in tables.values()]),
               "grid_seconds": median([sum(c.seconds for c in t) for t in tables.values()]),
-              "portfolio": [entry(k) for k in portfolio], "strategies": {}, "trial_states": {}}
+              "portfolio": [entry(k) for k in portfolio], "strategies": {}, "trial_states": {},
+              "per_seed": {}}
     for name in names or STRATEGIES:
         started = time.perf_counter()
         runs = {seed: run_strategy(tables[seed], name, n_max, seed, portfolio) for seed in seeds}
@@ -209,6 +210,8 @@ def kit_curves(kit: str, tables: dict[int, list[Cell]], n_max: int, portfolio: l
             "seconds": median([runs[s][n - 1]["seconds"] for s in seeds]),
         } for n in BUDGETS if n <= n_max}
         report["trial_states"][name] = trial_states(runs, n_max)
+        report["per_seed"][name] = {n: {s: oracle[s] - runs[s][n - 1]["pick_unseen"] for s in seeds
+                                        if runs[s][n - 1]["pick_unseen"] is not None} for n in BUDGETS if n <= n_max}
         log(f"{kit} / {name} ({time.perf_counter() - started:.0f} s): " + ", ".join(
             f"n={n} {p['below_oracle']:.1f}" for n, p in report["strategies"][name].items() if p["below_oracle"] is not None))
     return report
@@ -257,7 +260,7 @@ def report_all(kits: list[str], seeds: list[int], n_max: int, tag: str):
     settings = {"sampler": sampler, "pruner": pruner, "start": {"race": "race", "portfolio": "portfolio"}.get(first, "sampler")}
     stem.with_suffix(".json").write_text(json.dumps({
         "kits": reports, "goals": table, "chosen": chosen, "chosen_settings": settings,
-        # what hpo_peft/portfolio.py ships: the space's bare keys
+        # what hpo_peft/study/portfolio.py ships: the space's bare keys
         "portfolio_all_kits": [{k.removeprefix("lora."): v for k, v in entry(key).items()} for key in shipped]},
         indent=2, default=str))
     plot(reports, chosen, stem.with_suffix(".png"))
@@ -384,6 +387,13 @@ def compare(kits: list[str], seeds: list[int], names: list[str], baseline: str, 
             p = r["strategies"][name]
             lines.append(f"| {name} | " + " | ".join(
                 f"{p[n]['below_oracle']:.1f} ({p[n]['epochs']:.0f} ep, {p[n]['seconds']:.0f} s)" for n in shown) + " |")
+        lines += ["", "Per seed (oracle - pick), and the mean over seeds", "",
+                  "| strategy | " + " | ".join(f"n={n}" for n in shown) + " |", "|---|" + "---|" * len(shown)]
+        for name in names:
+            d = r["per_seed"][name]
+            lines.append(f"| {name} | " + " | ".join(
+                " ".join(f"{v:.1f}" for v in d[n].values()) + f" (mean {statistics.mean(d[n].values()):.1f})"
+                for n in shown) + " |")
         lines += ["", f"Trials per method over the {n_max} of each seed's study, summed over {len(seeds)} seeds: "
                   "completed / pruned", "", "| strategy | " + " | ".join(GRID["method"]) + " |",
                   "|---|" + "---|" * len(GRID["method"])]

@@ -14,7 +14,7 @@ SQLite MLflow store under --out:
     (e) (b) with `data.refit`: the same trials and pick, the kept adapter trained again on all 16
         labels per class for the chosen epochs
 
-The best trial (hpo_peft.selection's tie-break) is rebuilt from its MLflow adapter and scored by
+The best trial (hpo_peft.tracking.selection's tie-break) is rebuilt from its MLflow adapter and scored by
 `hpo-peft evaluate`'s own code (`commands.evaluate_command`) on two test tables: the kit's Test.xlsx
 (24 images per class: one image moves balanced accuracy by about 1 point, and a seed's test score
 by several) and "unseen", --unseen-per-class more images per class drawn by the kit's own generator
@@ -52,10 +52,10 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # no progress bars in the log
 import torch
 from harness import machine_info  # benchmarks/harness.py
 
-from hpo_peft.commands import evaluate_command, prepare_config, prepare_study_config
-from hpo_peft.course import run_course_trial
+from hpo_peft.app.commands import evaluate_command, prepare_config, prepare_study_config
+from hpo_peft.fewshot.course import run_course_trial
 from hpo_peft.demo_kit import build_demo_kit
-from hpo_peft.study import StudyLocation, run_study
+from hpo_peft.study.session import StudyLocation, run_study
 
 DEMO = ROOT / "studies" / "demo.yaml"
 COURSE = ROOT / "studies" / "course_notebook.yaml"

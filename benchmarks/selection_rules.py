@@ -9,7 +9,7 @@ completed trial whose adapter was kept is rebuilt from MLflow and scored on the 
 loss, trainable parameters), and the report gives the mean unseen accuracy of the picks and the mean
 gap between the pick's own selection score and its unseen accuracy:
 
-- package: `hpo_peft.selection.select_best` as it is in this checkout (the highest score; equal
+- package: `hpo_peft.tracking.selection.select_best` as it is in this checkout (the highest score; equal
   scores by the lower validation loss, then fewer trainable parameters, then the earlier trial);
 - one standard error (kfold only; holdout has no folds and keeps the package's pick): every trial
   within one standard error of the highest score (the standard error of that trial's fold scores)
@@ -42,20 +42,20 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import selection as bench  # benchmarks/selection.py: the set-ups, the kit overrides, the Unseen table
 from optuna.trial import TrialState
 
-from hpo_peft.commands import prepare_config
+from hpo_peft.app.commands import prepare_config
 from hpo_peft.data import load_test
-from hpo_peft.errors import UserError
-from hpo_peft.model import load_base_model
-from hpo_peft.recovery import RUN_ID_ATTR
-from hpo_peft.scoring import evaluate_run
-from hpo_peft.selection import (
+from hpo_peft.core.errors import UserError
+from hpo_peft.models.classifier import load_base_model
+from hpo_peft.tracking.recovery import RUN_ID_ATTR
+from hpo_peft.tracking.scoring import evaluate_run
+from hpo_peft.tracking.selection import (
     FOLD_SCORES_ATTR,
     VAL_LOSS_ATTR,
     select_best,
     selection_key,
 )
-from hpo_peft.study import StudyLocation, load_study
-from hpo_peft.tracking import Tracker
+from hpo_peft.study.session import StudyLocation, load_study
+from hpo_peft.tracking.tracker import Tracker
 
 
 def one_standard_error(trials):
@@ -79,7 +79,7 @@ def default_unless_beaten(trials):
 
 
 RULES = {
-    "package (hpo_peft.selection)": select_best,
+    "package (hpo_peft.tracking.selection)": select_best,
     "one standard error": one_standard_error,
     "course default unless beaten by one standard error": default_unless_beaten,
     "lowest validation loss": lambda trials: min(trials, key=lambda t: t.user_attrs.get(VAL_LOSS_ATTR, math.inf)),

@@ -48,7 +48,7 @@ def picked_recall(store: Path) -> list[float]:
 
 def study_rows(rows: list[bench.Row], folders: list[Path]) -> list[tuple[str, int, float, float]]:
     """(setup, seed, gap on Unseen.xlsx, standard error) per study."""
-    from hpo_peft.evaluate import balanced_accuracy_se
+    from hpo_peft.fewshot.evaluate import balanced_accuracy_se
 
     out = []
     for row in rows:

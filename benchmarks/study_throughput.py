@@ -12,8 +12,8 @@ from harness import ROOT, Children, Sizes, fmt, log
 
 
 def child_study(config_path, overrides, n_trials, folder) -> dict:
-    from hpo_peft.config_file import load_config
-    from hpo_peft.study import StudyLocation, run_study
+    from hpo_peft.core.config_file import load_config
+    from hpo_peft.study.session import StudyLocation, run_study
 
     config = load_config(config_path, overrides)
     folder = Path(folder)

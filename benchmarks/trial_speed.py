@@ -13,9 +13,9 @@ from harness import Children, Sizes, fmt, log, ratio, sync, timed_runs
 
 
 def child_ours(kit, model_dir, method, shots, val_shots, epochs, precision, device, repeats) -> dict:
-    from hpo_peft.model import load_base_model
-    from hpo_peft.runtime import amp_dtype, resolve_device
-    from hpo_peft.trial import open_workspace, run_trial
+    from hpo_peft.models.classifier import load_base_model
+    from hpo_peft.core.runtime import amp_dtype, resolve_device
+    from hpo_peft.fewshot.trial import open_workspace, run_trial
 
     config = trial_config(kit, model_dir, shots, val_shots, epochs, precision, device)
     started = time.perf_counter()

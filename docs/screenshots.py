@@ -104,7 +104,7 @@ def browse(url: str, screenshot: Path, wait_for: str, size: tuple[int, int] = (1
 
 def demo_study(workdir: Path, n_trials: int = 10) -> dict:
     """A small demo study and its evaluated best trial; returns the CLI options used."""
-    from hpo_peft.cli import main
+    from hpo_peft.app.cli import main
 
     options = ["--study-name", "demo", "--storage", str(workdir / "optuna.journal"),
                "--tracking-uri", f"sqlite:///{workdir / 'mlflow.db'}"]
@@ -122,7 +122,7 @@ def best_links(config: str, options: list[str], ui_base: str) -> dict:
     import io
     import json
 
-    from hpo_peft.cli import main
+    from hpo_peft.app.cli import main
 
     served = [*options[:-1], ui_base]  # --tracking-uri: the running server
     out = io.StringIO()

@@ -8,6 +8,19 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+SERVICE_FIXTURES = {"postgres_url"}  # a fixture that starts a server from the system
+
+
+def pytest_collection_modifyitems(items):
+    """Markers (CONTRIBUTING.md, "Tests"): `service` where a test starts a server from the system
+    (PostgreSQL, `mlflow server` or `models serve`, SLURM, Chromium), by its fixtures or its own
+    mark; `slow` is set by hand on tests that run whole studies or many trainings; `unit` is every
+    other test: the contributor's loop, `pytest -m unit`."""
+    for item in items:
+        if SERVICE_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.service)
+        if item.get_closest_marker("service") is None and item.get_closest_marker("slow") is None:
+            item.add_marker(pytest.mark.unit)
 
 
 @pytest.fixture(scope="session")
@@ -64,7 +77,8 @@ def refuse_model_loading(monkeypatch):
     """Fails the test if anything loads a model: for faults that must be found before that."""
     import transformers
 
-    from hpo_peft import model, trial
+    from hpo_peft.models import classifier as model
+    from hpo_peft.fewshot import trial
 
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the input was checked")
@@ -76,8 +90,8 @@ def refuse_model_loading(monkeypatch):
 
 @pytest.fixture(scope="session")
 def demo_workspace(demo_kit):
-    from hpo_peft.config import StudyConfig
-    from hpo_peft.trial import open_workspace
+    from hpo_peft.core.config import StudyConfig
+    from hpo_peft.fewshot.trial import open_workspace
 
     return open_workspace(StudyConfig.model_validate(demo_config_dict(demo_kit)))
 

@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 
-from hpo_peft.artifacts import METADATA_FILE, load_adapter, save_adapter
-from hpo_peft.config import TrainConfig
-from hpo_peft.errors import UserError
-from hpo_peft.trial import run_trial
+from hpo_peft.fewshot.artifacts import METADATA_FILE, load_adapter, save_adapter
+from hpo_peft.core.config import TrainConfig
+from hpo_peft.core.errors import UserError
+from hpo_peft.fewshot.trial import run_trial
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +35,7 @@ def copy_of(saved, tmp_path):
 
 
 @pytest.mark.parametrize("method", ["lora", "bias"])
+@pytest.mark.slow
 def test_round_trip_reproduces_the_trained_model(saved, demo_workspace, method):
     loaded, metadata = load_adapter(saved[method], demo_workspace.base, demo_workspace.config.data.categories)
     pixels = demo_workspace.base.preprocessing.normalize(demo_workspace.data.val.images)

@@ -3,13 +3,13 @@
 import pytest
 import torch
 
-from hpo_peft.artifacts import load_adapter, save_adapter
-from hpo_peft.config import TrainConfig
+from hpo_peft.fewshot.artifacts import load_adapter, save_adapter
+from hpo_peft.core.config import TrainConfig
 from hpo_peft.methods import METHODS, method_config
 from hpo_peft.methods.black_box import CLAPHead, CLIPAdapterHead
-from hpo_peft.model import ZeroShotHead, build_classifier, count_trainable
+from hpo_peft.models.classifier import ZeroShotHead, build_classifier, count_trainable
 from hpo_peft.models.hf_clip import ImageEncoder
-from hpo_peft.trial import run_trial
+from hpo_peft.fewshot.trial import run_trial
 
 BLACK_BOX = ["linear_probe", "zs_linear_probe", "clip_adapter", "clap"]
 
@@ -59,7 +59,7 @@ def test_black_box_trainable_parameters(demo_workspace):
 
 
 def test_feature_cache_runs_the_backbone_once_per_process(demo_workspace, monkeypatch):
-    from hpo_peft import features
+    from hpo_peft.fewshot import features
 
     monkeypatch.setattr(features, "_CACHE", {})
     calls = []
@@ -86,7 +86,7 @@ def test_black_box_methods_learn_and_round_trip_through_the_adapter_folder(demo_
 
 
 def test_feature_cache_on_disk_serves_a_later_process(demo_workspace, monkeypatch, tmp_path):
-    from hpo_peft import features
+    from hpo_peft.fewshot import features
 
     calls = []
     original = ImageEncoder.forward

@@ -6,7 +6,7 @@ import shutil
 import pandas as pd
 import pytest
 
-from hpo_peft.cli import main
+from hpo_peft.app.cli import main
 
 
 def run(capsys, *argv):

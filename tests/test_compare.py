@@ -4,9 +4,10 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from hpo_peft.cli import main
+from hpo_peft.app.cli import main
 
 
+@pytest.mark.slow
 def test_compare_writes_table_plot_and_one_mlflow_parent(write_config, tmp_path, capsys):
     config = write_config(train={"max_epochs": 4, "patience": None})
     store = "sqlite:///" + str(tmp_path / "mlflow.db")
@@ -66,7 +67,7 @@ def test_a_compare_rerun_under_other_settings_stops_before_anything_trains(write
     runs = len(client.search_runs([client.get_experiment_by_name("cmp-compare").experiment_id]))
     capsys.readouterr()
 
-    from hpo_peft import compare
+    from hpo_peft.app import compare
 
     monkeypatch.setattr(compare, "load_base_model", lambda *a: pytest.fail("the check comes before any model loads"))
     assert main(["compare", str(config), "--shots", "1", "2", "4", *where, "--set", "data.validation=kfold"]) == 2
@@ -101,7 +102,7 @@ def test_the_accuracy_plot_claims_no_spread_from_one_seed():
 
     import matplotlib.pyplot as plt
 
-    from hpo_peft.compare import accuracy_plot
+    from hpo_peft.app.compare import accuracy_plot
 
     table = pd.DataFrame({"method": ["lora", "lora"], "shots": [2, 4], "test_bacc_mean": [50.0, 60.0],
                           "test_bacc_std": [math.nan, math.nan], "seeds": [1, 1]})
@@ -131,5 +132,5 @@ def test_compare_names_runs_by_grid_point_marks_each_studys_pick_and_links_its_p
     trials = [r for r in runs if r.data.tags.get("hpo_peft.run_kind") == "trial"]
     assert len(trials) == 3 and all(re.match(r"^(★ )?K2 s1 t\d{3} (zero_shot|bias)", r.info.run_name) for r in trials)
     picks = [r for r in runs if r.data.tags.get("hpo_peft.best") == "true"]
-    assert sorted(r.data.tags["hpo_peft.study"] for r in picks) == ["cmp-compare-k2-s1-bias", "cmp-compare-k2-s1-zero_shot"]
+    assert sorted(r.data.tags["hpo_peft.study.session"] for r in picks) == ["cmp-compare-k2-s1-bias", "cmp-compare-k2-s1-zero_shot"]
     assert all(r.info.run_name.startswith("★ K2 s1 ") for r in picks)

@@ -1,9 +1,9 @@
 import pytest
 import yaml
 
-from hpo_peft.commands import prepare_config
-from hpo_peft.config_file import apply_overrides, load_config
-from hpo_peft.errors import UserError
+from hpo_peft.app.commands import prepare_config
+from hpo_peft.core.config_file import apply_overrides, load_config
+from hpo_peft.core.errors import UserError
 
 
 def write(tmp_path, raw):
@@ -113,8 +113,8 @@ def test_an_enqueued_trial_outside_the_search_space_is_refused_naming_it(tmp_pat
 def test_a_new_study_runs_its_enqueued_trials_first_and_once(tmp_path):
     import optuna
 
-    from hpo_peft.search_space import sample_plan
-    from hpo_peft.study import StudyLocation, create_study
+    from hpo_peft.study.search_space import sample_plan
+    from hpo_peft.study.session import StudyLocation, create_study
 
     entry = {"method": "lora", "learning_rate": 0.0005, "lora.rank": 2}
     config = load_config(write(tmp_path, {**BASE, "search": {**ENQUEUE_SPACE, "enqueue": [entry],

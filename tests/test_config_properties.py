@@ -10,9 +10,9 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hpo_peft.commands import prepare_study_config
-from hpo_peft.errors import UserError
-from hpo_peft.preflight import check_study_data
+from hpo_peft.app.commands import prepare_study_config
+from hpo_peft.core.errors import UserError
+from hpo_peft.study.preflight import check_study_data
 
 SEARCH = {
     "params": {"method": {"choices": ["bias", "lora"]}, "learning_rate": {"low": 0.001, "high": 0.01, "log": True}},
@@ -108,7 +108,7 @@ def test_unknown_keys_are_named(base_raw, tmp_path, section, key, value):
     target = raw if section is None else raw.setdefault(section, {})
     if key in target or (section == "model" and key in {"name_or_path", "revision"}):
         return
-    from hpo_peft.config import (
+    from hpo_peft.core.config import (
         CompareConfig,
         DataConfig,
         ModelConfig,

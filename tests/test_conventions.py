@@ -16,9 +16,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from hpo_peft import identity, interrupts, runtime
-from hpo_peft.cli import main
-from hpo_peft.study import StudyLocation, load_study
+from hpo_peft.study import identity
+from hpo_peft.core import interrupts
+from hpo_peft.core import runtime
+from hpo_peft.app.cli import main
+from hpo_peft.study.session import StudyLocation, load_study
 
 ROOT = Path(__file__).resolve().parents[1]
 # one cheap trial: a head on frozen features, two epochs
@@ -87,8 +89,8 @@ def test_version_prints_the_package_version(capsys):
 
 
 def test_stores_are_the_flag_then_the_config_then_the_environment_then_the_default(monkeypatch):
-    from hpo_peft import stores
-    from hpo_peft.config import StudyConfig
+    from hpo_peft.core import stores
+    from hpo_peft.core.config import StudyConfig
 
     config = StudyConfig.model_validate({"data": {"root": "x"}})
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -110,9 +112,10 @@ def test_stores_are_the_flag_then_the_config_then_the_environment_then_the_defau
 def test_ui_links_for_a_server_use_its_address(monkeypatch, capsys):
     """The links name the tracking server as the URI gives it (never its credentials), also where
     the URI comes from MLFLOW_TRACKING_URI; a local store's say how to start `mlflow ui`."""
-    from hpo_peft import commands, tracking
-    from hpo_peft.config import StudyConfig
-    from hpo_peft.ui_links import print_links, study_links
+    from hpo_peft.app import commands
+    from hpo_peft.tracking import tracker as tracking
+    from hpo_peft.core.config import StudyConfig
+    from hpo_peft.tracking.ui_links import print_links, study_links
 
     class Opened:  # the store as Tracker opens it, without a server to answer
         def __init__(self, uri, experiment, create=True, checked=False):
@@ -136,6 +139,7 @@ def test_ui_links_for_a_server_use_its_address(monkeypatch, capsys):
     assert "(start it with: mlflow ui --backend-store-uri 'sqlite:////data/my study/mlflow.db')" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_study_best_evaluate_and_predict_find_the_stores_in_the_environment(conventions_env, tmp_path):
     """No --storage or --tracking-uri anywhere: `study best`, `evaluate --register` and
     `predict models:/NAME@best IMAGE` all use OPTUNA_STORAGE and MLFLOW_TRACKING_URI."""
@@ -182,8 +186,8 @@ def test_run_workers_hands_each_worker_its_gpu(write_config, monkeypatch, capsys
 
     import torch
 
-    from hpo_peft import study
-    from hpo_peft.config_file import load_config
+    from hpo_peft.study import session as study
+    from hpo_peft.core.config_file import load_config
 
     started = []
 
@@ -222,7 +226,7 @@ def test_a_worker_sets_its_gpu_before_anything_else(monkeypatch):
     config, the stores or torch's CUDA (which reads it once, when it starts)."""
     import torch
 
-    from hpo_peft import study
+    from hpo_peft.study import session as study
 
     seen = []
 
@@ -265,9 +269,9 @@ def test_a_changed_table_is_still_refused(conventions_env, tmp_path, capsys, ref
 def test_a_study_recorded_with_its_data_path_continues_from_another_folder(moved):
     """A fingerprint from before the content key (its `data.root` compared, no content key) does
     not refuse the same data elsewhere; its training table's digest is still compared."""
-    from hpo_peft.commands import prepare_study_config
-    from hpo_peft.errors import UserError
-    from hpo_peft.study import check_settings
+    from hpo_peft.app.commands import prepare_study_config
+    from hpo_peft.core.errors import UserError
+    from hpo_peft.study.session import check_settings
 
     config = prepare_study_config(moved["config"], [f"data.root={moved['B']}"])
     current = identity.fingerprint(config)
@@ -288,7 +292,7 @@ def test_a_study_recorded_with_its_data_path_continues_from_another_folder(moved
 
 def test_an_image_folder_is_known_by_its_files_wherever_it_lies(tmp_path):
     """data.format imagefolder: the train and test folders' files (class folders, names, sizes)."""
-    from hpo_peft.config import DataConfig
+    from hpo_peft.core.config import DataConfig
 
     first = tmp_path / "A"
     for split, label, name in [("train", "a", "1.png"), ("train", "b", "2.png"), ("test", "a", "3.png"), ("test", "b", "4.png")]:

@@ -16,13 +16,13 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from hpo_peft.config import ModelConfig, StudyConfig
-from hpo_peft.config_file import load_config
-from hpo_peft.course import course_prepare, course_shots, course_transform, run_course_trial
+from hpo_peft.core.config import ModelConfig, StudyConfig
+from hpo_peft.core.config_file import load_config
+from hpo_peft.fewshot.course import course_prepare, course_shots, course_transform, run_course_trial
 from hpo_peft.data import load_image, read_table, sample_few_shot
-from hpo_peft.errors import UserError
+from hpo_peft.core.errors import UserError
 from hpo_peft.methods import get_method, method_config
-from hpo_peft.model import (
+from hpo_peft.models.classifier import (
     build_classifier,
     count_trainable,
     load_base_model,
@@ -201,7 +201,7 @@ def test_a_study_can_draw_the_notebooks_shots(demo_kit):
     and the notebook's experiment compare on the same images), its K_val validation images the next
     ones of each class in the notebook's order; the default sampler's studies keep their fingerprint."""
     from hpo_peft.data import few_shot_rows
-    from hpo_peft.identity import differences, fingerprint
+    from hpo_peft.study.identity import differences, fingerprint
 
     path = train_xlsx(demo_kit)
     table = read_table(path, "image_name", CATEGORIES)
@@ -343,7 +343,7 @@ def test_course_notebook_config_holds_the_courses_settings():
 
 
 def test_the_trial_command_runs_the_course_protocol(write_config, tmp_path, capsys):
-    from hpo_peft.cli import main
+    from hpo_peft.app.cli import main
 
     config = write_config(protocol="course", train={"max_epochs": 2, "patience": None, "precision": "fp32", "augment": "none"})
     code = main(["trial", str(config), "--method", "lora", "--save", str(tmp_path / "adapter")])

@@ -14,9 +14,9 @@ import pytest
 import torch
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-from hpo_peft.course import COURSE_SEED, course_prepare
+from hpo_peft.fewshot.course import COURSE_SEED, course_prepare
 from hpo_peft.methods import get_method, method_config
-from hpo_peft.model import ImageClassifier, ZeroShotHead
+from hpo_peft.models.classifier import ImageClassifier, ZeroShotHead
 from hpo_peft.models.hf_clip import ImageEncoder
 
 RANK, LAYERS, WIDTH, CLASSES = 4, 2, 64, 3

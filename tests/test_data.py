@@ -3,7 +3,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from hpo_peft.config import DataConfig
+from hpo_peft.core.config import DataConfig
 from hpo_peft.data import (
     Preprocessing,
     few_shot_rows,
@@ -11,7 +11,7 @@ from hpo_peft.data import (
     load_test,
     read_table,
 )
-from hpo_peft.errors import UserError
+from hpo_peft.core.errors import UserError
 
 CATS = ["NC", "G3", "G4", "G5"]
 PREP = Preprocessing(height=32, width=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from hpo_peft import demo_kit
-from hpo_peft.config import COURSE_DESCRIPTIONS, COURSE_TEMPLATES
+from hpo_peft.core.config import COURSE_DESCRIPTIONS, COURSE_TEMPLATES
 from hpo_peft.demo_kit import DEFAULT_DIR, KIT_VERSION, build_demo_kit
 
 CLASSES = ["NC", "G3", "G4", "G5"]
@@ -237,7 +237,7 @@ def _error_lines(err: str) -> list[str]:
 
 
 def test_folder_with_other_files_is_refused_and_left_untouched(tmp_path, monkeypatch, capsys):
-    from hpo_peft.cli import main
+    from hpo_peft.app.cli import main
 
     _no_build(monkeypatch)
     x = tmp_path / "x"
@@ -255,7 +255,7 @@ def test_folder_with_other_files_is_refused_and_left_untouched(tmp_path, monkeyp
 
 
 def test_config_key_refuses_the_same_folder(tmp_path, monkeypatch):
-    from hpo_peft.errors import UserError
+    from hpo_peft.core.errors import UserError
 
     _no_build(monkeypatch)
     (tmp_path / "x").mkdir()
@@ -268,7 +268,7 @@ def test_config_key_refuses_the_same_folder(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("below", [False, True])
 def test_out_an_existing_file_is_refused_before_building(tmp_path, monkeypatch, capsys, below):
-    from hpo_peft.cli import main
+    from hpo_peft.app.cli import main
 
     _no_build(monkeypatch)
     target = tmp_path / "file.txt"
@@ -316,7 +316,7 @@ def test_install_into_an_old_kit_replaces_only_its_parts_quietly(tmp_path, capsy
 
 def test_the_refusal_names_every_part_that_force_replaces(tmp_path, monkeypatch, capsys):
     """--force replaces open_clip_model/ too: the refusal must say so, not only model/ and sicapv2/."""
-    from hpo_peft.cli import main
+    from hpo_peft.app.cli import main
 
     _no_build(monkeypatch)
     x = tmp_path / "x"
@@ -360,7 +360,7 @@ def test_kit_files_and_folders_get_the_umask_modes(tmp_path, monkeypatch):
 
 
 def test_force_replaces_only_the_kit_parts_and_says_so(tmp_path, monkeypatch, capsys):
-    from hpo_peft.cli import main
+    from hpo_peft.app.cli import main
 
     _small_build(monkeypatch)
     x = tmp_path / "x"

@@ -7,13 +7,13 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from hpo_peft.artifacts import load_adapter, save_adapter
-from hpo_peft.config import ModelConfig, StudyConfig
+from hpo_peft.fewshot.artifacts import load_adapter, save_adapter
+from hpo_peft.core.config import ModelConfig, StudyConfig
 from hpo_peft.methods import METHODS, method_config
 from hpo_peft.methods.fused_lora import QKVLoRA
-from hpo_peft.model import build_classifier, count_trainable, load_base_model
+from hpo_peft.models.classifier import build_classifier, count_trainable, load_base_model
 from hpo_peft.models.conch import conch_architecture
-from hpo_peft.search_space import sample_plan
+from hpo_peft.study.search_space import sample_plan
 from tests.conftest import demo_config_dict
 
 
@@ -113,7 +113,7 @@ def test_use_dora_is_a_searchable_categorical(demo_kit):
 
 
 def test_trial_command_with_dora(write_config, capsys):
-    from hpo_peft.cli import main
+    from hpo_peft.app.cli import main
 
     config = write_config(train={"device": "cpu", "max_epochs": 1})
     code = main(["trial", str(config), "--method", "lora", "--set", "methods.lora.use_dora=true"])

@@ -4,6 +4,7 @@ trial path; LoRA at B = 0; trainable counts on full-size random-weight architect
 refused across families; a study on studies/demo_open_clip.yaml end to end."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -12,13 +13,13 @@ import pytest
 import torch
 import yaml
 
-from hpo_peft.config import ModelConfig, StudyConfig, TrainConfig
-from hpo_peft.errors import UserError
+from hpo_peft.core.config import ModelConfig, StudyConfig, TrainConfig
+from hpo_peft.core.errors import UserError
 from hpo_peft.methods import METHODS, method_config
-from hpo_peft.model import build_classifier, count_trainable, load_base_model
+from hpo_peft.models.classifier import build_classifier, count_trainable, load_base_model
 from hpo_peft.models import BaseModel, family_of
 from hpo_peft.models.conch import conch_architecture
-from hpo_peft.selection import select_best
+from hpo_peft.tracking.selection import select_best
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 TINY_CONCH = dict(image_size=64, width=64, layers=2, heads=2, patch_size=16, embed_dim=64, pooler_heads=2,
@@ -46,7 +47,7 @@ def bases(demo_kit) -> dict[str, BaseModel]:
 
 @pytest.fixture(scope="module")
 def workspaces(demo_kit, bases):
-    from hpo_peft.trial import open_workspace
+    from hpo_peft.fewshot.trial import open_workspace
 
     raw = open_clip_config(demo_kit)
     raw["data"]["val_shots"] = 8
@@ -76,7 +77,7 @@ def test_the_family_is_inferred_where_the_source_says_it(demo_kit, tmp_path):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_the_same_trial_code_path_runs_on_every_family(workspaces, family):
-    from hpo_peft.trial import run_trial
+    from hpo_peft.fewshot.trial import run_trial
 
     workspace = workspaces[family]
     assert workspace.base.family.name == family
@@ -159,6 +160,7 @@ FULL_SIZE_COUNTS = {
 
 
 @pytest.mark.parametrize("architecture", ["plip", "quiltnet", "conch"])
+@pytest.mark.slow
 def test_trainable_counts_per_family_on_full_size_architectures(architecture):
     base = {"plip": _plip_architecture, "quiltnet": _quiltnet_architecture, "conch": conch_architecture}[architecture]()
     prototypes = torch.randn(4, 512)
@@ -171,8 +173,8 @@ def test_trainable_counts_per_family_on_full_size_architectures(architecture):
 
 
 def test_an_adapter_saved_on_one_family_is_refused_by_another(workspaces, tmp_path):
-    from hpo_peft.artifacts import load_adapter, save_adapter
-    from hpo_peft.trial import run_trial
+    from hpo_peft.fewshot.artifacts import load_adapter, save_adapter
+    from hpo_peft.fewshot.trial import run_trial
 
     workspace = workspaces["open_clip"]
     outcome = run_trial(workspace, "lora", {"rank": 2, "b_init": "random"}, workspace.config.train, progress=False)
@@ -198,8 +200,8 @@ STUDY_SEARCH = {
 
 
 def _study(tmp, raw, name):
-    from hpo_peft.commands import prepare_study_config
-    from hpo_peft.study import StudyLocation, run_study
+    from hpo_peft.app.commands import prepare_study_config
+    from hpo_peft.study.session import StudyLocation, run_study
 
     raw = {**raw, "search": STUDY_SEARCH, "name": name}
     path = tmp / f"{name}.yaml"
@@ -214,15 +216,16 @@ def _run_shape(client, run):
             {a.path for a in client.list_artifacts(run.info.run_id)})
 
 
+@pytest.mark.slow
 def test_a_study_on_demo_open_clip_logs_as_plip_and_evaluate_reproduces_it_in_a_fresh_process(
         demo_kit, tmp_path, workspaces):
     from conftest import demo_config_dict
     from mlflow import MlflowClient
 
     from hpo_peft.data import load_test
-    from hpo_peft.evaluate import evaluate
-    from hpo_peft.recovery import RUN_ID_ATTR
-    from hpo_peft.trial import open_workspace, run_trial
+    from hpo_peft.fewshot.evaluate import evaluate
+    from hpo_peft.tracking.recovery import RUN_ID_ATTR
+    from hpo_peft.fewshot.trial import open_workspace, run_trial
 
     shutil.copytree(demo_kit / "sicapv2", tmp_path / "sicapv2")
     shapes = {}
@@ -236,7 +239,7 @@ def test_a_study_on_demo_open_clip_logs_as_plip_and_evaluate_reproduces_it_in_a_
     assert set(shapes["oc"]) == set(shapes["plip"]) == {"study_session:", "trial:lora"}
     for key in set(shapes["oc"]) & set(shapes["plip"]):
         assert shapes["oc"][key] == shapes["plip"][key], key
-    out = subprocess.run([sys.executable, "-m", "hpo_peft.cli", "evaluate", str(path), "--study-name", "oc",
+    out = subprocess.run([sys.executable, "-m", "hpo_peft.app.cli", "evaluate", str(path), "--study-name", "oc",
                           "--storage", location.storage, "--tracking-uri", location.tracking_uri, "--json"],
                          capture_output=True, text=True, check=True, cwd=ROOT,
                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
@@ -254,3 +257,32 @@ def test_a_study_on_demo_open_clip_logs_as_plip_and_evaluate_reproduces_it_in_a_
     test = evaluate(outcome.classifier, load_test(config.data, workspace.base.preprocessing),
                     workspace.base.preprocessing, config.data.categories)
     assert fresh["balanced_accuracy"] == pytest.approx(test.balanced_accuracy, abs=1e-9)
+
+
+@pytest.mark.parametrize("where, value, message", [
+    ("methods", {"lora": {"dropout": 0.1}}, r"^methods\.lora\.dropout: LoRA dropout is not available where q, k and v are fused"),
+    ("methods", {"lora": {"target_modules": ["q_proj", "out_proj"]}}, r"^methods\.lora\.target_modules: \['out_proj'\] cannot"),
+    ("search", {"lora": {"dropout": {"choices": [0.0, 0.05]}}},
+     r"^search\.methods\.lora\.dropout can draw 0\.05: methods\.lora\.dropout: LoRA dropout is not available"),
+])
+def test_a_lora_option_the_family_cannot_run_is_one_line_before_anything_loads(demo_kit, tmp_path, capsys,
+                                                                               refuse_model_loading, where, value, message):
+    """On a family whose attention fuses q, k and v, a LoRA option it cannot run stops the command with
+    exit 2 and one line naming the key and the family, before the model loads; never a FAILED trial."""
+    from hpo_peft.app.cli import main
+
+    raw = open_clip_config(demo_kit)
+    if where == "methods":
+        raw["methods"] = {**raw.get("methods", {}), **value}
+    else:
+        raw["search"]["params"]["method"] = "lora"
+        raw["search"]["methods"] = value
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    code = main(["study", "run", str(path), "--storage", str(tmp_path / "o.journal"),
+                 "--tracking-uri", f"sqlite:///{tmp_path}/m.db", "--n-trials", "1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith("hpo-peft: error: ") and err[0].endswith("(model.family open_clip)")
+    assert re.search(message, err[0].removeprefix("hpo-peft: error: ")), err[0]
+    assert not (tmp_path / "o.journal").exists() and not (tmp_path / "m.db").exists()

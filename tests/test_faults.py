@@ -21,10 +21,10 @@ from test_robustness import (
     wait_for_running_trial,
 )
 
-from hpo_peft.cli import main
-from hpo_peft.commands import prepare_study_config
-from hpo_peft.recovery import RUN_ID_ATTR
-from hpo_peft.study import StudyLocation, load_study, run_study
+from hpo_peft.app.cli import main
+from hpo_peft.app.commands import prepare_study_config
+from hpo_peft.tracking.recovery import RUN_ID_ATTR
+from hpo_peft.study.session import StudyLocation, load_study, run_study
 
 # cheap trials (a head on cached features) whose parameters are continuous: equal draws mean a replay
 DRAWS = {
@@ -68,6 +68,7 @@ def closed_port() -> int:
 
 
 # nothing repeated -------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_resumed_sessions_draw_new_parameters_and_a_rerun_draws_the_same(draws, tmp_path):
     config, options = draws
     run_study(prepare_study_config(config, []), options, n_trials=2, timeout=None)
@@ -79,6 +80,7 @@ def test_resumed_sessions_draw_new_parameters_and_a_rerun_draws_the_same(draws, 
     assert learning_rates(again) == first  # reproducible from the study's seed
 
 
+@pytest.mark.slow
 def test_jobs_and_separate_commands_never_replay_each_other(draws):
     config, options = draws
     jobs = subprocess.run(cli(config, options, "--n-trials", "4", "--jobs", "2"), capture_output=True, text=True)
@@ -94,11 +96,12 @@ def test_jobs_and_separate_commands_never_replay_each_other(draws):
 
 
 # nothing lost: stores ---------------------------------------------------------------------------
+@pytest.mark.slow
 def test_three_commands_start_together_in_an_empty_folder(write_config, tmp_path):
     config = write_config("draws.yaml", search={**DRAWS, "n_trials": 1})
     folder = tmp_path / "empty"
     folder.mkdir()
-    argv = [sys.executable, "-m", "hpo_peft.cli", "study", "run", str(config), "--storage", "sqlite:///optuna.db"]
+    argv = [sys.executable, "-m", "hpo_peft.app.cli", "study", "run", str(config), "--storage", "sqlite:///optuna.db"]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     processes = [subprocess.Popen(argv, cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                  for _ in range(3)]
@@ -111,10 +114,11 @@ def test_three_commands_start_together_in_an_empty_folder(write_config, tmp_path
     assert len([r for r in runs if r.data.tags.get("hpo_peft.run_kind") == "study_session"]) == 3
 
 
+@pytest.mark.slow
 def test_mlflow_stores_created_by_many_processes_at_once(tmp_path):
     """The schema race itself, without model loading in between: 4 processes open a new SQLite
     store at the same instant, in 3 fresh folders."""
-    code = ("import sys, time, pathlib\nfrom hpo_peft.tracking import Tracker\n"
+    code = ("import sys, time, pathlib\nfrom hpo_peft.tracking.tracker import Tracker\n"
             "go = pathlib.Path(sys.argv[2])\nwhile not go.exists(): time.sleep(0.01)\n"
             "Tracker('sqlite:///' + sys.argv[1], experiment='x').experiment_id\n")
     for round_ in range(3):
@@ -128,6 +132,7 @@ def test_mlflow_stores_created_by_many_processes_at_once(tmp_path):
             assert process.returncode == 0, err
 
 
+@pytest.mark.slow
 def test_an_unreachable_tracking_server_fails_fast_and_writes_nothing(slow, tmp_path):
     config, options = slow
     uri = f"http://127.0.0.1:{closed_port()}"
@@ -139,6 +144,7 @@ def test_an_unreachable_tracking_server_fails_fast_and_writes_nothing(slow, tmp_
     assert not Path(options.storage).exists()
 
 
+@pytest.mark.slow
 def test_an_unreachable_database_fails_fast_and_writes_nothing(slow, tmp_path):
     config, options = slow
     url = f"postgresql+psycopg2://postgres:secret@127.0.0.1:{closed_port()}/db"
@@ -177,16 +183,18 @@ def in_read_only(folder: Path, argv: list[str], cwd: Path) -> subprocess.Complet
                           text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_a_read_only_working_folder_is_one_line(slow, tmp_path):
     config, _ = slow
     folder = tmp_path / "readonly"
     folder.mkdir()
-    result = in_read_only(folder, [sys.executable, "-m", "hpo_peft.cli", "study", "run", str(config)], folder)
+    result = in_read_only(folder, [sys.executable, "-m", "hpo_peft.app.cli", "study", "run", str(config)], folder)
     assert result.returncode == 2
     assert "cannot be written here" in one_error_line(result.stderr)
     assert list(folder.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_read_only_artifacts_leave_no_run_open(slow, tmp_path):
     config, options = slow
     (tmp_path / "artifacts").mkdir()
@@ -197,7 +205,7 @@ def test_read_only_artifacts_leave_no_run_open(slow, tmp_path):
 
 
 def test_a_parent_run_is_closed_when_logging_its_config_fails(slow, monkeypatch):
-    from hpo_peft.tracking import Tracker
+    from hpo_peft.tracking.tracker import Tracker
 
     config, options = slow
 
@@ -248,6 +256,7 @@ def assert_closed_like_ctrl_c(options, trial, reason):
     assert sessions[0].data.tags["hpo_peft.error"] == reason
 
 
+@pytest.mark.slow
 def test_sigterm_ends_like_ctrl_c(slow):
     config, options = slow
     process, trial = start_mid_trial(config, options)
@@ -257,6 +266,7 @@ def test_sigterm_ends_like_ctrl_c(slow):
     assert_closed_like_ctrl_c(options, trial, "interrupted (SIGTERM)")
 
 
+@pytest.mark.slow
 def test_two_quick_ctrl_c_end_like_one(slow):
     config, options = slow
     process, trial = start_mid_trial(config, options)
@@ -297,6 +307,7 @@ def wait_gone(pids, timeout=60):
     pytest.fail(f"workers still alive: {alive}")
 
 
+@pytest.mark.slow
 def test_sigterm_to_the_parent_stops_its_workers(slow):
     config, options = slow
     process, trial = start_mid_trial(config, options, "--jobs", "2")
@@ -314,10 +325,10 @@ def test_a_stop_before_a_trials_run_exists_still_closes_the_trial_with_a_killed_
     seen in CI) left a FAIL trial with no MLflow run: the stop now waits until the run exists."""
     import optuna
 
-    from hpo_peft import interrupts
-    from hpo_peft import study as study_module
-    from hpo_peft.recovery import Heartbeat
-    from hpo_peft.tracking import Tracker
+    from hpo_peft.core import interrupts
+    from hpo_peft.study import session as study_module
+    from hpo_peft.tracking.recovery import Heartbeat
+    from hpo_peft.tracking.tracker import Tracker
 
     real_sample = study_module.sample_plan
 
@@ -350,6 +361,7 @@ def children_of(pid):
     return out
 
 
+@pytest.mark.slow
 def test_workers_die_with_a_sigkilled_parent_and_are_recovered(slow):
     config, options = slow
     process, trial = start_mid_trial(config, options, "--jobs", "2")
@@ -364,6 +376,7 @@ def test_workers_die_with_a_sigkilled_parent_and_are_recovered(slow):
     assert_consistent(options)
 
 
+@pytest.mark.slow
 def test_ctrl_c_ends_in_bounded_time_on_a_loaded_machine(slow):
     """A CPU-bound process beside the study (CI machines are busy too): the interrupted session
     still ends, with the same outcome, well within the bound. It no longer draws the session's
@@ -381,6 +394,7 @@ def test_ctrl_c_ends_in_bounded_time_on_a_loaded_machine(slow):
     assert_closed_like_ctrl_c(options, trial, "interrupted (Ctrl-C)")
 
 
+@pytest.mark.slow
 def test_a_worker_on_another_host_is_recovered_by_its_heartbeat_alone(slow, monkeypatch):
     """A worker's host can be named (HPO_PEFT_WORKER_HOST), so one machine stands in for two: a
     dead worker of another host is stale only once its heartbeat is older than the grace period."""
@@ -392,8 +406,8 @@ def test_a_worker_on_another_host_is_recovered_by_its_heartbeat_alone(slow, monk
     process.kill()
     process.wait()
     monkeypatch.setenv("HPO_PEFT_WORKER_HOST", "node-a")
-    from hpo_peft.recovery import recover_stale
-    from hpo_peft.study import open_stores
+    from hpo_peft.tracking.recovery import recover_stale
+    from hpo_peft.study.session import open_stores
 
     prepared = prepare_study_config(config, [])
     study, tracker = open_stores(prepared, options, accept_changes=True)

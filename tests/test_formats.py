@@ -14,11 +14,11 @@ import yaml
 from conftest import ROOT, demo_config_dict
 from PIL import Image
 
-from hpo_peft.config import DataConfig, StudyConfig
-from hpo_peft.config_file import load_config
+from hpo_peft.core.config import DataConfig, StudyConfig
+from hpo_peft.core.config_file import load_config
 from hpo_peft.data import FewShotSplit, LabelledImages, Preprocessing, few_shot_rows, load_few_shot, load_test
-from hpo_peft.errors import UserError
-from hpo_peft.validation import fold_of, make_plan
+from hpo_peft.core.errors import UserError
+from hpo_peft.fewshot.validation import fold_of, make_plan
 
 PREP = Preprocessing(height=16, width=16, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 SIZES = [(24, 40), (40, 24), (30, 30)]  # (height, width): portrait, landscape, square
@@ -178,7 +178,7 @@ def test_groups_that_cannot_be_split_are_refused(tmp_path):
 
 
 def test_predict_reads_a_labelled_csv_table(tmp_path):
-    from hpo_peft.predict import labelled_images
+    from hpo_peft.fewshot.predict import labelled_images
 
     root = make_csv(tmp_path / "mhist")
     paths, labels = labelled_images(root / "test.csv", None, "file", ["HP", "SSA"], "class")
@@ -236,7 +236,7 @@ def test_hf_dataset_reads_classlabel_or_strings_and_finds_an_image_in_both_split
 
 
 def test_prompts_for_any_classes(tmp_path):
-    from hpo_peft.model import prompt_texts
+    from hpo_peft.models.classifier import prompt_texts
 
     raw = {"data": {"root": str(tmp_path), "format": "csv", "train_table": "a.csv", "test_table": "b.csv",
                     "categories": ["HP", "SSA"]}, "prompts": {"descriptions": {"SSA": ["sessile serrated adenoma"]}}}
@@ -274,10 +274,10 @@ def test_shipped_studies_read_a_stand_in_in_their_layout(tmp_path, study, make, 
 def test_a_sicapv2_study_keeps_its_fingerprint_and_an_hf_dataset_is_no_course_protocol(tmp_path):
     import json
 
-    from hpo_peft.config import COURSE_TEMPLATES
-    from hpo_peft.data_config import FORMAT_ONLY_KEYS
-    from hpo_peft.identity import fingerprint
-    from hpo_peft.preflight import check_config
+    from hpo_peft.core.config import COURSE_TEMPLATES
+    from hpo_peft.core.data_config import FORMAT_ONLY_KEYS
+    from hpo_peft.study.identity import fingerprint
+    from hpo_peft.study.preflight import check_config
 
     keys = fingerprint(StudyConfig.model_validate({"data": {"root": str(tmp_path)}}))
     assert not {f"data.{key}" for key in ("format", *FORMAT_ONLY_KEYS)} & set(keys)
@@ -293,7 +293,7 @@ def test_a_sicapv2_study_keeps_its_fingerprint_and_an_hf_dataset_is_no_course_pr
 
 
 def test_a_trial_runs_on_an_image_folder_with_the_demo_model(demo_kit, tmp_path, capsys):
-    from hpo_peft.cli import main
+    from hpo_peft.app.cli import main
 
     root = make_imagefolder(tmp_path / "folder", classes=("tumour epithelium", "Stroma"), per_class=(4, 2))
     raw = demo_config_dict(demo_kit)
@@ -310,7 +310,7 @@ def test_a_trial_runs_on_an_image_folder_with_the_demo_model(demo_kit, tmp_path,
 
 
 def test_the_course_protocol_runs_on_an_image_folder(demo_kit, tmp_path, capsys):
-    from hpo_peft.cli import main
+    from hpo_peft.app.cli import main
 
     root = make_imagefolder(tmp_path / "folder", classes=("tumour epithelium", "Stroma"), per_class=(4, 2))
     raw = demo_config_dict(demo_kit)
@@ -334,7 +334,7 @@ def test_an_image_folder_study_goes_through_every_command(demo_kit, tmp_path, mo
 
     import mlflow
 
-    from hpo_peft.cli import main
+    from hpo_peft.app.cli import main
 
     root = make_imagefolder(tmp_path / "folder", classes=("tumour epithelium", "Stroma"), per_class=(6, 3))
     search = {"n_trials": 2, "sampler": {"name": "random", "seed": 1}, "pruner": {"name": "none"},

@@ -10,11 +10,11 @@ import pytest
 import yaml
 from conftest import demo_config_dict
 
-from hpo_peft.cli import main
-from hpo_peft.config import DataConfig
-from hpo_peft.config_file import load_config
+from hpo_peft.app.cli import main
+from hpo_peft.core.config import DataConfig
+from hpo_peft.core.config_file import load_config
 from hpo_peft.data import Preprocessing, load_test
-from hpo_peft.errors import UserError
+from hpo_peft.core.errors import UserError
 
 TRAIN = "partition/Test/Train.xlsx"
 TEST = "partition/Test/Test.xlsx"
@@ -223,8 +223,8 @@ def test_an_image_in_both_tables_is_refused_before_anything_trains(write_config,
 
 def test_allow_overlap_passes_the_check_and_keeps_the_study_fingerprint(write_config, kit):
     from hpo_peft.data import few_shot_rows
-    from hpo_peft.identity import differences, fingerprint
-    from hpo_peft.preflight import check_study_data
+    from hpo_peft.study.identity import differences, fingerprint
+    from hpo_peft.study.preflight import check_study_data
 
     names = _share_train_rows(kit, 7)
     config = write_config(data={"root": str(kit)})

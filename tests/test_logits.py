@@ -5,13 +5,13 @@ import math
 
 import torch
 
-from hpo_peft.config import TrainConfig
-from hpo_peft.evaluate import compute_metrics, predict_logits
-from hpo_peft.features import FeatureCache
+from hpo_peft.core.config import TrainConfig
+from hpo_peft.fewshot.evaluate import compute_metrics, predict_logits
+from hpo_peft.fewshot.features import FeatureCache
 from hpo_peft.methods import METHODS, method_config
 from hpo_peft.methods.black_box import CLAPHead, CLIPAdapterHead, LinearProbeHead
-from hpo_peft.model import ZeroShotHead, build_classifier
-from hpo_peft.train import train
+from hpo_peft.models.classifier import ZeroShotHead, build_classifier
+from hpo_peft.fewshot.train import train
 
 BF16 = torch.autocast("cpu", torch.bfloat16)
 

@@ -9,7 +9,7 @@ from torch.nn import functional as F
 from transformers import CLIPConfig, CLIPModel
 
 from hpo_peft.methods import METHODS, method_config
-from hpo_peft.model import ImageClassifier, ZeroShotHead, count_trainable
+from hpo_peft.models.classifier import ImageClassifier, ZeroShotHead, count_trainable
 from hpo_peft.models.hf_clip import ImageEncoder
 
 HEAD = 4 * 512

@@ -9,14 +9,14 @@ import json
 import pytest
 import torch
 
-from hpo_peft.artifacts import load_adapter, save_adapter
-from hpo_peft.config import ModelConfig, TrainConfig
-from hpo_peft.errors import UserError
+from hpo_peft.fewshot.artifacts import load_adapter, save_adapter
+from hpo_peft.core.config import ModelConfig, TrainConfig
+from hpo_peft.core.errors import UserError
 from hpo_peft.methods import METHODS, method_config
-from hpo_peft.model import build_classifier, class_names, count_trainable, load_base_model
+from hpo_peft.models.classifier import build_classifier, class_names, count_trainable, load_base_model
 from hpo_peft.models import Family
 from hpo_peft.models.conch import conch_architecture
-from hpo_peft.trial import run_trial
+from hpo_peft.fewshot.trial import run_trial
 
 TEMPLATE = "a histopathology slide showing"
 
@@ -96,7 +96,7 @@ def test_coop_trains_its_context_and_loads_exactly_on_its_own_model_only(demo_wo
 
 @pytest.mark.parametrize("method", ["coop", "kgcoop"])
 def test_trial_command_runs_and_saves(write_config, tmp_path, capsys, method):
-    from hpo_peft.cli import main
+    from hpo_peft.app.cli import main
 
     config = write_config(method_train={method: {"max_epochs": 2}}, train={"device": "cpu"},
                           methods={method: {"init_text": TEMPLATE}})
@@ -106,8 +106,9 @@ def test_trial_command_runs_and_saves(write_config, tmp_path, capsys, method):
     assert "test balanced accuracy" in out and (tmp_path / "adapter" / "prompt_learner.json").is_file()
 
 
+@pytest.mark.slow
 def test_a_study_draws_every_new_method(write_config, tmp_path, capsys):
-    from hpo_peft.cli import main
+    from hpo_peft.app.cli import main
 
     new = ["tip_adapter", "tip_adapter_f", "coop", "kgcoop"]
     search = {"n_trials": 4, "start": "race", "sampler": {"name": "random", "seed": 1}, "pruner": {"name": "none"},
@@ -118,7 +119,7 @@ def test_a_study_draws_every_new_method(write_config, tmp_path, capsys):
                  "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"])
     captured = capsys.readouterr()
     assert code == 0, captured.err[-2000:]
-    from hpo_peft.study import StudyLocation, load_study
+    from hpo_peft.study.session import StudyLocation, load_study
 
     trials = load_study(StudyLocation("demo", f"sqlite:///{tmp_path}/optuna.db")).trials
     assert sorted(t.params["method"] for t in trials) == sorted(new) and all(t.value is not None for t in trials)

@@ -7,13 +7,13 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from hpo_peft.artifacts import load_adapter, save_adapter
-from hpo_peft.config import StudyConfig, TrainConfig
+from hpo_peft.fewshot.artifacts import load_adapter, save_adapter
+from hpo_peft.core.config import StudyConfig, TrainConfig
 from hpo_peft.methods import METHODS, method_config
 from hpo_peft.methods.schedules import cosine_schedule
 from hpo_peft.methods.tip_adapter import TipAdapterHead
-from hpo_peft.model import ZeroShotHead, build_classifier, count_trainable
-from hpo_peft.trial import run_trial
+from hpo_peft.models.classifier import ZeroShotHead, build_classifier, count_trainable
+from hpo_peft.fewshot.trial import run_trial
 from tests.conftest import demo_config_dict
 
 
@@ -108,7 +108,7 @@ def test_paper_settings_are_the_defaults_and_the_schedule_is_cosine(demo_kit):
 
 @pytest.mark.parametrize("method", ["tip_adapter", "tip_adapter_f"])
 def test_trial_command_runs_and_saves(write_config, tmp_path, capsys, method):
-    from hpo_peft.cli import main
+    from hpo_peft.app.cli import main
 
     config = write_config(method_train={"tip_adapter_f": {"max_epochs": 2}}, train={"device": "cpu"})
     code = main(["trial", str(config), "--method", method, "--save", str(tmp_path / "adapter")])

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hpo_peft.cli import main
+from hpo_peft.app.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,9 +59,10 @@ def run_child(args: list[str], env: dict[str, str]) -> subprocess.CompletedProce
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_an_uncached_hub_model_with_the_hub_unreachable_fails_at_once_in_one_line(write_config, tmp_path):
     config = write_config(model={"name_or_path": "vinid/plip"})
-    child = run_child(["-m", "hpo_peft.cli", "trial", str(config)], hub_env(tmp_path))
+    child = run_child(["-m", "hpo_peft.app.cli", "trial", str(config)], hub_env(tmp_path))
     assert child.returncode == 2, child.stderr[-2000:]
     line = error_line(child.stderr)
     assert "model.name_or_path: 'vinid/plip'" in line and "not in the Hugging Face cache" in line
@@ -82,13 +83,14 @@ def cache_plip(demo_kit: Path, tmp_path: Path) -> Path:
 
 
 LOAD_PLIP = (
-    "from hpo_peft.config import ModelConfig; from hpo_peft.errors import UserError; "
-    "from hpo_peft.model import load_base_model\n"
+    "from hpo_peft.core.config import ModelConfig; from hpo_peft.core.errors import UserError; "
+    "from hpo_peft.models.classifier import load_base_model\n"
     "try:\n    base = load_base_model(ModelConfig(name_or_path='vinid/plip')); print('loaded', base.name_or_path)\n"
     "except UserError as err:\n    print('hpo-peft: error:', err)"
 )
 
 
+@pytest.mark.slow
 def test_a_hub_model_in_the_local_cache_loads_without_asking_the_hub(demo_kit, tmp_path):
     cache_plip(demo_kit, tmp_path)
     child = run_child(["-c", LOAD_PLIP], hub_env(tmp_path))
@@ -97,6 +99,7 @@ def test_a_hub_model_in_the_local_cache_loads_without_asking_the_hub(demo_kit, t
     assert "Retrying" not in child.stderr and "thrown while requesting" not in child.stderr
 
 
+@pytest.mark.slow
 def test_damaged_weights_in_the_cache_are_named(demo_kit, tmp_path):
     weights = cache_plip(demo_kit, tmp_path) / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:5000])

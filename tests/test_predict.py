@@ -22,7 +22,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from hpo_peft.cli import main
+from hpo_peft.app.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "models:/demo-chosen@best"
@@ -47,8 +47,8 @@ def chosen(tmp_path_factory, demo_kit):
     """A 3-trial study (`keep_adapters: best:2`), then `evaluate --register` on its best trial."""
     from conftest import write_demo_config
 
-    from hpo_peft.commands import prepare_study_config
-    from hpo_peft.study import StudyLocation, run_study
+    from hpo_peft.app.commands import prepare_study_config
+    from hpo_peft.study.session import StudyLocation, run_study
 
     tmp = tmp_path_factory.mktemp("predict")
     path = write_demo_config(demo_kit, tmp / "study.yaml", search=SEARCH)
@@ -83,10 +83,10 @@ def test_images(chosen):
 
 @pytest.fixture(scope="module")
 def reference(chosen, evaluated, test_images, demo_workspace):
-    from hpo_peft.artifacts import load_adapter
+    from hpo_peft.fewshot.artifacts import load_adapter
     from hpo_peft.data import load_image
-    from hpo_peft.evaluate import predict_logits
-    from hpo_peft.tracking import Tracker
+    from hpo_peft.fewshot.evaluate import predict_logits
+    from hpo_peft.tracking.tracker import Tracker
 
     folder = Tracker(chosen["uri"], "chosen", create=False).download_adapter(evaluated["mlflow_run_id"], chosen["tmp"] / "ref")
     classifier, _ = load_adapter(folder, demo_workspace.base)
@@ -102,7 +102,7 @@ def test_evaluate_logs_and_registers_a_pyfunc_model(chosen, evaluated):
     assert evaluated["model_uri"].startswith("models:/m-") and version.source == evaluated["model_uri"]
     from mlflow.models import get_model_info
 
-    from hpo_peft.pyfunc_model import using_store
+    from hpo_peft.tracking.pyfunc_model import using_store
 
     with using_store(chosen["uri"]):
         info = get_model_info(MODEL)
@@ -115,15 +115,17 @@ def test_evaluate_logs_and_registers_a_pyfunc_model(chosen, evaluated):
     assert not any("model.safetensors" in f for f in files)
 
 
+@pytest.mark.slow
 def test_the_pyfunc_model_imports_without_mlflows_type_hint_advice():
     """MLflow printed "Add type hints to the `predict` method" on every import of the model class,
     so in every `evaluate` and `predict` (a warnings filter could not stop it: MLflow resets them)."""
-    done = subprocess.run([sys.executable, "-W", "always", "-c", "import hpo_peft.pyfunc_model"],
+    done = subprocess.run([sys.executable, "-W", "always", "-c", "import hpo_peft.tracking.pyfunc_model"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "type hint" not in done.stderr.lower()
 
 
+@pytest.mark.slow
 def test_pyfunc_in_a_fresh_process_equals_evaluate(chosen, evaluated, test_images, reference):
     """`mlflow.pyfunc.load_model("models:/NAME@best")` in a new interpreter: probabilities equal
     the adapter's through `evaluate`'s path, its arg-max gives evaluate's confusion matrix, and a
@@ -190,7 +192,7 @@ def test_predict_a_labelled_table_from_the_registry_prints_evaluates_metrics(cho
 
 
 def test_predict_refuses_an_adapter_folder_with_an_altered_metadata_value(chosen, evaluated, tmp_path, capsys):
-    from hpo_peft.tracking import Tracker
+    from hpo_peft.tracking.tracker import Tracker
 
     folder = Tracker(chosen["uri"], "chosen", create=False).download_adapter(evaluated["mlflow_run_id"], tmp_path)
     image = next((chosen["kit"] / "sicapv2/images").iterdir())
@@ -218,6 +220,8 @@ def _post(url: str, body: dict) -> tuple[int, dict]:
         return err.code, json.loads(err.read() or b"{}")
 
 
+@pytest.mark.service
+@pytest.mark.slow
 def test_rest_server_round_trip(chosen, evaluated, test_images, reference, tmp_path):
     """The real `mlflow models serve` on loopback: the same probabilities over HTTP; a bad image and
     an empty batch get a 400 with a clear message, and the server keeps serving."""
@@ -270,7 +274,7 @@ def test_default_keeps_every_peft_adapter_and_the_best_three_full_fine_tunings()
     import optuna
 
     from hpo_peft.methods import METHODS
-    from hpo_peft.retention import adapters_to_drop
+    from hpo_peft.tracking.retention import adapters_to_drop
 
     space = {"method": optuna.distributions.CategoricalDistribution(["lora", "full"])}
     values = {0: ("full", 50.0), 1: ("lora", 10.0), 2: ("full", 70.0), 3: ("full", 40.0), 4: ("full", 60.0),
@@ -301,11 +305,11 @@ def test_retention_drops_superseded_adapters_and_keeps_the_best_and_registered(c
     """The study ran with `best:2`: its third trial's adapter went through MLflow, with the reason
     on the run. Then `best:1` keeps the best and a registered trial, and evaluate says why a
     dropped one has no adapter."""
-    from hpo_peft import retention
-    from hpo_peft.pyfunc_model import log_adapter_model, register_model
-    from hpo_peft.recovery import RUN_ID_ATTR
-    from hpo_peft.selection import selection_key
-    from hpo_peft.tracking import Tracker
+    from hpo_peft.tracking import retention
+    from hpo_peft.tracking.pyfunc_model import log_adapter_model, register_model
+    from hpo_peft.tracking.recovery import RUN_ID_ATTR
+    from hpo_peft.tracking.selection import selection_key
+    from hpo_peft.tracking.tracker import Tracker
 
     study = chosen["study"]
     ranked = sorted((t for t in study.trials if t.state.name == "COMPLETE"), key=selection_key)
@@ -342,7 +346,7 @@ def test_metrics_of_a_class_with_no_image_say_so():
     with every class present, the figures sklearn gives, as before."""
     from sklearn.metrics import balanced_accuracy_score, recall_score
 
-    from hpo_peft.evaluate import compute_metrics
+    from hpo_peft.fewshot.evaluate import compute_metrics
 
     categories = ["NC", "G3", "G4", "G5"]
     labels = torch.tensor([1, 1, 2, 2, 3, 3])
@@ -437,8 +441,8 @@ def test_a_tampered_adapter_is_named_as_the_user_gave_it(chosen, evaluated, tmp_
 
 
 def test_register_keeps_one_version_per_run_and_best_on_the_better_trial(chosen, evaluated, capsys):
-    from hpo_peft.recovery import RUN_ID_ATTR
-    from hpo_peft.selection import selection_key
+    from hpo_peft.tracking.recovery import RUN_ID_ATTR
+    from hpo_peft.tracking.selection import selection_key
 
     client = MlflowClient(chosen["uri"])
     ranked = sorted((t for t in chosen["study"].trials if t.state.name == "COMPLETE"), key=selection_key)
@@ -472,9 +476,9 @@ def test_a_saved_adapter_has_the_users_umask_modes(demo_workspace, tmp_path):
     """safetensors writes 0600: an adapter others could not read."""
     import stat
 
-    from hpo_peft.artifacts import save_adapter
+    from hpo_peft.fewshot.artifacts import save_adapter
     from hpo_peft.methods import get_method, method_config
-    from hpo_peft.model import build_classifier
+    from hpo_peft.models.classifier import build_classifier
 
     base = demo_workspace.base
     classifier = get_method("lora").prepare(build_classifier(base, demo_workspace.prototypes), method_config("lora", {}))

@@ -16,10 +16,10 @@ import yaml
 from conftest import create_database
 from mlflow import MlflowClient
 
-from hpo_peft.commands import prepare_study_config
-from hpo_peft.recovery import RUN_ID_ATTR
-from hpo_peft.study import StudyLocation, load_study, open_storage, run_study
-from hpo_peft.train import NonFiniteLoss
+from hpo_peft.app.commands import prepare_study_config
+from hpo_peft.tracking.recovery import RUN_ID_ATTR
+from hpo_peft.study.session import StudyLocation, load_study, open_storage, run_study
+from hpo_peft.fewshot.train import NonFiniteLoss
 
 QUICK_SEARCH = {
     "n_trials": 3,
@@ -43,7 +43,7 @@ def setup(write_config, tmp_path):
 
 
 def cli(config, options, *extra):
-    return [sys.executable, "-m", "hpo_peft.cli", "study", "run", str(config), "--study-name", options.study_name,
+    return [sys.executable, "-m", "hpo_peft.app.cli", "study", "run", str(config), "--study-name", options.study_name,
             "--storage", options.storage, "--tracking-uri", options.tracking_uri, *extra]
 
 
@@ -98,7 +98,7 @@ def two_trials_then_a_running_one(config, options):
 
 def test_a_raising_trial_fails_alone_and_the_study_goes_on(setup, monkeypatch):
     config, options = setup
-    from hpo_peft import study as study_module
+    from hpo_peft.study import session as study_module
 
     real = study_module.run_trial
 
@@ -121,13 +121,14 @@ def test_a_raising_trial_fails_alone_and_the_study_goes_on(setup, monkeypatch):
 
 
 def test_a_diverging_trial_raises_non_finite_loss(demo_workspace):
-    from hpo_peft.config import TrainConfig
-    from hpo_peft.trial import run_trial
+    from hpo_peft.core.config import TrainConfig
+    from hpo_peft.fewshot.trial import run_trial
 
     with pytest.raises(NonFiniteLoss):
         run_trial(demo_workspace, "full", {}, TrainConfig(optimizer="sgd", learning_rate=1e30, max_epochs=3), progress=False)
 
 
+@pytest.mark.slow
 def test_ctrl_c_ends_the_run_killed_and_the_study_resumes(setup):
     config, options = setup
     before, process, trial = two_trials_then_a_running_one(config, options)
@@ -145,6 +146,7 @@ def test_ctrl_c_ends_the_run_killed_and_the_study_resumes(setup):
     assert study.trials[-1].state.name == "COMPLETE"
 
 
+@pytest.mark.slow
 def test_a_sigkilled_worker_is_recovered_by_the_next_session(setup):
     config, options = setup
     before, process, trial = two_trials_then_a_running_one(config, options)
@@ -163,6 +165,7 @@ def test_a_sigkilled_worker_is_recovered_by_the_next_session(setup):
     assert len(killed_sessions) == 1
 
 
+@pytest.mark.slow
 def test_jobs_share_one_journal_without_duplicates(setup):
     config, options = setup
     result = subprocess.run(cli(config, options, "--n-trials", "5", "--jobs", "2"), capture_output=True, text=True)
@@ -174,6 +177,7 @@ def test_jobs_share_one_journal_without_duplicates(setup):
     assert len([r for r in runs if r.data.tags.get("hpo_peft.run_kind") == "study_session"]) == 1
 
 
+@pytest.mark.slow
 def test_separate_workers_on_postgresql(setup, postgres_url):
     config, options = setup
     options = StudyLocation("robust", storage=postgres_url, tracking_uri=options.tracking_uri)
@@ -214,6 +218,7 @@ def test_watching_a_postgresql_study_holds_one_connection_pool(postgres_url):
     assert 1 <= held <= 2
 
 
+@pytest.mark.slow
 def test_a_corrupt_image_stops_the_session_before_anything_is_written(setup, demo_kit, tmp_path):
     import shutil
 

@@ -10,15 +10,17 @@ import pytest
 from conftest import demo_config_dict
 from mlflow import MlflowClient
 
-from hpo_peft import compute_budget, portfolio, search_space
-from hpo_peft.cli import main
-from hpo_peft.commands import prepare_study_config
-from hpo_peft.config import Choices, Range, StudyConfig
-from hpo_peft.recovery import RUN_ID_ATTR
-from hpo_peft.samplers import make_pruner
-from hpo_peft.search_space import clip, portfolio_entries, race_entries, searches
-from hpo_peft.study import StudyLocation, create_study, load_study, run_study
-from hpo_peft.train import EpochMetrics
+from hpo_peft.study import compute_budget
+from hpo_peft.study import portfolio
+from hpo_peft.study import search_space
+from hpo_peft.app.cli import main
+from hpo_peft.app.commands import prepare_study_config
+from hpo_peft.core.config import Choices, Range, StudyConfig
+from hpo_peft.tracking.recovery import RUN_ID_ATTR
+from hpo_peft.study.samplers import make_pruner
+from hpo_peft.study.search_space import clip, portfolio_entries, race_entries, searches
+from hpo_peft.study.session import StudyLocation, create_study, load_study, run_study
+from hpo_peft.fewshot.train import EpochMetrics
 
 HEAD = {  # zs_linear_probe: a head on cached features, a second a trial; every trial trains 2 epochs
     "n_trials": 4,
@@ -88,6 +90,7 @@ def test_a_pruned_trial_counts_the_epochs_it_ran(write_config, where):
     assert trial.user_attrs["epochs_trained"] == 1 and metric(where, trial, "epochs_trained") == 1
 
 
+@pytest.mark.slow
 def test_a_session_stops_once_its_budget_is_spent_and_says_so(write_config, where, capsys):
     config = write_config(search=HEAD)  # n_trials 4: a budget lifts it
     assert main(["study", "run", str(config), "--budget", "3e", *options(where)]) == 0
@@ -245,6 +248,7 @@ def test_hyperband_takes_its_resources_from_the_epochs_a_trial_can_train(demo_ki
     assert make_pruner(config)._max_resource == 12
 
 
+@pytest.mark.slow
 def test_a_hyperband_study_prunes_on_epochs_and_records_it(write_config, where):
     search = {**HEAD, "n_trials": 6, "pruner": {"name": "hyperband", "reduction_factor": 2},
               "params": {**HEAD["params"], "learning_rate": {"low": 0.00001, "high": 1.0, "log": True}, "max_epochs": 4}}

@@ -8,17 +8,17 @@ import pytest
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
-from hpo_peft.cli import main
-from hpo_peft.commands import prepare_study_config
-from hpo_peft.search_space import sample_plan
-from hpo_peft.selection import (
+from hpo_peft.app.cli import main
+from hpo_peft.app.commands import prepare_study_config
+from hpo_peft.study.search_space import sample_plan
+from hpo_peft.tracking.selection import (
     FOLD_SCORES_ATTR,
     TRAINABLE_ATTR,
     VAL_LOSS_ATTR,
     corrected_score,
     select_best,
 )
-from hpo_peft.study import StudyLocation, best_and_corrected, load_study
+from hpo_peft.study.session import StudyLocation, best_and_corrected, load_study
 
 COURSE_SGD = {"optimizer": "sgd", "learning_rate": 0.001, "max_epochs": 100, "patience": 20}
 
@@ -110,7 +110,7 @@ def test_the_best_of_many_kfold_trials_is_reported_less_what_choosing_it_adds():
 
 def test_study_best_uses_the_tie_break(tmp_path):
     options = StudyLocation("ties", storage=str(tmp_path / "t.journal"))
-    from hpo_peft.study import open_storage
+    from hpo_peft.study.session import open_storage
 
     study = optuna.create_study(study_name="ties", storage=open_storage(options.storage), direction="maximize")
     study.add_trial(completed(80.0, 1.2, 10))
@@ -127,7 +127,7 @@ def test_continuing_a_study_under_other_settings_is_refused_before_anything_is_w
     assert main(["study", "run", str(config), *where]) == 0
     before = (tmp_path / "s.journal").read_bytes()
     with monkeypatch.context() as patched:  # ... and before the model loads
-        from hpo_peft import trial
+        from hpo_peft.fewshot import trial
 
         patched.setattr(trial, "load_base_model", lambda *a, **k: pytest.fail("the model loaded before the refusal"))
         code = main(["study", "run", str(config), *where, "--set", "data.shots=8", "--set", "prompts.templates=[\"a [CLS]\"]"])
@@ -142,7 +142,7 @@ def test_continuing_a_study_under_other_settings_is_refused_before_anything_is_w
     assert main(["study", "run", str(config), *where, "--set", "search.sampler.name=tpe", "--n-trials", "1"]) == 0
     assert len(load_study(StudyLocation("s", storage=str(tmp_path / "s.journal"))).trials) == 2
     # a study whose trials were scored another way (e.g. before the score window) does not mix either
-    from hpo_peft import identity
+    from hpo_peft.study import identity
 
     monkeypatch.setattr(identity, "SCORE_RADIUS", 0)
     assert main(["study", "run", str(config), *where]) == 2
@@ -169,7 +169,7 @@ def test_a_changed_training_table_is_a_changed_study(write_config, demo_kit, tmp
 
 @pytest.mark.parametrize("key", ["train.device=cpu", "search.n_trials=3"])
 def test_machine_and_budget_keys_do_not_define_the_study(write_config, tmp_path, key):
-    from hpo_peft.identity import differences, fingerprint
+    from hpo_peft.study.identity import differences, fingerprint
 
     config = write_config()
     assert differences(fingerprint(prepare_study_config(config, [])), fingerprint(prepare_study_config(config, [key]))) == []
@@ -183,7 +183,7 @@ def test_the_standard_error_beside_a_score_is_the_spread_of_balanced_accuracy_ov
     and near-certain classes (95 % right) are never called certain."""
     import numpy as np
 
-    from hpo_peft.evaluate import balanced_accuracy_se
+    from hpo_peft.fewshot.evaluate import balanced_accuracy_se
 
     rng = np.random.default_rng(0)
     for accuracy in ([0.9, 0.6, 0.75, 0.3], [0.95, 0.9, 0.85, 0.97], [0.5, 0.5, 0.5, 0.5]):

@@ -21,10 +21,12 @@ import requests
 from conftest import create_database
 from mlflow import MlflowClient
 
-from hpo_peft.commands import prepare_study_config
-from hpo_peft.recovery import RUN_ID_ATTR
-from hpo_peft.run_story import OBJECTIVE
-from hpo_peft.study import StudyLocation, load_study, run_study
+from hpo_peft.app.commands import prepare_study_config
+from hpo_peft.tracking.recovery import RUN_ID_ATTR
+from hpo_peft.tracking.run_story import OBJECTIVE
+from hpo_peft.study.session import StudyLocation, load_study, run_study
+
+pytestmark = pytest.mark.service  # PostgreSQL, `mlflow server` and SLURM on loopback
 
 ROOT = Path(__file__).resolve().parents[1]
 SEARCH = {
@@ -154,7 +156,7 @@ def sbatch_workers(slurm: dict, config: Path, where: StudyLocation, tasks: int, 
                    *extra: str) -> str:
     """deploy/slurm_study.sh as a job array of `tasks` workers; returns the job id."""
     env = {**slurm, "PYTHONPATH": str(ROOT), "CONFIG": str(config), "N_TRIALS": str(total),
-           "HPO_PEFT": f"{sys.executable} -m hpo_peft.cli", "HPO_PEFT_STORAGE": where.storage,
+           "HPO_PEFT": f"{sys.executable} -m hpo_peft.app.cli", "HPO_PEFT_STORAGE": where.storage,
            "HPO_PEFT_TRACKING_URI": where.tracking_uri, "HPO_PEFT_WORKER_HOST": "node"}
     submitted = subprocess.run(
         ["sbatch", "--parsable", f"--array=0-{tasks - 1}", "--cpus-per-task=1", "--mem=100M",
@@ -178,7 +180,7 @@ def wait_for_job(slurm: dict, job: str, timeout: float = 400) -> dict[int, str]:
 
 
 def cli(command: str, config: Path, where: StudyLocation, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "hpo_peft.cli", *command.split(), str(config), "--study-name", where.study_name,
+    return [sys.executable, "-m", "hpo_peft.app.cli", *command.split(), str(config), "--study-name", where.study_name,
             "--storage", where.storage, "--tracking-uri", where.tracking_uri, *extra]
 
 
@@ -222,12 +224,13 @@ def wait_for(condition, process: subprocess.Popen, what: str, timeout: float = 1
     pytest.fail(f"timed out waiting for {what}")
 
 
+@pytest.mark.slow
 def test_a_slurm_job_array_shares_a_tracking_server_recovers_a_killed_worker_and_evaluate_reproduces(
         server, slurm, location, write_config, demo_workspace, tmp_path):
     """Two workers of deploy/slurm_study.sh (hosts node-0, node-1) and one more (node-a) killed mid-trial."""
-    from hpo_peft.artifacts import load_adapter
+    from hpo_peft.fewshot.artifacts import load_adapter
     from hpo_peft.data import load_test
-    from hpo_peft.evaluate import evaluate_as_trained
+    from hpo_peft.fewshot.evaluate import evaluate_as_trained
 
     config = write_config("study.yaml", search=SEARCH)
     doomed = subprocess.Popen(cli("study run", config, location, "--n-trials", "1", "--accept-changes", *SLOW),
@@ -296,7 +299,7 @@ def test_a_slurm_job_array_shares_a_tracking_server_recovers_a_killed_worker_and
 
 
 def test_a_server_that_stays_away_is_named_in_one_line_after_the_retries(server, monkeypatch):
-    from hpo_peft.tracking import Tracker, TrackingUnavailable
+    from hpo_peft.tracking.tracker import Tracker, TrackingUnavailable
 
     assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "8"  # the package's default: about 4 minutes of tries
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")  # quick: the defaults wait about 4 minutes
@@ -313,6 +316,7 @@ def test_a_server_that_stays_away_is_named_in_one_line_after_the_retries(server,
     assert "connection refused" in message and "\n" not in message
 
 
+@pytest.mark.slow
 def test_a_server_outage_mid_study_loses_nothing(server, location, write_config, tmp_path):
     """Runs last in this module: it stops the shared server and starts it again on the same port."""
     config = prepare_study_config(write_config("study.yaml", search={**SEARCH, "n_trials": 3}), [])

@@ -18,10 +18,10 @@ from test_faults import wait_gone, worker_pids
 from test_robustness import QUICK_SEARCH, SLOW, all_runs, assert_consistent, cli, wait_for_running_trial
 from test_server import MlflowServer
 
-from hpo_peft import interrupts
-from hpo_peft.commands import prepare_study_config
-from hpo_peft.recovery import RUN_ID_ATTR
-from hpo_peft.study import StudyLocation, load_study, run_study
+from hpo_peft.core import interrupts
+from hpo_peft.app.commands import prepare_study_config
+from hpo_peft.tracking.recovery import RUN_ID_ATTR
+from hpo_peft.study.session import StudyLocation, load_study, run_study
 
 ONE_LINE = "hpo-peft: interrupted (Ctrl-C); runs closed"
 HELD = "waiting for a store call to return"
@@ -31,7 +31,7 @@ def held_stop(seconds_inside: float, stop_timeout: int) -> subprocess.CompletedP
     """A process that gets Ctrl-C inside a store call (deferred()) lasting `seconds_inside`."""
     code = textwrap.dedent(f"""
         import os, signal, time
-        from hpo_peft import interrupts
+        from hpo_peft.core import interrupts
         with interrupts.handled():
             try:
                 with interrupts.deferred():
@@ -45,6 +45,7 @@ def held_stop(seconds_inside: float, stop_timeout: int) -> subprocess.CompletedP
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
 
 
+@pytest.mark.slow
 def test_a_held_signal_is_raised_after_a_quick_call_and_bounded_by_the_watchdog_in_a_stalled_one():
     quick = held_stop(0.2, 30)
     assert quick.returncode == 0, quick.stderr
@@ -109,6 +110,7 @@ def slow(write_config, tmp_path):
                                  tracking_uri="sqlite:///" + str(tmp_path / "mlflow.db"))
 
 
+@pytest.mark.slow
 def test_ctrl_c_to_a_jobs_parent_is_ctrl_c_on_its_workers_trials_in_one_line(slow):
     """Only the parent gets SIGINT (not a terminal's process group): it passes SIGINT on, the
     workers record "interrupted (Ctrl-C)", and nothing prints Optuna's traceback of the interrupt."""
@@ -168,6 +170,8 @@ def wait_for_stall(options, process, number: int, timeout: float = 240) -> None:
     pytest.fail("the trial went on training with the server stopped")
 
 
+@pytest.mark.service
+@pytest.mark.slow
 def test_ctrl_c_while_the_tracking_server_is_stopped_ends_within_the_stop_timeout(write_config, tmp_path):
     """The server SIGSTOPped mid-trial: the study's store call waits (MLflow retries for minutes).
     Ctrl-C (twice) ends it within HPO_PEFT_STOP_TIMEOUT with one line saying why it waited; once

@@ -18,9 +18,9 @@ import pytest
 from test_faults import DRAWS, in_read_only, one_error_line
 from test_robustness import all_runs, assert_consistent
 
-from hpo_peft.cli import main
-from hpo_peft.recovery import RUN_ID_ATTR
-from hpo_peft.study import StudyLocation, load_study
+from hpo_peft.app.cli import main
+from hpo_peft.tracking.recovery import RUN_ID_ATTR
+from hpo_peft.study.session import StudyLocation, load_study
 
 ROOT = Path(__file__).resolve().parents[1]
 CHEAP = {**DRAWS, "n_trials": 2}
@@ -34,7 +34,7 @@ BIAS = {  # trials that write adapters to the store, for the disk to fill
 def hpo(*argv: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """The CLI in its own process (a trial left RUNNING by it is recovered: its process is gone)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "hpo_peft.cli", *argv], cwd=cwd, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "hpo_peft.app.cli", *argv], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=600)
 
 
@@ -52,6 +52,7 @@ def cheap(write_config, tmp_path):
     return config, where, options
 
 
+@pytest.mark.slow
 def test_a_torn_journal_is_mended_under_its_lock_before_the_next_append(cheap):
     config, where, options = cheap
     assert hpo("study", "run", str(config), *options).returncode == 0
@@ -86,6 +87,7 @@ def small_disk(tmp_path):
         subprocess.run(["umount", "-l", str(disk)], capture_output=True)
 
 
+@pytest.mark.slow
 def test_a_full_disk_stops_the_session_in_one_line_and_the_next_session_resumes(write_config, small_disk):
     config = write_config("disk.yaml", search=BIAS)
     first = hpo("study", "run", str(config), cwd=small_disk)
@@ -121,7 +123,8 @@ def test_a_copied_or_moved_study_folder_never_touches_the_original(write_config,
     adapters, journal = artifact_files(original), (original / "mlruns" / "optuna.journal").read_bytes()
     assert adapters
 
-    from hpo_peft import model, trial  # from here on nothing may load a model: refused first
+    from hpo_peft.models import classifier as model
+    from hpo_peft.fewshot import trial
 
     monkeypatch.setattr(model, "load_base_model", lambda *a, **k: pytest.fail("a model was loaded"))
     monkeypatch.setattr(trial, "load_base_model", lambda *a, **k: pytest.fail("a model was loaded"))
@@ -153,7 +156,7 @@ def test_a_changed_choice_list_is_refused_in_one_line_before_anything_loads(writ
     wider = {**space, "params": {**space["params"], "method": {"choices": ["zs_linear_probe", "linear_probe", "clip_adapter"]}}}
     changed = write_config("wider.yaml", search=wider)
 
-    from hpo_peft import trial
+    from hpo_peft.fewshot import trial
 
     monkeypatch.setattr(trial, "load_base_model", lambda *a, **k: pytest.fail("a model was loaded"))
     capsys.readouterr()
@@ -184,6 +187,7 @@ def test_a_web_server_that_is_not_mlflow_is_refused_before_anything_is_written(c
     assert not Path(where.storage).exists()
 
 
+@pytest.mark.slow
 def test_reading_commands_read_a_read_only_store_and_a_late_worker_opens_no_run(write_config, demo_kit, tmp_path,
                                                                                   monkeypatch, capsys):
     config = write_config("ro.yaml", search={**CHEAP, "n_trials": 1})
@@ -197,7 +201,7 @@ def test_reading_commands_read_a_read_only_store_and_a_late_worker_opens_no_run(
     assert "the study's budget is used up: 1 of 1 trials ended" in capsys.readouterr().out
     assert len(all_runs(where)) == sessions  # no empty session run
 
-    cli = [sys.executable, "-m", "hpo_peft.cli"]
+    cli = [sys.executable, "-m", "hpo_peft.app.cli"]
     best = in_read_only(folder / "mlruns", [*cli, "study", "best", str(config)], folder)
     assert best.returncode == 0 and "best trial 0" in best.stdout, best.stderr[-3000:]
     evaluated = in_read_only(folder / "mlruns", [*cli, "evaluate", str(config)], folder)
@@ -217,10 +221,10 @@ def test_a_full_disk_inside_a_trial_stops_the_session_after_it(cheap, monkeypatc
     the session's one line names the disk, and every run is closed."""
     import errno
 
-    from hpo_peft.commands import prepare_study_config
-    from hpo_peft.errors import UserError
-    from hpo_peft.study import run_study
-    from hpo_peft.tracking import Tracker
+    from hpo_peft.app.commands import prepare_study_config
+    from hpo_peft.core.errors import UserError
+    from hpo_peft.study.session import run_study
+    from hpo_peft.tracking.tracker import Tracker
 
     config, where, _ = cheap
 

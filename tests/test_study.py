@@ -11,11 +11,11 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from hpo_peft.cli import main
-from hpo_peft.commands import prepare_study_config
-from hpo_peft.recovery import RUN_ID_ATTR
-from hpo_peft.selection import select_best
-from hpo_peft.study import StudyLocation, load_study, run_study
+from hpo_peft.app.cli import main
+from hpo_peft.app.commands import prepare_study_config
+from hpo_peft.tracking.recovery import RUN_ID_ATTR
+from hpo_peft.tracking.selection import select_best
+from hpo_peft.study.session import StudyLocation, load_study, run_study
 
 SEARCH = {
     "n_trials": 6,
@@ -72,6 +72,7 @@ def child_runs(s):
     return client, parents, children
 
 
+@pytest.mark.slow
 def test_resume_continues_numbering_without_duplicates(finished_study):
     study = load_study(finished_study["options"])
     assert finished_study["first_numbers"] == list(range(6))
@@ -147,10 +148,11 @@ def test_evaluate_needs_a_readable_test_table(finished_study, capsys):
     assert "Test.xlsx: cannot read the table" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_evaluate_in_fresh_process_reproduces_in_memory_best(finished_study, demo_workspace, capsys):
     finished_study["test_table"].write_bytes(finished_study["test_bytes"])
     out = subprocess.run(
-        [sys.executable, "-m", "hpo_peft.cli", "evaluate", str(finished_study["path"]), *cli_options(finished_study),
+        [sys.executable, "-m", "hpo_peft.app.cli", "evaluate", str(finished_study["path"]), *cli_options(finished_study),
          "--json", "--register", "demo-best"],
         capture_output=True, text=True, check=True,
     )
@@ -160,10 +162,10 @@ def test_evaluate_in_fresh_process_reproduces_in_memory_best(finished_study, dem
     assert fresh["mlflow_run_id"] == best.user_attrs[RUN_ID_ATTR]
 
     # the same trial retrained in memory (training is deterministic for a seed) and evaluated here
-    from hpo_peft.config import TrainConfig
+    from hpo_peft.core.config import TrainConfig
     from hpo_peft.data import load_test
-    from hpo_peft.evaluate import evaluate
-    from hpo_peft.trial import run_trial
+    from hpo_peft.fewshot.evaluate import evaluate
+    from hpo_peft.fewshot.trial import run_trial
 
     config = prepare_study_config(finished_study["path"], [])
     params = {k: v for k, v in best.params.items()}
@@ -184,7 +186,7 @@ def test_evaluate_in_fresh_process_reproduces_in_memory_best(finished_study, dem
 
     client, _, _ = child_runs(finished_study)
     run = client.get_run(fresh["mlflow_run_id"])
-    from hpo_peft.run_story import display_value
+    from hpo_peft.tracking.run_story import display_value
 
     # metrics are logged to 6 significant digits
     assert run.data.metrics["test_balanced_accuracy"] == display_value(fresh["balanced_accuracy"])

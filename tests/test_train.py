@@ -2,11 +2,11 @@
 
 import pytest
 
-from hpo_peft.config import TrainConfig
-from hpo_peft.evaluate import evaluate
-from hpo_peft.runtime import amp_dtype
-from hpo_peft.train import EpochMetrics, _is_better
-from hpo_peft.trial import run_trial
+from hpo_peft.core.config import TrainConfig
+from hpo_peft.fewshot.evaluate import evaluate
+from hpo_peft.core.runtime import amp_dtype
+from hpo_peft.fewshot.train import EpochMetrics, _is_better
+from hpo_peft.fewshot.trial import run_trial
 
 DEMO_TRAIN = dict(learning_rate=0.003, max_epochs=15, patience=5, batch_size=32)
 
@@ -59,7 +59,7 @@ def test_zero_shot_trains_nothing(demo_workspace):
 def test_dihedral_augmentation_draws_each_of_the_squares_8_symmetries_per_image():
     import torch
 
-    from hpo_peft.train import dihedral
+    from hpo_peft.fewshot.train import dihedral
 
     image = torch.arange(3 * 4 * 4, dtype=torch.uint8).reshape(1, 3, 4, 4)
     flips = [image, image.flip(-1), image.flip(-2), image.flip(-1).flip(-2)]
@@ -80,8 +80,8 @@ def test_augmentation_trains_encoder_methods_on_turned_images_and_black_box_runs
     import optuna
     from conftest import write_demo_config
 
-    from hpo_peft.commands import prepare_study_config
-    from hpo_peft.search_space import sample_plan, train_settings
+    from hpo_peft.app.commands import prepare_study_config
+    from hpo_peft.study.search_space import sample_plan, train_settings
 
     settings = dict(DEMO_TRAIN, max_epochs=3, patience=None)
     plain = run_trial(demo_workspace, "bias", {}, TrainConfig(**settings), progress=False)

@@ -11,9 +11,9 @@ import optuna
 import pytest
 from mlflow import MlflowClient
 
-from hpo_peft.cli import main
-from hpo_peft.recovery import RUN_ID_ATTR
-from hpo_peft.run_story import (
+from hpo_peft.app.cli import main
+from hpo_peft.tracking.recovery import RUN_ID_ATTR
+from hpo_peft.tracking.run_story import (
     BEST_MARK,
     OBJECTIVE,
     RANK,
@@ -22,9 +22,9 @@ from hpo_peft.run_story import (
     session_name,
     trial_name,
 )
-from hpo_peft.selection import select_best
-from hpo_peft.study import load_study
-from hpo_peft.ui_links import run_table_url, run_url
+from hpo_peft.tracking.selection import select_best
+from hpo_peft.study.session import load_study
+from hpo_peft.tracking.ui_links import run_table_url, run_url
 
 ROOT = Path(__file__).resolve().parents[1]
 SEARCH = {  # as tests/test_study.py: random draws, and a pruner that prunes trials below the best so far
@@ -75,7 +75,7 @@ def run_cli(argv: list[str]) -> str:
 
 
 def load_study_of(tmp: Path) -> optuna.Study:
-    from hpo_peft.study import StudyLocation
+    from hpo_peft.study.session import StudyLocation
 
     return load_study(StudyLocation("s", storage=str(tmp / "optuna.journal")))
 
@@ -84,6 +84,7 @@ def trials_and_runs(s):
     return [(t, s["runs"][t.user_attrs[RUN_ID_ATTR]]) for t in s["study"].trials]
 
 
+@pytest.mark.slow
 def test_trial_runs_are_named_by_number_method_settings_and_score(story):
     pairs = trials_and_runs(story)
     states = {t.state for t, _ in pairs}
@@ -150,7 +151,7 @@ def session_parent(s):
 
 
 def test_the_best_tag_is_on_the_best_trial_alone_and_moves(story):
-    from hpo_peft.tracking import Tracker
+    from hpo_peft.tracking.tracker import Tracker
 
     best_id = select_best(story["study"].trials).user_attrs[RUN_ID_ATTR]
     client, experiment = story["client"], story["experiment"]
@@ -172,8 +173,8 @@ def test_two_workers_finishing_together_leave_the_best_tag_on_the_better_trial_a
     from optuna.distributions import FloatDistribution
     from optuna.trial import TrialState, create_trial
 
-    from hpo_peft.run_record import best_marker
-    from hpo_peft.tracking import Tracker
+    from hpo_peft.tracking.run_record import best_marker
+    from hpo_peft.tracking.tracker import Tracker
 
     tracker = Tracker(f"sqlite:///{tmp_path}/m.db", experiment="race")
     parent, mine, theirs = (tracker.client.create_run(tracker.experiment_id).info.run_id for _ in range(3))
@@ -253,6 +254,8 @@ def test_commands_print_the_run_table_sorted_by_the_objective_and_the_best_run(s
     assert story["evaluate"]["mlflow_ui"]["run_table"] == table
 
 
+@pytest.mark.service
+@pytest.mark.slow
 def test_the_browser_lists_the_trials_by_name_in_objective_order(story):
     """`mlflow ui` over the study's store; `study best` asked through it prints the links; headless
     Chromium opens the run table and shows the trials by their names, best first, pruned last."""
@@ -285,7 +288,7 @@ def test_workers_writing_the_same_tag_at_once_do_not_fail(tmp_path, monkeypatch)
     both inserted it; the second insert broke the unique key and ended its worker."""
     from mlflow.exceptions import MlflowException
 
-    from hpo_peft.tracking import Tracker
+    from hpo_peft.tracking.tracker import Tracker
 
     tracker = Tracker(f"sqlite:///{tmp_path}/m.db", experiment="race")
     experiment_id = tracker.experiment_id
@@ -320,7 +323,7 @@ def test_workers_writing_the_same_tag_at_once_do_not_fail(tmp_path, monkeypatch)
 
 # the search shown (issue #28): ranks, the pick's mark, the history, why trials were pruned --------
 def test_every_completed_trial_carries_its_rank_and_the_pick_alone_is_marked(story):
-    from hpo_peft.selection import ranks
+    from hpo_peft.tracking.selection import ranks
 
     study, complete = story["study"], optuna.trial.TrialState.COMPLETE
     places = ranks(study.trials)
@@ -341,7 +344,7 @@ def test_the_optimisation_history_shows_pruned_trials_and_standard_errors(story)
     import matplotlib.pyplot as plt
     from matplotlib.container import ErrorbarContainer
 
-    from hpo_peft.run_story import history_figure
+    from hpo_peft.tracking.run_story import history_figure
 
     trials = story["study"].trials
     completed = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
@@ -366,7 +369,7 @@ def test_a_pruned_run_says_why_and_is_named_pruned(story):
     trials numbered before it."""
     import numpy as np
 
-    from hpo_peft.run_story import TAG_PRUNED_BECAUSE
+    from hpo_peft.tracking.run_story import TAG_PRUNED_BECAUSE
 
     why = re.compile(r"^(\d+\.\d) < 10th percentile (\d+\.\d) at epoch (\d+) "
                      r"\(its best so far vs (\d+) completed trials?; PercentilePruner\)$")
@@ -390,7 +393,7 @@ def test_prune_reasons_name_the_comparison_each_pruner_made():
     from optuna.pruners import HyperbandPruner, MedianPruner, ThresholdPruner
     from optuna.trial import TrialState, create_trial
 
-    from hpo_peft.run_story import prune_reason
+    from hpo_peft.tracking.run_story import prune_reason
 
     others = [create_trial(state=TrialState.COMPLETE, value=70.0, intermediate_values={6: v}) for v in (60.0, 64.1, 70.0)]
     assert prune_reason(MedianPruner(), others, {5: 62.5, 6: 61.0}, 6) == \
@@ -405,9 +408,9 @@ def test_the_confusion_matrix_title_names_its_epoch_apart_from_the_window_score(
 
     import matplotlib.pyplot as plt
 
-    from hpo_peft.evaluate import Metrics
-    from hpo_peft.run_record import validation_confusion
-    from hpo_peft.validation import score_window
+    from hpo_peft.fewshot.evaluate import Metrics
+    from hpo_peft.tracking.run_record import validation_confusion
+    from hpo_peft.fewshot.validation import score_window
 
     def epoch(right: int) -> Metrics:  # two classes of 8 images; `right` of the first one predicted right
         return Metrics(balanced_accuracy=(right / 8 + 1) / 2 * 100, loss=1.0,
@@ -430,8 +433,8 @@ def test_a_small_study_says_why_it_shows_no_parameter_importances(story):
 
 
 def test_a_registered_version_describes_its_study_scores_and_label_budget(story):
-    from hpo_peft.pyfunc_model import register_model
-    from hpo_peft.tracking import Tracker
+    from hpo_peft.tracking.pyfunc_model import register_model
+    from hpo_peft.tracking.tracker import Tracker
 
     evaluated = story["evaluate"]
     run_id = evaluated["mlflow_run_id"]
@@ -453,9 +456,9 @@ def test_kfold_logs_no_empty_validation_input(demo_kit):
     import torch
     from conftest import demo_config_dict
 
-    from hpo_peft.config import StudyConfig
+    from hpo_peft.core.config import StudyConfig
     from hpo_peft.data.images import LabelledImages
-    from hpo_peft.run_record import few_shot_inputs
+    from hpo_peft.tracking.run_record import few_shot_inputs
 
     config = StudyConfig.model_validate(demo_config_dict(demo_kit))
     shots = LabelledImages(["a.jpg", "b.jpg"], torch.tensor([0, 1]), torch.zeros(2, 3, 4, 4))

@@ -11,12 +11,12 @@ import torch
 from conftest import demo_config_dict
 from mlflow import MlflowClient
 
-from hpo_peft.cli import main
-from hpo_peft.commands import prepare_study_config
-from hpo_peft.config import StudyConfig
-from hpo_peft.recovery import RUN_ID_ATTR
-from hpo_peft.study import StudyLocation, run_study
-from hpo_peft.trial import open_workspace, run_trial
+from hpo_peft.app.cli import main
+from hpo_peft.app.commands import prepare_study_config
+from hpo_peft.core.config import StudyConfig
+from hpo_peft.tracking.recovery import RUN_ID_ATTR
+from hpo_peft.study.session import StudyLocation, run_study
+from hpo_peft.fewshot.trial import open_workspace, run_trial
 
 
 def kfold_config(kit, **data) -> StudyConfig:
@@ -46,14 +46,14 @@ def test_folds_are_disjoint_stratified_and_cover_the_shots_and_nothing_else(kfol
 
 
 def curve(*accuracies, losses=None):
-    from hpo_peft.train import EpochMetrics
+    from hpo_peft.fewshot.train import EpochMetrics
 
     losses = losses or [1.0] * len(accuracies)
     return [EpochMetrics(e + 1, 1.0, loss, acc) for e, (acc, loss) in enumerate(zip(accuracies, losses))]
 
 
 def test_no_fold_is_scored_at_its_own_best_epoch():
-    from hpo_peft.validation import best_epoch, cross_fitted_epochs
+    from hpo_peft.fewshot.validation import best_epoch, cross_fitted_epochs
 
     # fold A peaks alone at epoch 2, B and C at epoch 1: the mean of the folds' own bests would be 83.3
     histories = [curve(50, 90, 50), curve(80, 50, 50), curve(80, 50, 50)]
@@ -66,8 +66,8 @@ def test_no_fold_is_scored_at_its_own_best_epoch():
 
 
 def test_a_score_averages_the_chosen_epoch_with_its_neighbours():
-    from hpo_peft.evaluate import Metrics
-    from hpo_peft.validation import score_window
+    from hpo_peft.fewshot.evaluate import Metrics
+    from hpo_peft.fewshot.validation import score_window
 
     def run(*accuracies):
         return [Metrics(a, a / 100, {"x": float(e)}, [[e]], ["x"]) for e, a in enumerate(accuracies, start=1)]
@@ -85,7 +85,7 @@ def test_a_score_averages_the_chosen_epoch_with_its_neighbours():
 
 
 def test_folds_stop_together_on_their_mean_curve():
-    from hpo_peft.validation import stop_together
+    from hpo_peft.fewshot.validation import stop_together
 
     def stops_after(histories, patience):  # lockstep: asked after every epoch, the first yes stops
         return next((e for e in range(1, len(histories[0]) + 1)
@@ -105,7 +105,7 @@ def test_folds_stop_together_on_their_mean_curve():
 
 
 def test_a_kfold_trial_scores_the_fold_mean_and_refits_on_all_shots(kfold_workspace):
-    from hpo_peft.config import TrainConfig
+    from hpo_peft.core.config import TrainConfig
 
     outcome = run_trial(kfold_workspace, "bias", {}, TrainConfig(max_epochs=5, patience=2, learning_rate=0.003, precision="fp32"),
                         progress=False)
@@ -147,11 +147,11 @@ def test_a_kfold_trial_scores_the_fold_mean_and_refits_on_all_shots(kfold_worksp
 def test_folds_in_lockstep_train_as_each_would_alone(kfold_workspace):
     """Lockstep interleaves the folds' epochs; each fold keeps its own random stream (batch order,
     LoRA dropout), so its curve is the one it gets trained by itself for as many epochs."""
-    from hpo_peft.config import TrainConfig
+    from hpo_peft.core.config import TrainConfig
     from hpo_peft.methods import get_method, method_config
-    from hpo_peft.model import build_classifier
-    from hpo_peft.runtime import set_seeds
-    from hpo_peft.train import train
+    from hpo_peft.models.classifier import build_classifier
+    from hpo_peft.core.runtime import set_seeds
+    from hpo_peft.fewshot.train import train
 
     config = TrainConfig(max_epochs=4, patience=None, learning_rate=0.01, precision="fp32")
     options = {"rank": 4, "b_init": "random", "dropout": 0.3}
@@ -214,7 +214,7 @@ def test_a_kfold_study_logs_its_budget_fold_curves_and_prunes_on_the_mean_curve(
 def test_kfold_trials_that_train_nothing_keep_their_fold_scores_for_the_correction(write_config, tmp_path, capsys):
     """Zero-shot and Tip-Adapter score on each fold's validation images like a trained method: the
     trial's value is their mean, and the winner's-curse correction counts them among its rows."""
-    from hpo_peft.selection import FOLD_SCORES_ATTR, corrected_score, select_best
+    from hpo_peft.tracking.selection import FOLD_SCORES_ATTR, corrected_score, select_best
 
     search = {"n_trials": 2, "sampler": {"name": "random"}, "pruner": {"name": "none"},
               "params": {"method": {"choices": ["zero_shot", "tip_adapter"]}, "max_epochs": 2},
@@ -238,8 +238,9 @@ def test_kfold_trials_that_train_nothing_keep_their_fold_scores_for_the_correcti
 
 
 @pytest.mark.parametrize("validation, budget", [("kfold", lambda k: k), ("holdout", lambda k: 2 * k)])
+@pytest.mark.slow
 def test_compare_reads_no_more_labels_than_its_budget(write_config, tmp_path, monkeypatch, capsys, validation, budget):
-    from hpo_peft import trial as trial_module
+    from hpo_peft.fewshot import trial as trial_module
 
     drawn = []
     real = trial_module.load_few_shot
@@ -277,13 +278,13 @@ def test_compare_reads_no_more_labels_than_its_budget(write_config, tmp_path, mo
 def test_a_holdout_trial_with_refit_keeps_an_adapter_trained_on_every_label(demo_kit):
     """`data.refit`: the validated run (K shots) chooses the epochs and gives the score; the kept
     adapter is trained again from scratch on the K shots and K_val validation images for that many."""
-    from hpo_peft.config import TrainConfig
+    from hpo_peft.core.config import TrainConfig
     from hpo_peft.data import FewShotSplit
-    from hpo_peft.identity import differences, fingerprint
+    from hpo_peft.study.identity import differences, fingerprint
     from hpo_peft.methods import get_method, method_config
-    from hpo_peft.model import build_classifier
-    from hpo_peft.runtime import set_seeds
-    from hpo_peft.train import train
+    from hpo_peft.models.classifier import build_classifier
+    from hpo_peft.core.runtime import set_seeds
+    from hpo_peft.fewshot.train import train
 
     def holdout(refit):
         raw = demo_config_dict(demo_kit)

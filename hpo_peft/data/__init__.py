@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from hpo_peft.data_config import DataConfig
+from hpo_peft.core.data_config import DataConfig
 from hpo_peft.data.csv_table import CsvReader, read_class_table, read_labelled_csv
 from hpo_peft.data.hf import HfReader
 from hpo_peft.data.imagefolder import ImageFolderReader, list_images
@@ -32,7 +32,7 @@ from hpo_peft.data.reader import Reader
 from hpo_peft.data.sampler import course_order, sample_by_group, sample_few_shot
 from hpo_peft.data.sicapv2 import _TABLE_CACHE, SicapV2Reader, read_table
 from hpo_peft.data.tables import is_csv_text
-from hpo_peft.errors import UserError
+from hpo_peft.core.errors import UserError
 
 __all__ = ["FewShotSplit", "LabelledImages", "Preprocessing", "Reader", "READERS", "check_files_exist", "check_overlap",
            "check_root", "course_order", "decode_image", "few_shot_rows", "is_csv_text", "list_images",

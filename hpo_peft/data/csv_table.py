@@ -15,7 +15,7 @@ import pandas as pd
 
 from hpo_peft.data.reader import TableReader
 from hpo_peft.data.tables import HEADER_ROWS, check_names_given, check_unique_names, note, plain, read_any_table
-from hpo_peft.errors import UserError
+from hpo_peft.core.errors import UserError
 
 
 def _text(values: pd.Series) -> pd.Series:

@@ -21,7 +21,7 @@ import pandas as pd
 from hpo_peft.data.images import LabelledImages, Preprocessing, load_cached, progress, stack, where
 from hpo_peft.data.reader import Reader
 from hpo_peft.data.tables import note, plain
-from hpo_peft.errors import UserError
+from hpo_peft.core.errors import UserError
 
 _DATASETS: dict[tuple, Any] = {}
 _ROWS: dict[tuple, pd.DataFrame] = {}

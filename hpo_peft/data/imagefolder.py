@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from hpo_peft.data_config import IMAGE_SUFFIXES
+from hpo_peft.core.data_config import IMAGE_SUFFIXES
 from hpo_peft.data.reader import Reader
 from hpo_peft.data.tables import note
-from hpo_peft.errors import UserError
+from hpo_peft.core.errors import UserError
 
 
 def _plural(count: int, word: str) -> str:

@@ -20,7 +20,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from hpo_peft.errors import UserError
+from hpo_peft.core.errors import UserError
 
 
 @dataclass(frozen=True)

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from hpo_peft.data_config import DataConfig
+from hpo_peft.core.data_config import DataConfig
 from hpo_peft.data.images import LabelledImages, Preprocessing, check_files_exist, load_images
-from hpo_peft.errors import UserError
+from hpo_peft.core.errors import UserError
 
 
 class Reader:

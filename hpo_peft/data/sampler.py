@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from hpo_peft.errors import UserError
+from hpo_peft.core.errors import UserError
 
 DEALS = 64  # group orders tried before a draw is refused: a greedy deal can miss a feasible split
 

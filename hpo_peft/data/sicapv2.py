@@ -15,7 +15,7 @@ import pandas as pd
 
 from hpo_peft.data.reader import TableReader
 from hpo_peft.data.tables import HEADER_ROWS, check_unique_names, describe_cell, read_first_sheet
-from hpo_peft.errors import UserError
+from hpo_peft.core.errors import UserError
 
 
 def read_table(path: Path, image_column: str, categories: list[str]) -> pd.DataFrame:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from hpo_peft.errors import UserError
+from hpo_peft.core.errors import UserError
 
 HEADER_ROWS = 2  # a table's first data row is row 2 of the file: its header is row 1
 

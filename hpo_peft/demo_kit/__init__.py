@@ -33,8 +33,8 @@ a kit if the swap is interrupted, and never looks complete), and the swap runs u
 exclusive ``flock`` on ``<out>``, re-checking completeness first, so that concurrent builds end
 with one complete kit. Replaced parts are moved into the temporary folder and deleted with it.
 
-The kit imports nothing else from ``hpo_peft`` but ``hpo_peft.errors`` and the torch-free
-``hpo_peft.config`` (the course prompts).
+The kit imports nothing else from ``hpo_peft`` but ``hpo_peft.core.errors`` and the torch-free
+``hpo_peft.core.config`` (the course prompts).
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ from tqdm.auto import tqdm
 
 from hpo_peft.demo_kit import tables, tiny_clip, tiny_open_clip, tokenizer
 from hpo_peft.demo_kit.tissue import CLASSES
-from hpo_peft.errors import UserError
+from hpo_peft.core.errors import UserError
 
 __all__ = ["DEFAULT_DIR", "KIT_VERSION", "build_demo_kit"]
 

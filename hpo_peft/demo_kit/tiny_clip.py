@@ -4,7 +4,7 @@ The vision tower keeps PLIP's module names and the files are written with ``save
 so ``AutoModel`` / ``AutoProcessor.from_pretrained`` load the kit through the same code path as
 ``vinid/plip``. Pre-training uses CLIP's contrastive loss on generated image/caption pairs
 (images drawn apart from the dataset's, captions from the course prompts of
-``hpo_peft.config``, a fraction from a random class) and stops as soon as zero-shot
+``hpo_peft.core.config``, a fraction from a random class) and stops as soon as zero-shot
 classification of held-out pre-training images is above chance; the same zero-shot check,
 with the prompt-ensemble prototypes it needs, then scores the Test table for ``kit.json``.
 """
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from hpo_peft.config import COURSE_DESCRIPTIONS, COURSE_TEMPLATES
+from hpo_peft.core.config import COURSE_DESCRIPTIONS, COURSE_TEMPLATES
 from hpo_peft.demo_kit import tissue
 from hpo_peft.demo_kit.tissue import CLASSES, SEED
 

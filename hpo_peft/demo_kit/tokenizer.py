@@ -1,7 +1,7 @@
 """The kit's tokenizer: a byte-level BPE vocabulary and merges in CLIP's format, generated here.
 
 Every byte has a token (alone and word-final with ``</w>``), so any text can be encoded without
-``<unk>``; merges then turn each word of the course prompts (``hpo_peft.config``'s
+``<unk>``; merges then turn each word of the course prompts (``hpo_peft.core.config``'s
 COURSE_TEMPLATES and COURSE_DESCRIPTIONS) and of a small histology vocabulary into one token.
 ``write_tokenizer_files`` writes ``vocab.json`` and ``merges.txt``, which ``CLIPTokenizer``
 loads like any CLIP checkpoint's.
@@ -14,7 +14,7 @@ import math
 import re
 from pathlib import Path
 
-from hpo_peft.config import COURSE_DESCRIPTIONS, COURSE_TEMPLATES
+from hpo_peft.core.config import COURSE_DESCRIPTIONS, COURSE_TEMPLATES
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"

@@ -6,8 +6,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from hpo_peft.config import describe_validation_errors
-from hpo_peft.errors import UserError
+from hpo_peft.core.config import describe_validation_errors
+from hpo_peft.core.errors import UserError
 from hpo_peft.methods.affine_ln import AffineLN
 from hpo_peft.methods.base import Method, MethodConfig
 from hpo_peft.methods.bias import Bias
@@ -22,6 +22,8 @@ from hpo_peft.methods.full import Full
 from hpo_peft.methods.lora import LoRA
 from hpo_peft.methods.tip_adapter import TipAdapter, TipAdapterF
 from hpo_peft.methods.zero_shot import ZeroShot
+
+__all__ = ["METHODS", "Method", "MethodConfig", "get_method", "method_config"]
 
 METHODS: dict[str, Method] = {
     method.name: method

@@ -12,8 +12,8 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from safetensors.torch import load_file, save_file
 
-from hpo_peft.errors import UserError
-from hpo_peft.model import ImageClassifier
+from hpo_peft.core.errors import UserError
+from hpo_peft.models.classifier import ImageClassifier
 from hpo_peft.models import ModuleNames
 
 WEIGHTS_FILE = "encoder_parameters.safetensors"
@@ -29,6 +29,10 @@ class Method:
     trains: ClassVar[bool] = True
     trains_encoder: ClassVar[bool] = True  # False: it sees features computed once, never an image (train.augment)
     copies_backbone: ClassVar[bool] = False  # its adapter holds the whole vision tower (retention.py)
+
+    def check_family(self, config: MethodConfig, names: ModuleNames) -> None:
+        """Refuse, in one line naming the key, options this model family cannot run: called by preflight
+        for every method and option value a command may use, before anything loads or trains."""
 
     def prepare(self, classifier: ImageClassifier, config: MethodConfig) -> ImageClassifier:
         """Mark what trains (and wrap modules where the method adds any). The head always trains."""

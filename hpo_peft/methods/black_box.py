@@ -17,7 +17,7 @@ from pydantic import Field
 from torch import nn
 
 from hpo_peft.methods.base import Method, MethodConfig
-from hpo_peft.model import ImageClassifier, ZeroShotHead
+from hpo_peft.models.classifier import ImageClassifier, ZeroShotHead
 
 
 class LinearProbeHead(ZeroShotHead):

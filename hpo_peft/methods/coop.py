@@ -31,11 +31,11 @@ import torch
 from pydantic import Field, field_validator
 from torch import nn
 
-from hpo_peft.errors import UserError
+from hpo_peft.core.errors import UserError
 from hpo_peft.methods.base import MethodConfig
 from hpo_peft.methods.black_box import FeatureMethod
 from hpo_peft.methods.schedules import cosine_schedule
-from hpo_peft.model import BaseModel, ImageClassifier, ZeroShotHead
+from hpo_peft.models.classifier import BaseModel, ImageClassifier, ZeroShotHead
 
 PROMPT_FILE = "prompt_learner.json"
 

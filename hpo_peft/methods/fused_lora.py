@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from hpo_peft.errors import UserError
+from hpo_peft.core.errors import UserError
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj")  # the slices of the fused weight, in order
 
@@ -77,16 +77,21 @@ class QKVLoRA(nn.Module):
         return weight + torch.cat(blocks).to(weight.dtype)
 
 
+def check_fused_options(target_modules: list[str], dropout: float, key: str = "methods.lora") -> None:
+    """What a family whose attention fuses q, k and v cannot do with LoRA: other targets, dropout."""
+    unknown = sorted(set(target_modules) - set(PROJECTIONS))
+    if unknown:
+        raise UserError(f"{key}.target_modules: {unknown} cannot be targeted on this model family, whose "
+                        f"attention fuses q, k and v; choose among {list(PROJECTIONS)}")
+    if dropout:
+        raise UserError(f"{key}.dropout: LoRA dropout is not available where q, k and v are fused "
+                        "(the delta is added to the weight); set it to 0")
+
+
 def add_fused_lora(encoder: nn.Module, pattern: str, rank: int, alpha: float, random_b: bool,
                    target_modules: list[str], dropout: float, dora: bool = False) -> int:
     """Parametrize every fused q/k/v weight whose name matches `pattern`; returns how many."""
-    unknown = sorted(set(target_modules) - set(PROJECTIONS))
-    if unknown:
-        raise UserError(f"methods.lora.target_modules: {unknown} cannot be targeted on this model family, whose "
-                        f"attention fuses q, k and v; choose among {list(PROJECTIONS)}")
-    if dropout:
-        raise UserError("methods.lora.dropout: LoRA dropout is not available where q, k and v are fused "
-                        "(the delta is added to the weight); set it to 0")
+    check_fused_options(target_modules, dropout)
     targets = tuple(t for t in PROJECTIONS if t in target_modules)
     found = [name for name, _ in encoder.named_parameters() if re.search(pattern, name)]
     for name in found:

@@ -28,10 +28,11 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from pydantic import Field
 
-from hpo_peft.errors import UserError
+from hpo_peft.core.errors import UserError
 from hpo_peft.methods.base import Method, MethodConfig
-from hpo_peft.methods.fused_lora import add_fused_lora
-from hpo_peft.model import ImageClassifier
+from hpo_peft.methods.fused_lora import add_fused_lora, check_fused_options
+from hpo_peft.models import ModuleNames
+from hpo_peft.models.classifier import ImageClassifier
 
 PEFT_FOLDER = "peft_adapter"
 
@@ -60,6 +61,10 @@ def peft_config(config: LoRAConfig, notebook_draws: bool = False) -> LoraConfig:
 class LoRA(Method):
     name = "lora"
     Config = LoRAConfig
+
+    def check_family(self, config: LoRAConfig, names: ModuleNames) -> None:
+        if not names.qkv_linears:
+            check_fused_options(config.target_modules, config.dropout)
 
     def prepare(self, classifier: ImageClassifier, config: LoRAConfig, notebook_draws: bool = False) -> ImageClassifier:
         """`notebook_draws`: the adapters drawn as the course notebook's wrapper draws them (module

@@ -30,11 +30,11 @@ from pydantic import Field
 from torch import nn
 from torch.nn import functional as F
 
-from hpo_peft.errors import UserError
+from hpo_peft.core.errors import UserError
 from hpo_peft.methods.base import MethodConfig
 from hpo_peft.methods.black_box import FeatureMethod
 from hpo_peft.methods.schedules import cosine_schedule
-from hpo_peft.model import ZeroShotHead
+from hpo_peft.models.classifier import ZeroShotHead
 
 
 class TipAdapterConfig(MethodConfig):

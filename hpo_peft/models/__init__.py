@@ -9,8 +9,8 @@ file here and one registry line; nothing outside this package asks which family 
 
 from __future__ import annotations
 
-from hpo_peft.config import ModelConfig
-from hpo_peft.errors import UserError
+from hpo_peft.core.config import ModelConfig
+from hpo_peft.core.errors import UserError
 from hpo_peft.models.base import BaseModel, Family, FamilyEncoder, ModuleNames
 from hpo_peft.models.conch import Conch
 from hpo_peft.models.hf_clip import HFClip

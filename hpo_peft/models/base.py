@@ -15,9 +15,9 @@ from typing import Any, ClassVar, Iterable
 import torch
 from torch import nn
 
-from hpo_peft.config import ModelConfig
+from hpo_peft.core.config import ModelConfig
 from hpo_peft.data import Preprocessing
-from hpo_peft.errors import UserError
+from hpo_peft.core.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,7 @@ class Family:
     """One kind of model: how to recognise, load and read it."""
 
     name: ClassVar[str]
+    encoder: ClassVar[type[FamilyEncoder]]  # its image encoder's class: where the methods act, known before loading
 
     def recognises(self, source: str) -> bool | None:
         """True: this source is surely of this family; None: the family cannot tell."""

@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from hpo_peft.config import ModelConfig
+from hpo_peft.core.config import ModelConfig
 from hpo_peft.data import Preprocessing
-from hpo_peft.errors import UserError
+from hpo_peft.core.errors import UserError
 from hpo_peft.models.base import BaseModel, Family, FamilyEncoder, ModuleNames
 
 CONCH_MODEL = "conch_ViT-B-16"
@@ -137,6 +137,7 @@ def _checkpoint(source: str) -> str:
 
 
 class Conch(Family):
+    encoder = ConchEncoder
     name = "conch"
 
     def recognises(self, source: str) -> bool | None:

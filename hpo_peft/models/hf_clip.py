@@ -18,9 +18,9 @@ from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoModel, AutoProcessor
 
-from hpo_peft.config import ModelConfig
+from hpo_peft.core.config import ModelConfig
 from hpo_peft.data import Preprocessing
-from hpo_peft.errors import UserError
+from hpo_peft.core.errors import UserError
 from hpo_peft.models.base import BaseModel, Family, FamilyEncoder, ModuleNames
 
 
@@ -43,6 +43,7 @@ class ImageEncoder(FamilyEncoder):
 
 
 class HFClip(Family):
+    encoder = ImageEncoder
     name = "hf_clip"
 
     def recognises(self, source: str) -> bool | None:

@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from hpo_peft.config import ModelConfig
+from hpo_peft.core.config import ModelConfig
 from hpo_peft.data import Preprocessing
-from hpo_peft.errors import UserError
+from hpo_peft.core.errors import UserError
 from hpo_peft.models.base import RESAMPLE, BaseModel, Family, FamilyEncoder, ModuleNames
 
 CONFIG_FILE = "open_clip_config.json"
@@ -48,6 +48,7 @@ def open_clip_name(source: str) -> str:
 
 
 class OpenClip(Family):
+    encoder = OpenClipEncoder
     name = "open_clip"
 
     def recognises(self, source: str) -> bool | None:

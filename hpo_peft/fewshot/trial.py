@@ -1,0 +1,210 @@
+"""One trial of one method with fixed hyper-parameters, validated as `data.validation` says
+(validation.py): what the `trial` command and every study trial run. Knows nothing of Optuna or
+MLflow: the study calls it."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from hpo_peft.core.config import StudyConfig, TrainConfig
+from hpo_peft.data import FewShotSplit, few_shot_rows, load_few_shot
+from hpo_peft.fewshot.evaluate import Metrics, compute_metrics, predict_logits
+from hpo_peft.fewshot.features import FeatureCache
+from hpo_peft.methods import get_method, method_config
+from hpo_peft.models.classifier import (
+    BaseModel,
+    ImageClassifier,
+    build_classifier,
+    class_names,
+    count_trainable,
+    load_base_model,
+    text_prototypes,
+)
+from hpo_peft.core.runtime import amp_dtype, resolve_device, set_seeds
+from hpo_peft.fewshot.train import EpochMetrics, Training, TrainResult, train
+from hpo_peft.fewshot.validation import (
+    ValidationPlan,
+    best_epoch,
+    cross_fitted_epochs,
+    make_plan,
+    mean_curve,
+    score_window,
+    stop_together,
+)
+
+
+@dataclass
+class Workspace:
+    """What a process loads once and every trial shares (never trained in place)."""
+
+    config: StudyConfig
+    base: BaseModel
+    prototypes: torch.Tensor
+    data: FewShotSplit  # the K shots per class (train) and, for holdout, the validation images
+    features: FeatureCache
+    plan: ValidationPlan  # how trials validate within those labels
+
+
+def open_workspace(config: StudyConfig, base: BaseModel | None = None) -> Workspace:
+    """Everything a trial needs; `base` may be shared by several workspaces (e.g. per shot count)."""
+    few_shot_rows(config.data)  # bad tables fail before the (slow) model load
+    if base is None:
+        base = load_base_model(config.model)
+    prototypes = text_prototypes(base, config.prompts, config.data.categories)
+    device = resolve_device(config.train.device)
+    base.image_encoder().to(device)  # the text tower stays where it is: it is only used above
+    data = load_few_shot(config.data, base.preprocessing)
+    features = FeatureCache(
+        base.image_encoder(), f"{base.name_or_path}@{base.revision}#{base.fingerprint()}", base.preprocessing,
+        config.train.eval_batch_size, amp_dtype(config.train.precision, device), config.feature_cache,
+    )
+    return Workspace(config, base, prototypes.to(device), data, features, make_plan(config.data, data))
+
+
+@dataclass
+class TrialOutcome:
+    classifier: ImageClassifier  # the adapter the trial keeps
+    method: str
+    method_options: dict[str, Any]
+    train_config: TrainConfig
+    trainable_parameters: int
+    training: TrainResult  # holdout: the validated run (with refit too); kfold: the refit on all shots
+    validation: Metrics  # the selection score: around holdout's best epoch, or the mean over folds (score_window)
+    seconds: float
+    scheme: str
+    labels_per_class: int
+    folds: list[TrainResult] = field(default_factory=list)  # kfold: one per fold
+    selected_epoch: int | None = None  # the epoch of the kept weights (holdout's best, kfold's refit length)
+    scored_epochs: list[int] = field(default_factory=list)  # kfold: the epoch each fold is scored at
+    fold_validations: list[Metrics] = field(default_factory=list)  # kfold: each fold's score (zero-shot, Tip-Adapter too)
+    refit: bool = False  # the kept adapter was trained again on all labels (kfold; holdout with data.refit)
+
+    def fold_scores(self) -> list[float]:
+        """kfold: each fold's validation balanced accuracy around the epoch it is scored at."""
+        return [m.balanced_accuracy for m in self.fold_validations]
+
+    def mean_history(self) -> list[EpochMetrics]:
+        """kfold: the folds' mean curve (the folds train in lockstep: every one reaches every epoch)."""
+        return mean_curve([f.history for f in self.folds])
+
+    def adapter_metadata(self, shots: int, seed: int) -> dict[str, Any]:
+        """What the kept adapter's metadata records of its training (artifacts.save_adapter's `extra`):
+        predict runs it in the precision it trained in."""
+        return {"train": self.train_config.model_dump(), "selected_epoch": self.selected_epoch,
+                "data": {"shots": shots, "seed": seed, "validation": self.scheme,
+                         "labels_per_class": self.labels_per_class, "refit": self.refit}}
+
+
+def pooled(metrics: list[Metrics]) -> Metrics:
+    """One validation result from the folds': mean balanced accuracy and loss (the score), and the
+    summed confusion matrix (every shot validated once) for per-class recall and the figure."""
+    confusion = np.sum([m.confusion for m in metrics], axis=0)
+    recall = confusion.diagonal() / np.maximum(confusion.sum(axis=1), 1)
+    categories = metrics[0].categories
+    return Metrics(
+        balanced_accuracy=float(np.mean([m.balanced_accuracy for m in metrics])),
+        loss=float(np.mean([m.loss for m in metrics])),
+        per_class_recall={c: 100.0 * float(r) for c, r in zip(categories, recall)},
+        confusion=confusion.tolist(),
+        categories=categories,
+    )
+
+
+def run_trial(
+    workspace: Workspace,
+    method_name: str,
+    method_options: dict[str, Any],
+    train_config: TrainConfig,
+    on_epoch: Callable[[EpochMetrics], None] | None = None,
+    progress: bool = True,
+) -> TrialOutcome:
+    """Train (once for holdout; for kfold, its folds in lockstep, then a refit) and score on validation.
+    `on_epoch(metrics)` sees every validated epoch: holdout's, and for kfold each fold's (`metrics.fold`
+    0, 1, ...) then the folds' mean (`fold` None): the study logs them and prunes on the `fold` None ones."""
+    started = time.perf_counter()
+    plan, seed = workspace.plan, workspace.config.data.seed
+    method = get_method(method_name)
+    options = method_config(method_name, method_options)
+    categories = workspace.config.data.categories
+    prep = workspace.base.preprocessing
+    names = class_names(workspace.config.prompts, categories)
+
+    def fresh() -> ImageClassifier:
+        set_seeds(seed)  # the same initialisation (e.g. a linear probe's) every run
+        return method.prepare(build_classifier(workspace.base, workspace.prototypes, names), options)
+
+    classifier, folds, scores, selected, scored = fresh(), [], [], None, []
+    if not method.trains:  # zero-shot, Tip-Adapter: nothing to fit, score it on each validation split
+        classifier.to(resolve_device(train_config.device))
+        dtype = amp_dtype(train_config.precision, next(classifier.parameters()).device)
+        for split in plan.splits:  # a head built from the shots (Tip-Adapter's cache) sees each split's own
+            classifier.head.initialize_from_shots(workspace.features(split.train), split.train.labels)
+            logits = predict_logits(classifier.head, workspace.features(split.val), None, train_config.eval_batch_size, dtype)
+            scores.append(compute_metrics(logits, split.val.labels, categories))
+        kept = plan.refit if plan.refit is not None else plan.splits[0].train  # every label the trial may learn from
+        classifier.head.initialize_from_shots(workspace.features(kept), kept.labels)
+        result = TrainResult(best=None)
+    elif plan.scheme == "holdout":
+        result = train(classifier, plan.splits[0], prep, categories, train_config, seed, on_epoch, progress,
+                       features=workspace.features)
+        scores, selected = [score_window(result.validations, result.best.epoch)], result.best.epoch
+    else:
+        if plan.splits:  # patience applies to the folds' mean curve (none for `fixed`: max_epochs)
+            folds = lockstep([Training(fresh(), split, prep, categories, train_config, seed, workspace.features,
+                                       keep_best=False) for split in plan.splits], train_config, on_epoch, progress)
+        histories = [f.history for f in folds]
+        scored = cross_fitted_epochs(histories) if folds else []
+        scores = [score_window(f.validations, e) for f, e in zip(folds, scored)]
+        selected = best_epoch(histories) if folds else train_config.max_epochs
+    refits = plan.refit is not None and method.trains
+    if refits:  # the runs above chose the epochs; the kept adapter trains on every label, without validation
+        classifier = fresh()
+        refit = train(classifier, FewShotSplit(plan.refit, None), prep, categories,
+                      train_config.model_copy(update={"max_epochs": selected, "patience": None}), seed,
+                      progress=progress, features=workspace.features)
+        if plan.scheme != "holdout":  # kfold, fixed: the refit is the trial's training; holdout keeps its validated run's
+            result = refit
+    return TrialOutcome(
+        classifier=classifier,
+        method=method_name,
+        method_options=options.model_dump(),
+        train_config=train_config,
+        trainable_parameters=count_trainable(classifier),  # after training: a head sized by the shots (Tip-Adapter-F)
+        training=result,
+        validation=scores[0] if len(scores) == 1 else pooled(scores) if scores else None,
+        seconds=time.perf_counter() - started,
+        scheme=plan.scheme,
+        labels_per_class=plan.labels_per_class,
+        folds=folds,
+        selected_epoch=selected,
+        scored_epochs=scored,
+        fold_validations=scores if plan.scheme == "kfold" else [],  # trained or not: one per fold
+        refit=refits,
+    )
+
+
+def lockstep(runs: list[Training], config: TrainConfig, on_epoch: Callable[[EpochMetrics], None] | None,
+             progress: bool) -> list[TrainResult]:
+    """kfold's folds, an epoch each in turn, until `patience` epochs pass without the folds' *mean*
+    curve improving (validation.stop_together) or `max_epochs`. No fold stops on its own: a fold
+    that stopped while still at the zero-shot level would stop every fold there (slow starters, e.g.
+    LoRA at 1e-3, scored before they learn). Holds every fold's model at once (a fold's weights are
+    only scored, never kept: no copy of its best epoch's)."""
+    with tqdm(range(config.max_epochs), desc=f"epochs ({len(runs)} folds)", leave=False, disable=not progress) as bar:
+        for _ in bar:
+            epoch = [run.epoch() for run in runs]
+            mean = mean_curve([run.result.history for run in runs])[-1]
+            bar.set_postfix(loss=f"{mean.train_loss:.3f}", val_bacc=f"{mean.val_balanced_accuracy:.1f}")
+            if on_epoch is not None:
+                for k, metrics in enumerate(epoch):
+                    on_epoch(replace(metrics, fold=k))
+                on_epoch(mean)
+            if stop_together([run.result.history for run in runs], config.patience):
+                break
+    return [run.finish() for run in runs]
