@@ -5,7 +5,7 @@
 It builds the demo kit (or reuses it) under a temporary folder, runs a 10-trial study on it,
 evaluates the best trial, starts `mlflow ui` on loopback over the study's store and opens the links
 that `hpo-peft study best` prints in headless Chromium (Debian's `chromium`, driven by
-`playwright` without downloading a browser). tests/test_ui.py uses the same helpers.
+`playwright` without downloading a browser). tests/tracking/test_ui.py uses the same helpers.
 """
 
 from __future__ import annotations

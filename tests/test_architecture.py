@@ -116,3 +116,17 @@ def test_no_family_name_comparisons_outside_the_model_room():
     names = {"hf_clip", "open_clip", "conch"}
     for path, line in compared_constants(names, outside="models"):
         pytest.fail(f"{path.name}:{line} compares against a family name")
+
+
+def test_no_scheme_name_comparisons_outside_the_schemes():
+    """No `if scheme == "kfold"`: what differs per validation scheme lives in its object
+    (`fewshot/validation.py`); the config's own checks of `data.validation` are the one other place."""
+    allowed = {PACKAGE / "fewshot" / "validation.py", PACKAGE / "core" / "data_config.py"}
+    for path in PACKAGE.rglob("*.py"):
+        if path in allowed:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Compare):
+                constants = [c.value for c in [node.left, *node.comparators] if isinstance(c, ast.Constant)]
+                if {"holdout", "kfold", "fixed"} & set(constants):
+                    pytest.fail(f"{path.relative_to(PACKAGE)}:{node.lineno} compares against a scheme name")

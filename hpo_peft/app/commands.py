@@ -54,11 +54,15 @@ def run_single_trial(path: Path, overrides: list[str], method: str | None, save:
         print(f"method {name}; model {config.model.name_or_path}; {data.shots} shots/class, seed {data.seed}; "
               f"protocol {config.protocol}" + (scheme if config.protocol == "study" else ""))
 
+    from hpo_peft.fewshot.validation import scheme_of
+
+    folds_are_scored = scheme_of(config.data).folds_are_scored
+
     def report(epoch):
         if as_json:
             return
         fold = f"fold {epoch.fold + 1}  " if getattr(epoch, "fold", None) is not None else \
-            "mean    " if config.data.validation == "kfold" else ""
+            "mean    " if folds_are_scored else ""
         val = "" if getattr(epoch, "val_loss", None) is None else (
             f"  val loss {epoch.val_loss:.4f}  val balanced acc {epoch.val_balanced_accuracy:.2f}%")
         print(f"{fold}epoch {epoch.epoch:3d}  train loss {epoch.train_loss:.4f}{val}")
@@ -95,18 +99,9 @@ def _study_trial(config: StudyConfig, name: str, report, progress: bool) -> dict
                         progress=progress)
     test = evaluate_as_trained(outcome.classifier, test_images, workspace.base.preprocessing, config.data.categories,
                                outcome.train_config)
-    lines = []
-    if outcome.scheme == "holdout" and outcome.training.best is not None:
-        lines.append(f"best epoch {outcome.selected_epoch} (early stop: {outcome.training.stopped_early})"
-                     + (f"; adapter refit on all {outcome.labels_per_class} labels/class for as many epochs" if outcome.refit else ""))
-    elif outcome.scheme == "kfold" and not outcome.folds:  # a method that trains nothing: scored on each fold
-        lines.append(f"{len(outcome.fold_validations)} folds scored; nothing trains, so nothing is refit")
-    elif outcome.scheme == "kfold":
-        lines.append(f"{len(outcome.folds)} folds; adapter refit on all {config.data.shots} shots/class for "
-                     f"{outcome.selected_epoch} epochs (the folds' mean curve's best epoch)")
+    lines = outcome.scheme.describe(outcome)
     if outcome.validation is not None:
-        where = "mean over folds, each around the epoch the other folds pick" if outcome.scheme == "kfold" else \
-            "the best epoch and its neighbours" + (", in the run before the refit" if outcome.refit else "")
+        where = outcome.scheme.score_where(outcome.refit)
         lines.append(f"validation balanced accuracy: {outcome.validation.balanced_accuracy:.2f}% "
                      f"± {outcome.validation.standard_error:.2f} ({where}; standard error from the validation images)")
     else:
@@ -114,7 +109,7 @@ def _study_trial(config: StudyConfig, name: str, report, progress: bool) -> dict
     lines.append(f"labels used per class: {outcome.labels_per_class}")
     return {
         "method": name, "method_config": outcome.method_options, "trainable_parameters": outcome.trainable_parameters,
-        "validation_scheme": outcome.scheme, "labels_per_class": outcome.labels_per_class,
+        "validation_scheme": outcome.scheme.name, "labels_per_class": outcome.labels_per_class,
         "training": outcome.training.as_dict(), "folds": [f.as_dict() for f in outcome.folds],
         "validation": outcome.validation.as_dict() if outcome.validation is not None else None,
         "test": test.as_dict(), "classifier": outcome.classifier, "base": workspace.base, "lines": lines,

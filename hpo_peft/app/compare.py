@@ -176,7 +176,7 @@ def run_compare(config: StudyConfig, options: StudyLocation, out: Path) -> pd.Da
                     best = select_best(study.get_trials(deepcopy=False))
                     run_id = best.user_attrs[RUN_ID_ATTR]
                     metrics, _ = evaluate_run(tracker, run_id, base, test, variant)
-                    rows.append({**point, "selection": workspace.plan.scheme, "val_balanced_accuracy": best.value,
+                    rows.append({**point, "selection": workspace.plan.scheme.name, "val_balanced_accuracy": best.value,
                                  "val_standard_error": best.user_attrs.get(STANDARD_ERROR_ATTR, math.nan),
                                  "test_balanced_accuracy": metrics.balanced_accuracy, "mlflow_run_id": run_id})
     except KeyboardInterrupt:

@@ -112,6 +112,11 @@ class DataConfig(BaseModel):
         return min(self.folds or 4, self.shots)
 
     @property
+    def folds_drawn(self) -> int:
+        """The folds the sampler deals the shots into (kfold's; 1 for holdout: the shots are one set)."""
+        return self.n_folds if self.validation == "kfold" else 1
+
+    @property
     def selects(self) -> bool:
         """Whether trials can be validated and chosen between: not with kfold on one shot per class."""
         return self.validation == "holdout" or self.n_folds >= 2

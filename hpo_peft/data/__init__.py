@@ -81,7 +81,7 @@ def few_shot_rows(config: DataConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     check_overlap(config, table)
     train, val = sample_few_shot(table, config.categories, config.shots, config.drawn_val_shots, config.seed,
                                  reader.source("train"), config.sampler,
-                                 folds=config.n_folds if config.validation == "kfold" else 1)
+                                 folds=config.folds_drawn)
     for rows in (train, val):
         reader.check_images(rows, "train")
     return train, val

@@ -1,15 +1,15 @@
 """The training loop: epochs over the few-shot set, early stopping on the few-shot validation set
 (validation balanced accuracy, ties broken by validation loss), and the best epoch's weights restored.
 Without validation images (`data.val is None`, e.g. k-fold's final refit) it trains for
-`max_epochs` and keeps the last epoch's weights. `Training` is one run an epoch at a time (kfold's
-folds train in lockstep, trial.py); `train` drives one to its end.
+`max_epochs` and keeps the last epoch's weights. `Training` is one run an epoch at a time; `drive`
+is the one loop, for one run (`train`) or kfold's folds in lockstep (validation.py's `KFold`).
 
 `on_epoch(metrics)` is the only way out: the study reports and prunes through it.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -84,10 +84,29 @@ def _is_better(current: EpochMetrics, best: EpochMetrics | None) -> bool:
     return best is None or epoch_rank(current) < epoch_rank(best)
 
 
+def mean_curve(histories: list[list[EpochMetrics]]) -> list[EpochMetrics]:
+    """The folds' mean curve, over the epochs every fold reached (`fold` None: the trial's own)."""
+    return [EpochMetrics(epoch[0].epoch, *(sum(getattr(m, k) for m in epoch) / len(epoch)
+                                           for k in ("train_loss", "val_loss", "val_balanced_accuracy")))
+            for epoch in zip(*histories)]
+
+
+def stop_together(histories: list[list[EpochMetrics]], patience: int | None) -> bool:
+    """Whether folds trained in lockstep stop now: `patience` epochs after the best epoch of their
+    *mean* curve (`best_epoch`). Asked after every epoch, so they stop the first time it holds."""
+    return patience is not None and min(len(h) for h in histories) - best_epoch(histories) >= patience
+
+
+def best_epoch(histories: list[list[EpochMetrics]]) -> int:
+    """The epoch (1-based) with the highest fold-mean validation balanced accuracy, among the epochs
+    every fold reached; the lower mean validation loss, then the earlier epoch, break ties (`epoch_rank`)."""
+    return min(mean_curve(histories), key=epoch_rank).epoch
+
+
 class Training:
     """One training run, an epoch at a time: `epoch()` trains and validates one, `finish()` puts the
     best epoch's weights back (keeps the last epoch's without validation or with `keep_best=False`).
-    `train` drives one to its end; kfold (trial.py) drives its folds in lockstep, each on its own
+    `drive` runs one to its end, or kfold's folds in lockstep, each on its own
     random stream (RandomStream), so a fold draws the same batches and dropout masks as it would alone.
 
     With a frozen encoder only the head trains, on features computed once (by `features`, a shared
@@ -162,10 +181,6 @@ class Training:
                 self.best_state = {n: p.detach().clone() for n, p in self.named}
         return metrics
 
-    def patience_ran_out(self) -> bool:
-        best, patience = self.result.best, self.config.patience
-        return patience is not None and len(self.result.history) - best.epoch >= patience  # asked of validated runs only
-
     def finish(self) -> TrainResult:
         if self.keep_best:
             with torch.no_grad():
@@ -187,17 +202,34 @@ def train(
     features: Callable[[LabelledImages], torch.Tensor] | None = None,
 ) -> TrainResult:
     """One run: up to `max_epochs`, stopped `patience` epochs after the best validated one."""
-    run = Training(classifier, data, prep, categories, config, seed, features)
-    with tqdm(range(config.max_epochs), desc="epochs", leave=False, disable=not progress) as bar:
+    return drive([Training(classifier, data, prep, categories, config, seed, features)], config, on_epoch, progress)[0]
+
+
+def drive(runs: list[Training], config: TrainConfig, on_epoch: Callable[[EpochMetrics], None] | None = None,
+          progress: bool = True) -> list[TrainResult]:
+    """The one training loop: each run an epoch in turn, until `patience` epochs pass without the
+    validation curve improving (one run's own; several runs' *mean*, `stop_together`) or `max_epochs`.
+    kfold's folds never stop on their own: a fold that stopped while still at the zero-shot level
+    would stop every fold there (slow starters, e.g. LoRA at 1e-3, scored before they learn); each is
+    reported to `on_epoch` with its `fold`, then their mean (`fold` None); one run is reported as is.
+    A run without validation (a refit) trains its `max_epochs`, reported to no one."""
+    blind = all(run.blind for run in runs)
+    desc = "epochs" if len(runs) == 1 else f"epochs ({len(runs)} folds)"
+    with tqdm(range(config.max_epochs), desc=desc, leave=False, disable=not progress) as bar:
         for _ in bar:
-            metrics = run.epoch()
-            if run.blind:
-                bar.set_postfix(loss=f"{metrics.train_loss:.3f}")
+            epoch = [run.epoch() for run in runs]
+            if blind:
+                bar.set_postfix(loss=f"{np.mean([m.train_loss for m in epoch]):.3f}")
                 continue
-            bar.set_postfix(loss=f"{metrics.train_loss:.3f}", val_bacc=f"{metrics.val_balanced_accuracy:.1f}")
+            histories = [run.result.history for run in runs]
+            mean = mean_curve(histories)[-1] if len(runs) > 1 else epoch[0]
+            bar.set_postfix(loss=f"{mean.train_loss:.3f}", val_bacc=f"{mean.val_balanced_accuracy:.1f}")
             if on_epoch is not None:
-                on_epoch(metrics)
-            if run.patience_ran_out():
-                run.result.stopped_early = True
+                for k, metrics in enumerate(epoch if len(runs) > 1 else []):
+                    on_epoch(replace(metrics, fold=k))
+                on_epoch(mean)
+            if stop_together(histories, config.patience):
+                for run in runs:
+                    run.result.stopped_early = True
                 break
-    return run.finish()
+    return [run.finish() for run in runs]

@@ -5,12 +5,11 @@ MLflow: the study calls it."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from hpo_peft.core.config import StudyConfig, TrainConfig
 from hpo_peft.data import FewShotSplit, few_shot_rows, load_few_shot
@@ -27,16 +26,8 @@ from hpo_peft.models.classifier import (
     text_prototypes,
 )
 from hpo_peft.core.runtime import amp_dtype, resolve_device, set_seeds
-from hpo_peft.fewshot.train import EpochMetrics, Training, TrainResult, train
-from hpo_peft.fewshot.validation import (
-    ValidationPlan,
-    best_epoch,
-    cross_fitted_epochs,
-    make_plan,
-    mean_curve,
-    score_window,
-    stop_together,
-)
+from hpo_peft.fewshot.train import EpochMetrics, TrainResult, train
+from hpo_peft.fewshot.validation import Runs, Scheme, Trainer, ValidationPlan, make_plan, mean_curve
 
 
 @dataclass
@@ -77,7 +68,7 @@ class TrialOutcome:
     training: TrainResult  # holdout: the validated run (with refit too); kfold: the refit on all shots
     validation: Metrics  # the selection score: around holdout's best epoch, or the mean over folds (score_window)
     seconds: float
-    scheme: str
+    scheme: Scheme
     labels_per_class: int
     folds: list[TrainResult] = field(default_factory=list)  # kfold: one per fold
     selected_epoch: int | None = None  # the epoch of the kept weights (holdout's best, kfold's refit length)
@@ -97,7 +88,7 @@ class TrialOutcome:
         """What the kept adapter's metadata records of its training (artifacts.save_adapter's `extra`):
         predict runs it in the precision it trained in."""
         return {"train": self.train_config.model_dump(), "selected_epoch": self.selected_epoch,
-                "data": {"shots": shots, "seed": seed, "validation": self.scheme,
+                "data": {"shots": shots, "seed": seed, "validation": self.scheme.name,
                          "labels_per_class": self.labels_per_class, "refit": self.refit}}
 
 
@@ -139,36 +130,34 @@ def run_trial(
         set_seeds(seed)  # the same initialisation (e.g. a linear probe's) every run
         return method.prepare(build_classifier(workspace.base, workspace.prototypes, names), options)
 
-    classifier, folds, scores, selected, scored = fresh(), [], [], None, []
     if not method.trains:  # zero-shot, Tip-Adapter: nothing to fit, score it on each validation split
+        classifier, runs = fresh(), Runs(TrainResult(best=None))
         classifier.to(resolve_device(train_config.device))
         dtype = amp_dtype(train_config.precision, next(classifier.parameters()).device)
         for split in plan.splits:  # a head built from the shots (Tip-Adapter's cache) sees each split's own
             classifier.head.initialize_from_shots(workspace.features(split.train), split.train.labels)
             logits = predict_logits(classifier.head, workspace.features(split.val), None, train_config.eval_batch_size, dtype)
-            scores.append(compute_metrics(logits, split.val.labels, categories))
+            runs.scores.append(compute_metrics(logits, split.val.labels, categories))
         kept = plan.refit if plan.refit is not None else plan.splits[0].train  # every label the trial may learn from
         classifier.head.initialize_from_shots(workspace.features(kept), kept.labels)
-        result = TrainResult(best=None)
-    elif plan.scheme == "holdout":
-        result = train(classifier, plan.splits[0], prep, categories, train_config, seed, on_epoch, progress,
-                       features=workspace.features)
-        scores, selected = [score_window(result.validations, result.best.epoch)], result.best.epoch
-    else:
-        if plan.splits:  # patience applies to the folds' mean curve (none for `fixed`: max_epochs)
-            folds = lockstep([Training(fresh(), split, prep, categories, train_config, seed, workspace.features,
-                                       keep_best=False) for split in plan.splits], train_config, on_epoch, progress)
-        histories = [f.history for f in folds]
-        scored = cross_fitted_epochs(histories) if folds else []
-        scores = [score_window(f.validations, e) for f, e in zip(folds, scored)]
-        selected = best_epoch(histories) if folds else train_config.max_epochs
+    else:  # the scheme's runs (holdout's one, kfold's folds in lockstep, none for fixed) choose the epochs
+        trained: list[ImageClassifier] = []
+
+        def prepared() -> ImageClassifier:
+            trained.append(fresh())
+            return trained[-1]
+
+        runs = plan.scheme.runs(plan, Trainer(prepared, prep, categories, train_config, seed, workspace.features,
+                                              on_epoch, progress))
+        classifier = trained[0] if len(trained) == 1 else None  # holdout's run, kept unless refit
+    result = runs.result
     refits = plan.refit is not None and method.trains
     if refits:  # the runs above chose the epochs; the kept adapter trains on every label, without validation
         classifier = fresh()
         refit = train(classifier, FewShotSplit(plan.refit, None), prep, categories,
-                      train_config.model_copy(update={"max_epochs": selected, "patience": None}), seed,
+                      train_config.model_copy(update={"max_epochs": runs.selected, "patience": None}), seed,
                       progress=progress, features=workspace.features)
-        if plan.scheme != "holdout":  # kfold, fixed: the refit is the trial's training; holdout keeps its validated run's
+        if plan.scheme.refit_is_training:  # kfold, fixed: the refit is the trial's training; holdout keeps its run's
             result = refit
     return TrialOutcome(
         classifier=classifier,
@@ -177,34 +166,14 @@ def run_trial(
         train_config=train_config,
         trainable_parameters=count_trainable(classifier),  # after training: a head sized by the shots (Tip-Adapter-F)
         training=result,
-        validation=scores[0] if len(scores) == 1 else pooled(scores) if scores else None,
+        validation=runs.scores[0] if len(runs.scores) == 1 else pooled(runs.scores) if runs.scores else None,
         seconds=time.perf_counter() - started,
         scheme=plan.scheme,
         labels_per_class=plan.labels_per_class,
-        folds=folds,
-        selected_epoch=selected,
-        scored_epochs=scored,
-        fold_validations=scores if plan.scheme == "kfold" else [],  # trained or not: one per fold
+        folds=runs.folds,
+        selected_epoch=runs.selected,
+        scored_epochs=runs.scored,
+        fold_validations=runs.scores if plan.scheme.folds_are_scored else [],  # trained or not: one per fold
         refit=refits,
     )
 
-
-def lockstep(runs: list[Training], config: TrainConfig, on_epoch: Callable[[EpochMetrics], None] | None,
-             progress: bool) -> list[TrainResult]:
-    """kfold's folds, an epoch each in turn, until `patience` epochs pass without the folds' *mean*
-    curve improving (validation.stop_together) or `max_epochs`. No fold stops on its own: a fold
-    that stopped while still at the zero-shot level would stop every fold there (slow starters, e.g.
-    LoRA at 1e-3, scored before they learn). Holds every fold's model at once (a fold's weights are
-    only scored, never kept: no copy of its best epoch's)."""
-    with tqdm(range(config.max_epochs), desc=f"epochs ({len(runs)} folds)", leave=False, disable=not progress) as bar:
-        for _ in bar:
-            epoch = [run.epoch() for run in runs]
-            mean = mean_curve([run.result.history for run in runs])[-1]
-            bar.set_postfix(loss=f"{mean.train_loss:.3f}", val_bacc=f"{mean.val_balanced_accuracy:.1f}")
-            if on_epoch is not None:
-                for k, metrics in enumerate(epoch):
-                    on_epoch(replace(metrics, fold=k))
-                on_epoch(mean)
-            if stop_together([run.result.history for run in runs], config.patience):
-                break
-    return [run.finish() for run in runs]

@@ -7,7 +7,7 @@
   selection score is that of the run on K shots, not of the adapter kept (as with kfold's refit).
 - `kfold`: validation inside the K shots (budget K). Each class's shots are dealt in turn into
   `folds` folds, so every fold holds the same number of each class. A trial trains once per fold on
-  the other folds and validates on it every epoch; the folds train in lockstep (trial.py) and stop
+  the other folds and validates on it every epoch; the folds train in lockstep (`train.drive`) and stop
   together when their mean curve stops improving (`stop_together`). The adapter it keeps is trained on all K shots,
   without validation, for the epoch where the folds' mean validation balanced accuracy is highest
   (`best_epoch`). Its score is the mean over folds of each fold's validation balanced accuracy at
@@ -25,21 +25,168 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, ClassVar
 
 import torch
 
-from hpo_peft.core.config import Choices, DataConfig, StudyConfig
+from hpo_peft.core.config import Choices, DataConfig, StudyConfig, TrainConfig
 from hpo_peft.data import FewShotSplit, LabelledImages
 from hpo_peft.fewshot.evaluate import Metrics
-from hpo_peft.fewshot.train import EpochMetrics, epoch_rank
+from hpo_peft.fewshot.train import (  # noqa: F401  (the folds' curve and stop rule: re-exported)
+    EpochMetrics,
+    Training,
+    TrainResult,
+    best_epoch,
+    drive,
+    mean_curve,
+    stop_together,
+    train,
+)
 
 SCORE_RADIUS = 1  # a score averages the chosen epoch and this many epochs either side
 
 
+@dataclass
+class Runs:
+    """What a scheme's validated runs give the trial: holdout's run, or kfold's folds, with the
+    selection scores, the epoch the kept weights come from, and the epoch each fold is scored at."""
+
+    result: TrainResult | None = None
+    folds: list[TrainResult] = field(default_factory=list)
+    scores: list[Metrics] = field(default_factory=list)
+    selected: int | None = None
+    scored: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Trainer:
+    """How the scheme's runs train: a fresh prepared classifier each, and what `train.train` needs."""
+
+    fresh: Callable[[], Any]  # () -> a newly prepared classifier, the same initialisation each time
+    prep: Any
+    categories: list[str]
+    config: TrainConfig
+    seed: int
+    features: Callable | None
+    on_epoch: Callable[[EpochMetrics], None] | None = None
+    progress: bool = True
+
+
+class Scheme:
+    """One way to validate inside the label budget (module docstring): how its runs train and are
+    scored, and what the records say of it. Scheme names are compared nowhere else."""
+
+    name: ClassVar[str]
+    folds_are_scored: ClassVar[bool] = False  # the score is a mean over folds (each fold's kept)
+    refit_is_training: ClassVar[bool] = True  # the kept adapter's training is the refit (holdout keeps its run's)
+
+    def plan(self, config: DataConfig, data: FewShotSplit) -> "ValidationPlan":
+        """The runs it validates with and what the kept adapter finally trains on, from the drawn labels."""
+        raise NotImplementedError
+
+    def runs(self, plan: "ValidationPlan", trainer: Trainer) -> Runs:
+        raise NotImplementedError
+
+    def score_note(self) -> str:
+        return " (mean over folds)" if self.folds_are_scored else ""
+
+    def kept_epoch(self, refit: bool) -> str:
+        return ("best validation epoch; adapter refit on all labels for as many epochs" if refit else
+                "best validation epoch, weights kept")
+
+    def budget(self, data: DataConfig) -> str:
+        refit = "; adapter refit on all of them for the best epoch" if data.refit else ""
+        return (f"{data.shots} training + {data.val_shots} validation images per class "
+                f"({data.labels_per_class} labels per class; early stopping on the validation images{refit})")
+
+    def describe(self, outcome) -> list[str]:
+        """The `trial` command's lines on how the kept adapter was chosen and trained."""
+        return []
+
+    def score_where(self, refit: bool) -> str:
+        return "the best epoch and its neighbours" + (", in the run before the refit" if refit else "")
+
+
+class Holdout(Scheme):
+    name = "holdout"
+    refit_is_training = False
+
+    def plan(self, config: DataConfig, data: FewShotSplit) -> "ValidationPlan":
+        return ValidationPlan(self, [data], data.train + data.val if config.refit else None, config.labels_per_class)
+
+    def runs(self, plan: "ValidationPlan", trainer: Trainer) -> Runs:
+        result = train(trainer.fresh(), plan.splits[0], trainer.prep, trainer.categories, trainer.config, trainer.seed,
+                       trainer.on_epoch, trainer.progress, features=trainer.features)
+        return Runs(result, scores=[score_window(result.validations, result.best.epoch)], selected=result.best.epoch)
+
+    def describe(self, outcome) -> list[str]:
+        if outcome.training.best is None:
+            return []
+        return [f"best epoch {outcome.selected_epoch} (early stop: {outcome.training.stopped_early})"
+                + (f"; adapter refit on all {outcome.labels_per_class} labels/class for as many epochs" if outcome.refit else "")]
+
+
+class KFold(Scheme):
+    name = "kfold"
+    folds_are_scored = True
+
+    def plan(self, config: DataConfig, data: FewShotSplit) -> "ValidationPlan":
+        shots, k = data.train, config.n_folds
+        folds = fold_of(shots.labels, k)
+        splits = [FewShotSplit(shots.subset([i for i, f in enumerate(folds) if f != j]),
+                               shots.subset([i for i, f in enumerate(folds) if f == j])) for j in range(k)]
+        return ValidationPlan(self, splits, shots, config.labels_per_class)
+
+    def runs(self, plan: "ValidationPlan", trainer: Trainer) -> Runs:
+        folds = drive([Training(trainer.fresh(), split, trainer.prep, trainer.categories, trainer.config, trainer.seed,
+                                trainer.features, keep_best=False) for split in plan.splits],
+                      trainer.config, trainer.on_epoch, trainer.progress)
+        histories = [f.history for f in folds]
+        scored = cross_fitted_epochs(histories)
+        return Runs(folds=folds, scores=[score_window(f.validations, e) for f, e in zip(folds, scored)],
+                    selected=best_epoch(histories), scored=scored)
+
+    def kept_epoch(self, refit: bool) -> str:
+        return "refit length (the peak of the folds' mean curve)"
+
+    def budget(self, data: DataConfig) -> str:
+        return (f"{data.shots} labelled images per class, validated inside them by {data.n_folds}-fold "
+                "cross-validation (adapter refit on all shots for the epoch where the folds' mean curve peaks)")
+
+    def describe(self, outcome) -> list[str]:
+        if not outcome.folds:  # a method that trains nothing: scored on each fold
+            return [f"{len(outcome.fold_validations)} folds scored; nothing trains, so nothing is refit"]
+        return [f"{len(outcome.folds)} folds; adapter refit on all {outcome.labels_per_class} shots/class for "
+                f"{outcome.selected_epoch} epochs (the folds' mean curve's best epoch)"]
+
+    def score_where(self, refit: bool) -> str:
+        return "mean over folds, each around the epoch the other folds pick"
+
+
+class Fixed(Scheme):
+    """Too few shots to hold any out: the method's fixed settings train on all K shots for `max_epochs`."""
+
+    name = "fixed"
+
+    def plan(self, config: DataConfig, data: FewShotSplit) -> "ValidationPlan":
+        return ValidationPlan(self, [], data.train, config.labels_per_class)
+
+    def runs(self, plan: "ValidationPlan", trainer: Trainer) -> Runs:
+        return Runs(selected=trainer.config.max_epochs)
+
+
+SCHEMES: dict[str, Scheme] = {scheme.name: scheme for scheme in (Holdout(), KFold(), Fixed())}
+
+
+def scheme_of(config: DataConfig) -> Scheme:
+    """The scheme `data.validation` asks for, or `fixed` where its shots are too few to validate."""
+    return SCHEMES[config.validation] if config.selects else SCHEMES["fixed"]
+
+
 @dataclass(frozen=True)
 class ValidationPlan:
-    scheme: str  # holdout | kfold | fixed
+    scheme: Scheme
     splits: list[FewShotSplit]  # one trained and validated run each; none for `fixed`
     refit: LabelledImages | None  # what the kept adapter finally trains on (kfold, fixed, holdout with refit)
     labels_per_class: int
@@ -61,17 +208,7 @@ def fold_of(labels: torch.Tensor, folds: int) -> list[int]:
 
 def make_plan(config: DataConfig, data: FewShotSplit) -> ValidationPlan:
     """`data`: the K shots per class (and, for holdout, the K_val validation images)."""
-    if config.validation == "holdout":
-        return ValidationPlan("holdout", [data], data.train + data.val if config.refit else None, config.labels_per_class)
-    shots = data.train
-    if not config.selects:
-        return ValidationPlan("fixed", [], shots, config.labels_per_class)
-    folds = fold_of(shots.labels, config.n_folds)
-    splits = [
-        FewShotSplit(shots.subset([i for i, f in enumerate(folds) if f != k]), shots.subset([i for i, f in enumerate(folds) if f == k]))
-        for k in range(config.n_folds)
-    ]
-    return ValidationPlan("kfold", splits, shots, config.labels_per_class)
+    return scheme_of(config).plan(config, data)
 
 
 def grid_point(config: StudyConfig, shots: int, seed: int, method: str | None = None) -> StudyConfig:
@@ -89,25 +226,6 @@ def grid_point(config: StudyConfig, shots: int, seed: int, method: str | None = 
         variant.search.params["method"] = Choices(choices=[method])
         variant.search.enqueue = [entry for entry in variant.search.enqueue if entry.get("method", method) == method]
     return variant
-
-
-def mean_curve(histories: list[list[EpochMetrics]]) -> list[EpochMetrics]:
-    """The folds' mean curve, over the epochs every fold reached (`fold` None: the trial's own)."""
-    return [EpochMetrics(epoch[0].epoch, *(sum(getattr(m, k) for m in epoch) / len(epoch)
-                                           for k in ("train_loss", "val_loss", "val_balanced_accuracy")))
-            for epoch in zip(*histories)]
-
-
-def stop_together(histories: list[list[EpochMetrics]], patience: int | None) -> bool:
-    """Whether folds trained in lockstep stop now: `patience` epochs after the best epoch of their
-    *mean* curve (`best_epoch`). Asked after every epoch, so they stop the first time it holds."""
-    return patience is not None and min(len(h) for h in histories) - best_epoch(histories) >= patience
-
-
-def best_epoch(histories: list[list[EpochMetrics]]) -> int:
-    """The epoch (1-based) with the highest fold-mean validation balanced accuracy, among the epochs
-    every fold reached; the lower mean validation loss, then the earlier epoch, break ties (`epoch_rank`)."""
-    return min(mean_curve(histories), key=epoch_rank).epoch
 
 
 def cross_fitted_epochs(histories: list[list[EpochMetrics]]) -> list[int]:

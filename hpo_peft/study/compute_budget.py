@@ -21,6 +21,7 @@ from typing import Iterable
 
 import optuna
 
+from hpo_peft.fewshot.validation import SCHEMES
 from hpo_peft.core import interrupts
 from hpo_peft.core.config import SearchConfig
 from hpo_peft.core.errors import UserError
@@ -110,12 +111,12 @@ class TrialSpending:
     epoch it sees (`saw`), and records them, with the refit's, on the trial and its run once (`record`)."""
 
     def __init__(self, parent_id: str, scheme: str):
-        self.parent_id, self.scheme, self.epochs, self.seconds = parent_id, scheme, 0, 0.0
+        self.parent_id, self.scheme, self.epochs, self.seconds = parent_id, SCHEMES[scheme], 0, 0.0
         self._started, self._recorded = time.perf_counter(), False
 
     def saw(self, metrics) -> None:
         """`on_epoch`'s metrics: kfold reports each fold's epoch, then (fold None) their mean, which trained nothing."""
-        if metrics.fold is not None or self.scheme == "holdout":
+        if metrics.fold is not None or not self.scheme.folds_are_scored:
             self.epochs += 1
 
     def refit(self, outcome) -> None:

@@ -164,14 +164,14 @@ def make_objective(workspace: Workspace, config: StudyConfig, tracker: Tracker, 
                 trial.set_user_attr(WORKER_ATTR, worker_identity())
                 heartbeat.attach(trial, None)
                 plan = sample_plan(trial, config)
-                budget = {"data.validation": workspace.plan.scheme, "labels_per_class": workspace.plan.labels_per_class,
+                budget = {"data.validation": workspace.plan.scheme.name, "labels_per_class": workspace.plan.labels_per_class,
                           **({"data.refit": True} if config.data.refit else {})}
                 params = {**defining_params(plan.method, trial.params, plan.train.model_dump(), config.train.model_dump(),
                                             plan.method_options), **budget}
                 run_id = opened.enter_context(trial_run(tracker, trial, parent_id, study_name, params))
             # a stop held back above is raised here, and trial_run closes the run as KILLED
             heartbeat.attach(trial, run_id)
-            spending = compute_budget.TrialSpending(parent_id, workspace.plan.scheme)  # epochs and seconds trained
+            spending = compute_budget.TrialSpending(parent_id, workspace.plan.scheme.name)  # epochs and seconds trained
 
             def on_epoch(metrics: EpochMetrics) -> None:
                 spending.saw(metrics)  # before pruning: a pruned trial counts the epochs it ran

@@ -175,7 +175,7 @@ def log_outcome(tracker: Tracker, run_id: str, outcome: TrialOutcome, workspace:
     tracker.describe(run_id, name, story.trial_description(
         params, "COMPLETE", objective, outcome.selected_epoch, outcome.trainable_parameters, outcome.scheme,
         refit=outcome.refit, standard_error=val.standard_error))
-    tracker.log_dict(run_id, {**val.as_dict(), "scheme": outcome.scheme, "training": outcome.training.as_dict(),
+    tracker.log_dict(run_id, {**val.as_dict(), "scheme": outcome.scheme.name, "training": outcome.training.as_dict(),
                               "folds": [f.as_dict() for f in outcome.folds], "scored_epochs": outcome.scored_epochs},
                     "validation_metrics.json")
     with temporary_folder() as tmp:

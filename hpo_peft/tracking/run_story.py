@@ -20,6 +20,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from hpo_peft.fewshot.validation import SCHEMES, Scheme
+
 OBJECTIVE = "objective_val_balanced_accuracy"  # on every completed trial == Optuna's value; on the parent: the best
 OBJECTIVE_SE = "objective_standard_error"  # its binomial standard error from the validation images (evaluate.py)
 TAG_BEST = "hpo_peft.best"  # "true" on the study's best trial run only; it moves when a better one appears
@@ -112,16 +114,11 @@ def defining_params(method: str, sampled: dict[str, Any], train: dict[str, Any],
 
 # descriptions (mlflow.note.content) ------------------------------------------------------------
 def _budget(data) -> str:
-    if data.validation == "kfold":
-        return (f"{data.shots} labelled images per class, validated inside them by {data.n_folds}-fold "
-                "cross-validation (adapter refit on all shots for the epoch where the folds' mean curve peaks)")
-    refit = "; adapter refit on all of them for the best epoch" if data.refit else ""
-    return (f"{data.shots} training + {data.val_shots} validation images per class "
-            f"({data.labels_per_class} labels per class; early stopping on the validation images{refit})")
+    return SCHEMES[data.validation].budget(data)
 
 
 def objective_line(data) -> str:
-    mean = " (mean over folds)" if data.validation == "kfold" else ""
+    mean = SCHEMES[data.validation].score_note()
     return (f"`{OBJECTIVE}`: balanced accuracy (%) on the validation images at the selected epoch{mean}, "
             "maximised; ties go to the lower validation loss, then fewer trainable parameters, then the earlier trial")
 
@@ -170,17 +167,15 @@ def session_description(study: str, session: int, config, numbers: list[int], co
 
 
 def trial_description(params: dict[str, Any], state: str, objective: float | None = None,
-                      selected_epoch: int | None = None, trainable: int | None = None, scheme: str | None = None,
+                      selected_epoch: int | None = None, trainable: int | None = None, scheme: Scheme | None = None,
                       note: str | None = None, refit: bool = False, standard_error: float | None = None) -> str:
     lines = []  # the UI shows the run's name above its description
     if objective is not None:
         lines.append(f"- **Objective** `{OBJECTIVE}`: {objective:.2f}"
                      + (f" ± {standard_error:.2f} (standard error, from the validation images)" if standard_error else "")
-                     + (" (mean over folds)" if scheme == "kfold" else ""))
+                     + (scheme.score_note() if scheme else ""))
     if selected_epoch:
-        kept = ("refit length (the peak of the folds' mean curve)" if scheme == "kfold" else
-                "best validation epoch; adapter refit on all labels for as many epochs" if refit else
-                "best validation epoch, weights kept")
+        kept = scheme.kept_epoch(refit) if scheme else "best validation epoch, weights kept"
         lines.append(f"- **Selected epoch**: {selected_epoch} ({kept})")
     if trainable is not None:
         lines.append(f"- **Trainable parameters**: {trainable:,}")

@@ -86,7 +86,7 @@ def test_shipped_study_configs_are_valid(name, monkeypatch):
     from hpo_peft import demo_kit
 
     monkeypatch.setattr(demo_kit, "build_demo_kit", lambda out, **kw: out)  # validation only
-    config = prepare_config(Path(__file__).resolve().parents[1] / "studies" / name, [], study=True)
+    config = prepare_config(Path(__file__).resolve().parents[2] / "studies" / name, [], study=True)
     assert config.data.shots == 16 and config.data.seed == 1
     assert "lora" in config.search.params["method"].choices
     if name == "sicapv2_plip.yaml":

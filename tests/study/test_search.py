@@ -210,14 +210,14 @@ def test_a_new_study_enqueues_the_shipped_portfolio_after_its_own_entries(demo_k
     assert len(load_study(where).trials) == len(waiting)
 
 
-SHIPPED = sorted(p.name for p in (Path(__file__).resolve().parents[1] / "studies").glob("*.yaml") if p.name != "course_notebook.yaml")
+SHIPPED = sorted(p.name for p in (Path(__file__).resolve().parents[2] / "studies").glob("*.yaml") if p.name != "course_notebook.yaml")
 
 
 def benchmark_result() -> dict:
     """The search benchmark's dated result that portfolio.py names (its JSON beside the report)."""
     import json
 
-    return json.loads((Path(__file__).resolve().parents[1] / portfolio.SOURCE).with_suffix(".json").read_text())
+    return json.loads((Path(__file__).resolve().parents[2] / portfolio.SOURCE).with_suffix(".json").read_text())
 
 
 def test_the_shipped_portfolio_is_the_one_the_benchmark_learned():
@@ -229,7 +229,7 @@ def test_every_shipped_study_starts_samples_and_prunes_as_the_benchmark_chose(na
     import yaml
 
     chosen = benchmark_result()["chosen_settings"]
-    search = yaml.safe_load((Path(__file__).resolve().parents[1] / "studies" / name).read_text())["search"]
+    search = yaml.safe_load((Path(__file__).resolve().parents[2] / "studies" / name).read_text())["search"]
     assert search.get("start", "sampler") == chosen["start"]
     assert search["sampler"] == {k: v for k, v in chosen["sampler"].items() if k != "seed"}
     # Hyperband's max_resource comes from each space's epochs (make_pruner); the rest as benchmarked

@@ -26,8 +26,8 @@ from hpo_peft.tracking.selection import select_best
 from hpo_peft.study.session import load_study
 from hpo_peft.tracking.ui_links import run_table_url, run_url
 
-ROOT = Path(__file__).resolve().parents[1]
-SEARCH = {  # as tests/test_study.py: random draws, and a pruner that prunes trials below the best so far
+ROOT = Path(__file__).resolve().parents[2]
+SEARCH = {  # as tests/study/test_study.py: random draws, and a pruner that prunes trials below the best so far
     "n_trials": 5,
     "sampler": {"name": "random", "seed": 2},
     "pruner": {"name": "percentile", "percentile": 90.0, "n_startup_trials": 1, "n_warmup_steps": 0},

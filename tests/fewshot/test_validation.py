@@ -32,7 +32,7 @@ def kfold_workspace(demo_kit):
 
 def test_folds_are_disjoint_stratified_and_cover_the_shots_and_nothing_else(kfold_workspace):
     plan, shots = kfold_workspace.plan, kfold_workspace.data.train
-    assert plan.scheme == "kfold" and plan.labels_per_class == 8 and len(plan.splits) == 4
+    assert plan.scheme.name == "kfold" and plan.labels_per_class == 8 and len(plan.splits) == 4
     assert len(kfold_workspace.data.val) == 0  # no validation images beyond the shots were drawn
     assert np.bincount(shots.labels.numpy()).tolist() == [8, 8, 8, 8]
     held_out = []
@@ -141,7 +141,7 @@ def test_a_kfold_trial_scores_the_fold_mean_and_refits_on_all_shots(kfold_worksp
     assert np.sum(outcome.validation.confusion) == 32  # every shot validated once, out of fold
     assert len(outcome.training.history) == outcome.selected_epoch  # the refit: fixed epochs, no validation
     assert all(m.val_loss is None for m in outcome.training.history)
-    assert outcome.labels_per_class == 8 and outcome.scheme == "kfold"
+    assert outcome.labels_per_class == 8 and outcome.scheme.name == "kfold"
 
 
 def test_folds_in_lockstep_train_as_each_would_alone(kfold_workspace):
@@ -169,7 +169,7 @@ def test_folds_in_lockstep_train_as_each_would_alone(kfold_workspace):
 
 def test_one_shot_cannot_be_validated_in_folds(demo_kit, write_config, capsys):
     plan = open_workspace(kfold_config(demo_kit, shots=1)).plan
-    assert plan.scheme == "fixed" and not plan.selects and plan.labels_per_class == 1
+    assert plan.scheme.name == "fixed" and not plan.selects and plan.labels_per_class == 1
     config = write_config(data={"shots": 1, "validation": "kfold"})
     assert main(["study", "run", str(config), "--storage", "/nonexistent/o.journal"]) == 2
     assert "kfold needs at least 2 shots per class" in capsys.readouterr().err

@@ -22,7 +22,7 @@ from hpo_peft.app.cli import main
 from hpo_peft.tracking.recovery import RUN_ID_ATTR
 from hpo_peft.study.session import StudyLocation, load_study
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CHEAP = {**DRAWS, "n_trials": 2}
 BIAS = {  # trials that write adapters to the store, for the disk to fill
     "n_trials": 2, "sampler": {"name": "random", "seed": 1}, "pruner": {"name": "none"},

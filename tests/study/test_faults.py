@@ -102,7 +102,7 @@ def test_three_commands_start_together_in_an_empty_folder(write_config, tmp_path
     folder = tmp_path / "empty"
     folder.mkdir()
     argv = [sys.executable, "-m", "hpo_peft.app.cli", "study", "run", str(config), "--storage", "sqlite:///optuna.db"]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     processes = [subprocess.Popen(argv, cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                  for _ in range(3)]
     for process in processes:

@@ -21,7 +21,7 @@ from hpo_peft.models import BaseModel, family_of
 from hpo_peft.models.conch import conch_architecture
 from hpo_peft.tracking.selection import select_best
 
-ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]
 TINY_CONCH = dict(image_size=64, width=64, layers=2, heads=2, patch_size=16, embed_dim=64, pooler_heads=2,
                   text_width=32, text_layers=1, text_heads=2, context_length=32)
 FAMILIES = ["hf_clip", "open_clip", "conch"]

@@ -28,7 +28,7 @@ from hpo_peft.study.session import StudyLocation, load_study, run_study
 
 pytestmark = pytest.mark.service  # PostgreSQL, `mlflow server` and SLURM on loopback
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SEARCH = {
     "n_trials": 4,
     "sampler": {"name": "random", "seed": 1},

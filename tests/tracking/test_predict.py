@@ -24,7 +24,7 @@ from mlflow import MlflowClient
 
 from hpo_peft.app.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MODEL = "models:/demo-chosen@best"
 SEARCH = {
     "n_trials": 3,
