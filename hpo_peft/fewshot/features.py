@@ -15,6 +15,7 @@ from hpo_peft.data import LabelledImages, Preprocessing
 from hpo_peft.fewshot.evaluate import predict_logits
 
 _CACHE: dict[tuple, torch.Tensor] = {}
+STUDY_PRECISION = object()  # the autocast dtype the cache was built with (the study's `train.precision`)
 
 
 class FeatureCache:
@@ -32,11 +33,11 @@ class FeatureCache:
             return None
         return self.directory / (hashlib.sha256(repr(key).encode()).hexdigest()[:32] + ".pt")
 
-    def _compute(self, key: tuple, data: LabelledImages) -> torch.Tensor:
+    def _compute(self, key: tuple, data: LabelledImages, dtype: torch.dtype | None) -> torch.Tensor:
         path = self._file(key)
         if path is not None and path.is_file():
             return torch.load(path, weights_only=True)
-        features = predict_logits(self.encoder, data.images, self.prep, self.batch_size, self.amp_dtype)
+        features = predict_logits(self.encoder, data.images, self.prep, self.batch_size, dtype)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             partial = path.with_suffix(f".tmp{id(features)}")
@@ -44,12 +45,14 @@ class FeatureCache:
             partial.replace(path)  # atomic: a concurrent reader never sees half a file
         return features
 
-    def __call__(self, data: LabelledImages) -> torch.Tensor:
-        """L2-normalised features (N, D), float32, on the encoder's device."""
+    def __call__(self, data: LabelledImages, amp_dtype: torch.dtype | None | object = STUDY_PRECISION) -> torch.Tensor:
+        """L2-normalised features (N, D), float32, on the encoder's device; computed under `amp_dtype`
+        (a trial's own precision, e.g. `method_train.<m>.precision`), by default the study's."""
+        dtype = self.amp_dtype if amp_dtype is STUDY_PRECISION else amp_dtype
         pixels = hashlib.sha256(data.images.contiguous().cpu().numpy().tobytes()).hexdigest()[:16]
         # names alone may repeat across datasets (an hf split names its images train/0, train/1, ...)
-        key = (self.identity, tuple(data.names), pixels, self.prep, str(self.amp_dtype))
+        key = (self.identity, tuple(data.names), pixels, self.prep, str(dtype))
         if key not in _CACHE:
-            _CACHE[key] = self._compute(key, data)
+            _CACHE[key] = self._compute(key, data, dtype)
         device = next(self.encoder.parameters()).device
         return _CACHE[key].to(device)

@@ -130,16 +130,20 @@ def run_trial(
         set_seeds(seed)  # the same initialisation (e.g. a linear probe's) every run
         return method.prepare(build_classifier(workspace.base, workspace.prototypes, names), options)
 
+    dtype = amp_dtype(train_config.precision, resolve_device(train_config.device))
+
+    def features(split):  # the frozen encoder's, in this trial's own precision (method_train.<m>.precision)
+        return workspace.features(split, dtype)
+
     if not method.trains:  # zero-shot, Tip-Adapter: nothing to fit, score it on each validation split
         classifier, runs = fresh(), Runs(TrainResult(best=None))
         classifier.to(resolve_device(train_config.device))
-        dtype = amp_dtype(train_config.precision, next(classifier.parameters()).device)
         for split in plan.splits:  # a head built from the shots (Tip-Adapter's cache) sees each split's own
-            classifier.head.initialize_from_shots(workspace.features(split.train), split.train.labels)
-            logits = predict_logits(classifier.head, workspace.features(split.val), None, train_config.eval_batch_size, dtype)
+            classifier.head.initialize_from_shots(features(split.train), split.train.labels)
+            logits = predict_logits(classifier.head, features(split.val), None, train_config.eval_batch_size, dtype)
             runs.scores.append(compute_metrics(logits, split.val.labels, categories))
         kept = plan.refit if plan.refit is not None else plan.splits[0].train  # every label the trial may learn from
-        classifier.head.initialize_from_shots(workspace.features(kept), kept.labels)
+        classifier.head.initialize_from_shots(features(kept), kept.labels)
     else:  # the scheme's runs (holdout's one, kfold's folds in lockstep, none for fixed) choose the epochs
         trained: list[ImageClassifier] = []
 
@@ -147,7 +151,7 @@ def run_trial(
             trained.append(fresh())
             return trained[-1]
 
-        runs = plan.scheme.runs(plan, Trainer(prepared, prep, categories, train_config, seed, workspace.features,
+        runs = plan.scheme.runs(plan, Trainer(prepared, prep, categories, train_config, seed, features,
                                               on_epoch, progress))
         classifier = trained[0] if len(trained) == 1 else None  # holdout's run, kept unless refit
     result = runs.result
@@ -156,7 +160,7 @@ def run_trial(
         classifier = fresh()
         refit = train(classifier, FewShotSplit(plan.refit, None), prep, categories,
                       train_config.model_copy(update={"max_epochs": runs.selected, "patience": None}), seed,
-                      progress=progress, features=workspace.features)
+                      progress=progress, features=features)
         if plan.scheme.refit_is_training:  # kfold, fixed: the refit is the trial's training; holdout keeps its run's
             result = refit
     return TrialOutcome(

@@ -102,3 +102,18 @@ def test_feature_cache_on_disk_serves_a_later_process(demo_workspace, monkeypatc
     second = fresh_cache()(demo_workspace.data.train)
     assert calls == [64]  # read from disk, no backbone forward
     assert torch.equal(first, second)
+
+
+def test_a_methods_own_precision_reaches_its_frozen_features(demo_workspace):
+    """`method_train.<m>.precision` is applied, not only logged: a black-box trial in bf16 reads
+    features the frozen encoder computed under bf16 autocast, beside the study's fp32 ones."""
+    from hpo_peft.fewshot import features
+
+    config = TrainConfig(max_epochs=1, precision="bf16", optimizer="sgd", learning_rate=0.5)
+    outcome = run_trial(demo_workspace, "linear_probe", {}, config, progress=False)
+    assert outcome.train_config.precision == "bf16"
+    dtypes = {key[-1] for key in features._CACHE if key[0] == demo_workspace.features.identity}
+    assert str(torch.bfloat16) in dtypes
+    bf16 = demo_workspace.features(demo_workspace.data.train, torch.bfloat16)
+    fp32 = demo_workspace.features(demo_workspace.data.train, None)
+    assert not torch.equal(bf16, fp32) and torch.allclose(bf16, fp32, atol=0.05)
