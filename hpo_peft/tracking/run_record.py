@@ -193,8 +193,9 @@ def validation_confusion(outcome: TrialOutcome):
     val, epoch = outcome.validation, outcome.selected_epoch
     figure = confusion_figure(val, "validation")
     validated = len(outcome.training.validations) if outcome.training is not None else 0
-    if outcome.folds:
-        title = story.confusion_title("validation", val.confusion, val.balanced_accuracy, folds=len(outcome.folds))
+    if outcome.fold_validations:  # kfold: the folds' cells summed, trained or not
+        title = story.confusion_title("validation", val.confusion, val.balanced_accuracy,
+                                      folds=len(outcome.fold_validations), trained=bool(outcome.folds))
     elif epoch and validated:
         window = (max(1, epoch - SCORE_RADIUS), min(validated, epoch + SCORE_RADIUS))
         title = story.confusion_title("validation", val.confusion, val.balanced_accuracy, epoch, window)

@@ -322,11 +322,13 @@ def prune_reason(pruner, completed: list, values: dict[int, float], epoch: int, 
 
 
 def confusion_title(split: str, confusion: list[list[int]], score: float, epoch: int | None = None,
-                    window: tuple[int, int] | None = None, folds: int = 0) -> str:
+                    window: tuple[int, int] | None = None, folds: int = 0, trained: bool = True) -> str:
     """A confusion matrix's title: the epoch whose cells it draws, with their balanced accuracy,
     apart from the score, which averages a window of epochs (validation.score_window)."""
     rows = [(row[i], sum(row)) for i, row in enumerate(confusion) if sum(row)]
     cells = 100.0 * sum(right / n for right, n in rows) / len(rows) if rows else math.nan
+    if folds and not trained:  # a method that trains nothing (zero-shot, Tip-Adapter), scored on each fold
+        return f"{split}: {folds} folds' cells summed ({cells:.1f}%)\nscore {score:.1f}%: mean over folds"
     if folds:
         return (f"{split}: {folds} folds' cells summed, each at its scored epoch ({cells:.1f}%)\n"
                 f"score {score:.1f}%: mean over folds, each of its epoch window")

@@ -418,10 +418,34 @@ def test_the_confusion_matrix_title_names_its_epoch_apart_from_the_window_score(
                        categories=["a", "b"])
 
     validations = [epoch(4), epoch(6), epoch(6)]  # 75.0, 87.5, 87.5: the window's mean 83.3
-    outcome = SimpleNamespace(validation=score_window(validations, 2), selected_epoch=2, folds=[],
+    outcome = SimpleNamespace(validation=score_window(validations, 2), selected_epoch=2, folds=[], fold_validations=[],
                               training=SimpleNamespace(validations=validations))
     figure = validation_confusion(outcome)
     assert figure.axes[0].get_title() == "validation: cells of epoch 2, balanced accuracy 87.5%\nscore 83.3% (mean of epochs 1-3)"
+    plt.close(figure)
+
+
+def test_a_kfold_trial_that_trains_nothing_titles_its_summed_folds_without_epochs():
+    """Zero-shot and Tip-Adapter under kfold are scored on each fold: the title says the folds'
+    cells are summed, and names no epoch, which they do not have."""
+    from types import SimpleNamespace
+
+    import matplotlib.pyplot as plt
+
+    from hpo_peft.fewshot.evaluate import Metrics
+    from hpo_peft.fewshot.trial import pooled
+    from hpo_peft.tracking.run_record import validation_confusion
+
+    def fold(right: int) -> Metrics:
+        return Metrics(balanced_accuracy=(right / 4 + 1) / 2 * 100, loss=1.0,
+                       per_class_recall={"a": right / 4 * 100, "b": 100.0}, confusion=[[right, 4 - right], [0, 4]],
+                       categories=["a", "b"])
+
+    folds = [fold(2), fold(4)]  # 75.0 and 100.0: the score 87.5, the summed cells 87.5
+    outcome = SimpleNamespace(validation=pooled(folds), selected_epoch=None, folds=[], fold_validations=folds,
+                              training=SimpleNamespace(validations=[]))
+    figure = validation_confusion(outcome)
+    assert figure.axes[0].get_title() == "validation: 2 folds' cells summed (87.5%)\nscore 87.5%: mean over folds"
     plt.close(figure)
 
 
