@@ -35,6 +35,29 @@ WITHIN_METHOD = "median within method"  # the pruner spec of the strategies belo
 STRATEGIES["portfolio, then tpe + median within method"] = ({"name": "tpe", "n_startup_trials": 4}, WITHIN_METHOD,
                                                             "portfolio")
 STRATEGIES["tpe, 4 first + median within method"] = ({"name": "tpe", "n_startup_trials": 4}, WITHIN_METHOD, "none")
+
+
+def add_sweep() -> list[str]:
+    """The sweep around the shipped default (portfolio start, TPE 4 first, MedianPruner 2 first / warmup 4):
+    MedianPruner's n_warmup_steps 4, 8, 12 x n_startup_trials 2, 4; at the default pruner, TPE 8 first and TPE
+    independent (make_sampler's TPE is multivariate and grouped by default). Registered only on asking, so the
+    full report (`report_all`) runs what it always did. Returns the names, the default first."""
+    names = ["portfolio, then tpe + median"]
+    for warmup in (4, 8, 12):
+        for startup in (2, 4):
+            if (startup, warmup) != (2, 4):
+                name = f"portfolio, then tpe + median {startup} first, warmup {warmup}"
+                STRATEGIES[name] = ({"name": "tpe", "n_startup_trials": 4},
+                                    {"name": "median", "n_startup_trials": startup, "n_warmup_steps": warmup}, "portfolio")
+                names.append(name)
+    for name, spec in (("portfolio, then tpe 8 first + median", {"name": "tpe", "n_startup_trials": 8}),
+                       ("portfolio, then tpe independent + median",
+                        {"name": "tpe", "n_startup_trials": 4, "multivariate": False, "group": False})):
+        STRATEGIES[name] = (spec, MEDIAN, "portfolio")
+        names.append(name)
+    return names
+
+
 RANKS = [1, 2, 4, 8, 16, 32, 64]  # demo.yaml's choices (the grid holds 1, 4, 16, 64)
 SHOWN = ["random", TODAY, "tpe, 4 first", "tpe, 4 first + hyperband", "gp, 4 first", "race, then tpe + hyperband",
          "portfolio, then tpe", "portfolio, then tpe + hyperband", "tpe, 4 first + fold-1 median"]
@@ -422,5 +445,7 @@ if __name__ == "__main__":
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
     parser.add_argument("--trials", type=int, default=48)
     parser.add_argument("--out", default="/tmp/replay-within-method")
+    parser.add_argument("--sweep", action="store_true", help="the sweep around the default (add_sweep), and random")
     args = parser.parse_args()
-    log(f"written {compare(args.kits, args.seeds, args.strategies, args.baseline, args.trials, args.out)}")
+    strategies = ["random", *add_sweep()] if args.sweep else args.strategies
+    log(f"written {compare(args.kits, args.seeds, strategies, args.baseline, args.trials, args.out)}")
