@@ -11,7 +11,7 @@ so that a result can be compared with the notebook's own number:
 - the course's transform (`course_transform`): ToTensor, Normalize, then torchvision's Resize on
   the float tensor of the original patch;
 - fp32 everywhere;
-- LoRA's adapters drawn as the notebook's own wrapper draws them (`course_prepare`);
+- LoRA's adapters drawn as the notebook's own wrapper draws them (`Method.prepare_as_notebook`);
 - encoder-training methods (`train_ft`): a `DataLoader(shuffle=True)` over the shots, every batch
   forward, cross-entropy, zero_grad, backward, step, fixed epochs, the last epoch's weights;
 - black-box adapters (`train_adapter`): features extracted once through the same loader, each
@@ -48,8 +48,6 @@ from hpo_peft.data import (
 from hpo_peft.core.errors import UserError
 from hpo_peft.fewshot.evaluate import Metrics, compute_metrics
 from hpo_peft.methods import get_method, method_config
-from hpo_peft.methods.base import Method, MethodConfig
-from hpo_peft.methods.lora import LoRA
 from hpo_peft.models.classifier import (
     BaseModel,
     ImageClassifier,
@@ -258,14 +256,6 @@ def course_rows(data) -> tuple:
     return shots, test_rows
 
 
-def course_prepare(method: Method, classifier: ImageClassifier, options: MethodConfig) -> ImageClassifier:
-    """`method.prepare`, except that LoRA draws its adapters as the notebook's own wrapper does
-    (`LoRA.prepare`'s `notebook_draws`): from the same random state, the same A, B zero, scale 1."""
-    if isinstance(method, LoRA):
-        return method.prepare(classifier, options, notebook_draws=True)
-    return method.prepare(classifier, options)
-
-
 def run_course_trial(config: StudyConfig, method: str, on_epoch: EpochHook | None = None,
                      base: BaseModel | None = None) -> CourseResult:
     """The notebook's experiment for one method: shots from the training table by the course's
@@ -283,7 +273,7 @@ def run_course_trial(config: StudyConfig, method: str, on_epoch: EpochHook | Non
     if base is None:
         base = load_base_model(config.model)
     prototypes = text_prototypes(base, config.prompts, data.categories)
-    classifier = course_prepare(chosen, build_classifier(base, prototypes), options).to(device).float()
+    classifier = chosen.prepare_as_notebook(build_classifier(base, prototypes), options).to(device).float()
     trainable = count_trainable(classifier)
 
     prep = base.preprocessing

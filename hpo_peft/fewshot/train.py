@@ -225,8 +225,9 @@ def drive(runs: list[Training], config: TrainConfig, on_epoch: Callable[[EpochMe
             mean = mean_curve(histories)[-1] if len(runs) > 1 else epoch[0]
             bar.set_postfix(loss=f"{mean.train_loss:.3f}", val_bacc=f"{mean.val_balanced_accuracy:.1f}")
             if on_epoch is not None:
-                for k, metrics in enumerate(epoch if len(runs) > 1 else []):
-                    on_epoch(replace(metrics, fold=k))
+                if len(runs) > 1:  # each fold's epoch, then their mean
+                    for k, metrics in enumerate(epoch):
+                        on_epoch(replace(metrics, fold=k))
                 on_epoch(mean)
             if stop_together(histories, config.patience):
                 for run in runs:

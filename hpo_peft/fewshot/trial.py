@@ -136,7 +136,8 @@ def run_trial(
         return workspace.features(split, dtype)
 
     if not method.trains:  # zero-shot, Tip-Adapter: nothing to fit, score it on each validation split
-        classifier, runs = fresh(), Runs(TrainResult(best=None))
+        classifier = fresh()
+        runs = Runs(TrainResult(best=None), classifier)
         classifier.to(resolve_device(train_config.device))
         for split in plan.splits:  # a head built from the shots (Tip-Adapter's cache) sees each split's own
             classifier.head.initialize_from_shots(features(split.train), split.train.labels)
@@ -145,16 +146,8 @@ def run_trial(
         kept = plan.refit if plan.refit is not None else plan.splits[0].train  # every label the trial may learn from
         classifier.head.initialize_from_shots(features(kept), kept.labels)
     else:  # the scheme's runs (holdout's one, kfold's folds in lockstep, none for fixed) choose the epochs
-        trained: list[ImageClassifier] = []
-
-        def prepared() -> ImageClassifier:
-            trained.append(fresh())
-            return trained[-1]
-
-        runs = plan.scheme.runs(plan, Trainer(prepared, prep, categories, train_config, seed, features,
-                                              on_epoch, progress))
-        classifier = trained[0] if len(trained) == 1 else None  # holdout's run, kept unless refit
-    result = runs.result
+        runs = plan.scheme.runs(plan, Trainer(fresh, prep, categories, train_config, seed, features, on_epoch, progress))
+    classifier, result = runs.classifier, runs.result
     refits = plan.refit is not None and method.trains
     if refits:  # the runs above chose the epochs; the kept adapter trains on every label, without validation
         classifier = fresh()

@@ -49,10 +49,12 @@ SCORE_RADIUS = 1  # a score averages the chosen epoch and this many epochs eithe
 
 @dataclass
 class Runs:
-    """What a scheme's validated runs give the trial: holdout's run, or kfold's folds, with the
-    selection scores, the epoch the kept weights come from, and the epoch each fold is scored at."""
+    """What a scheme's validated runs give the trial: holdout's run (and the classifier it trained),
+    or kfold's folds, with the selection scores, the epoch the kept weights come from, and the epoch
+    each fold is scored at."""
 
     result: TrainResult | None = None
+    classifier: Any = None  # holdout's trained classifier, the adapter kept unless a refit replaces it
     folds: list[TrainResult] = field(default_factory=list)
     scores: list[Metrics] = field(default_factory=list)
     selected: int | None = None
@@ -116,9 +118,11 @@ class Holdout(Scheme):
         return ValidationPlan(self, [data], data.train + data.val if config.refit else None, config.labels_per_class)
 
     def runs(self, plan: "ValidationPlan", trainer: Trainer) -> Runs:
-        result = train(trainer.fresh(), plan.splits[0], trainer.prep, trainer.categories, trainer.config, trainer.seed,
+        classifier = trainer.fresh()
+        result = train(classifier, plan.splits[0], trainer.prep, trainer.categories, trainer.config, trainer.seed,
                        trainer.on_epoch, trainer.progress, features=trainer.features)
-        return Runs(result, scores=[score_window(result.validations, result.best.epoch)], selected=result.best.epoch)
+        return Runs(result, classifier, scores=[score_window(result.validations, result.best.epoch)],
+                    selected=result.best.epoch)
 
     def describe(self, outcome) -> list[str]:
         if outcome.training.best is None:

@@ -34,6 +34,11 @@ class Method:
         """Refuse, in one line naming the key, options this model family cannot run: called by preflight
         for every method and option value a command may use, before anything loads or trains."""
 
+    def prepare_as_notebook(self, classifier: ImageClassifier, config: MethodConfig) -> ImageClassifier:
+        """`prepare` under `protocol: course`: drawing any random initialisation as the course
+        notebook's own code does, where that differs (LoRA's wrapper); otherwise `prepare`."""
+        return self.prepare(classifier, config)
+
     def prepare(self, classifier: ImageClassifier, config: MethodConfig) -> ImageClassifier:
         """Mark what trains (and wrap modules where the method adds any). The head always trains."""
         classifier.requires_grad_(False)

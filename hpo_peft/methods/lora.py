@@ -66,6 +66,9 @@ class LoRA(Method):
         if not names.qkv_linears:
             check_fused_options(config.target_modules, config.dropout)
 
+    def prepare_as_notebook(self, classifier: ImageClassifier, config: LoRAConfig) -> ImageClassifier:
+        return self.prepare(classifier, config, notebook_draws=True)
+
     def prepare(self, classifier: ImageClassifier, config: LoRAConfig, notebook_draws: bool = False) -> ImageClassifier:
         """`notebook_draws`: the adapters drawn as the course notebook's wrapper draws them (module
         docstring), where q, k and v are separate modules; a fused family keeps its own draws."""

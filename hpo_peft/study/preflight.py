@@ -45,12 +45,12 @@ def check_config(config: StudyConfig) -> None:
 def _fits_family(config: StudyConfig, name: str, options: dict | None, key: str = "methods", drawn: str = "") -> None:
     """Valid options (`key` named on error) that the model's family can run: a fused-q/k/v family
     refuses LoRA's other targets and dropout here, in one line, not as a failed trial."""
-    method = get_method(name, key)
+    method, family = get_method(name, key), family_of(config.model)
     checked = method_config(name, options, key=key)
     try:
-        method.check_family(checked, family_of(config.model).encoder.module_names)
+        method.check_family(checked, family.encoder.module_names)
     except UserError as err:
-        raise UserError(f"{drawn}{err} (model.family {family_of(config.model).name})") from None
+        raise UserError(f"{drawn}{err} (model.family {family.name})") from None
 
 
 def _sees_images(method: str, keys, where: str) -> None:

@@ -18,7 +18,7 @@ from torchvision import transforms
 
 from hpo_peft.core.config import ModelConfig, StudyConfig
 from hpo_peft.core.config_file import load_config
-from hpo_peft.fewshot.course import course_prepare, course_shots, course_transform, run_course_trial
+from hpo_peft.fewshot.course import course_shots, course_transform, run_course_trial
 from hpo_peft.data import load_image, read_table, sample_few_shot
 from hpo_peft.core.errors import UserError
 from hpo_peft.methods import get_method, method_config
@@ -105,7 +105,7 @@ def notebook_setup(config: StudyConfig, base, method: str):
     table = read_table(data.root / data.train_table, data.image_column, data.categories)
     shots = course_shots(table, data.categories, data.shots, data.seed)
     options = method_config(method, config.methods.get(method, {}))
-    model = course_prepare(get_method(method), build_classifier(base, text_prototypes(base, config.prompts, data.categories)), options)
+    model = get_method(method).prepare_as_notebook(build_classifier(base, text_prototypes(base, config.prompts, data.categories)), options)
     dataset = NotebookDataset([data.root / data.images_dir / n for n in shots["image_name"]], list(shots["label"]),
                               notebook_transforms(base.preprocessing))
     loader = DataLoader(dataset, batch_size=config.train_for(method).batch_size, shuffle=True, num_workers=0)

@@ -2,7 +2,7 @@
 
 The notebook's cells (`_LoRALayer`, `LoRAWrapper`, its PLIP wrapper and `ZSLinearProbe` head) are
 written out again here from the notebook's text and applied to a tiny random HF CLIP vision tower;
-the package's course LoRA (`course.course_prepare`) is applied to a copy of the same tower from the
+the package's course LoRA (`Method.prepare_as_notebook`) is applied to a copy of the same tower from the
 same random state. Every A must be the same tensor, every B zero, the random state afterwards the
 same (no extra draw), and, with the same non-zero B in both, the outputs equal (scale 1)."""
 
@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-from hpo_peft.fewshot.course import COURSE_SEED, course_prepare
+from hpo_peft.fewshot.course import COURSE_SEED
 from hpo_peft.methods import get_method, method_config
 from hpo_peft.models.classifier import ImageClassifier, ZeroShotHead
 from hpo_peft.models.hf_clip import ImageEncoder
@@ -115,7 +115,7 @@ def package_lora(tower, options=None):
     classifier = ImageClassifier(ImageEncoder(copy.deepcopy(model.vision_model), copy.deepcopy(model.visual_projection)),
                                  ZeroShotHead(prototypes, logit_scale)).requires_grad_(False).eval()
     torch.manual_seed(COURSE_SEED)
-    prepared = course_prepare(get_method("lora"), classifier, method_config("lora", options or {"rank": RANK, "b_init": "zeros"}))
+    prepared = get_method("lora").prepare_as_notebook(classifier, method_config("lora", options or {"rank": RANK, "b_init": "zeros"}))
     return prepared.float(), torch.get_rng_state()
 
 
