@@ -10,7 +10,7 @@ and loaded through the package's own `load_base_model`. The trials are the packa
 studies/demo.yaml (the demo kit's images, SICAPv2's 4 classes, 16 shots + 16 validation shots per
 class, holdout validation, `train.augment: dihedral` for the methods that train the encoder) with
 model.name_or_path pointed at that folder, and each method runs `trial.run_trial` once with its own
-training defaults (`search_space.train_settings`: paper defaults such as CoOp's SGD or Tip-Adapter-F's
+training defaults (`settings.merged_train`: paper defaults such as CoOp's SGD or Tip-Adapter-F's
 AdamW) overridden to `--epochs` epochs (2), batch 32, fp32, no early stopping. Method options are
 demo.yaml's (LoRA rank 4, B zeros), with `use_dora: true` for the DoRA row; Tip-Adapter trains
 nothing, so its trial is the zero-epoch one.
@@ -52,7 +52,7 @@ def rows_to_run() -> list[str]:
 def measure(rows: list[str], model_dir: Path, epochs: int, device: str, repeats: int) -> dict:
     from hpo_peft.app.commands import prepare_study_config
     from hpo_peft.methods import get_method
-    from hpo_peft.study.search_space import train_settings
+    from hpo_peft.fewshot.settings import merged_train
     from hpo_peft.fewshot.trial import open_workspace, run_trial
 
     overrides = [f"model.name_or_path={model_dir}", "data.validation=holdout", "data.shots=16", "data.val_shots=16",
@@ -79,7 +79,7 @@ def measure(rows: list[str], model_dir: Path, epochs: int, device: str, repeats:
         if row == DORA:
             options["use_dora"] = True
         values = dict(max_epochs=epochs, batch_size=32, patience=None) if method.trains else {}
-        train = train_settings(config, name, **values)
+        train = merged_train(config, name, **values)
         times = []
         for _ in range(repeats):  # the same trial again: the first of a process pays one-off set-up
             outcome = run_trial(workspace, name, options, train, progress=False)

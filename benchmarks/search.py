@@ -39,15 +39,15 @@ DEMO = ROOT / "studies" / "demo.yaml"
 RESULTS = HERE / "results"
 SCENARIO = ["data.shots=16", "data.validation=kfold", "data.folds=4", "train.precision=fp32"]
 # demo.yaml's space on a grid: every method, 5 learning rates over its log range, every epoch count,
-# and for LoRA 4 of its 7 ranks (B initialised to zeros): 6 x 5 x 3 + 4 x 5 x 3 = 150 configurations
+# and for LoRA 4 of its 7 ranks with both B initialisations: 6 x 5 x 3 + 4 x 2 x 5 x 3 = 210 configurations
 GRID = {
     "method": ["zs_linear_probe", "clip_adapter", "clap", "affine_ln", "bias", "lora", "full"],
     "learning_rate": [3e-4, 7e-4, 1.7e-3, 4e-3, 1e-2],
     "max_epochs": [10, 20, 30],
     "lora.rank": [1, 4, 16, 64],
-    "lora.b_init": ["zeros"],  # both would be 210 configurations: more than 2 cores afford here
+    "lora.b_init": ["zeros", "random"],
 }
-GRID_NAME = "grid150"
+GRID_NAME = "grid210"
 PATIENCE = 8  # fixed (the demo space's larger choice)
 FOLDS = 4
 LOCKED_CELLS = 10  # cells trained in one turn of the heavy-jobs lock
@@ -161,7 +161,7 @@ def run_grid(kit_name: str, seed: int, unseen_per_class: int, lock: Path | None,
     from hpo_peft.app.commands import prepare_study_config
     from hpo_peft.data import load_test
     from hpo_peft.fewshot.evaluate import evaluate_as_trained
-    from hpo_peft.study.search_space import train_settings
+    from hpo_peft.fewshot.settings import merged_train
     from hpo_peft.fewshot.trial import open_workspace, run_trial
 
     overrides, unseen_update = kit_setup(kit_name, seed, unseen_per_class)
@@ -178,7 +178,7 @@ def run_grid(kit_name: str, seed: int, unseen_per_class: int, lock: Path | None,
         options = dict(config.methods.get(cfg["method"], {}))
         if cfg["rank"] is not None:
             options.update(rank=cfg["rank"], b_init=cfg["b_init"])
-        train = train_settings(config, cfg["method"], learning_rate=cfg["learning_rate"],
+        train = merged_train(config, cfg["method"], learning_rate=cfg["learning_rate"],
                                max_epochs=cfg["max_epochs"], patience=PATIENCE)
         curve, folds = [], [[] for _ in range(FOLDS)]
 
@@ -190,7 +190,7 @@ def run_grid(kit_name: str, seed: int, unseen_per_class: int, lock: Path | None,
             fcntl.flock(handle, fcntl.LOCK_EX)
         outcome = run_trial(workspace, cfg["method"], options, train, on_epoch, progress=False)
         score = evaluate_as_trained(outcome.classifier, unseen, workspace.base.preprocessing,
-                                    config.data.categories, outcome.train_config)
+                                    config.data.categories, outcome.settings)
         if handle and (number % LOCKED_CELLS == 0 or number == len(todo)):
             handle.close()  # releases the lock
             handle = None

@@ -90,15 +90,15 @@ def run_single_trial(path: Path, overrides: list[str], method: str | None, save:
 def _study_trial(config: StudyConfig, name: str, report, progress: bool) -> dict:
     from hpo_peft.data import load_test
     from hpo_peft.fewshot.evaluate import evaluate_as_trained
-    from hpo_peft.study.search_space import train_settings
+    from hpo_peft.fewshot.settings import merged_train
     from hpo_peft.fewshot.trial import open_workspace, run_trial
 
     workspace = open_workspace(config)
     test_images = load_test(config.data, workspace.base.preprocessing)  # a bad test table fails before training
-    outcome = run_trial(workspace, name, config.methods.get(name, {}), train_settings(config, name), on_epoch=report,
+    outcome = run_trial(workspace, name, config.methods.get(name, {}), merged_train(config, name), on_epoch=report,
                         progress=progress)
     test = evaluate_as_trained(outcome.classifier, test_images, workspace.base.preprocessing, config.data.categories,
-                               outcome.train_config)
+                               outcome.settings)
     lines = outcome.scheme.describe(outcome)
     if outcome.validation is not None:
         where = outcome.scheme.score_where(outcome.refit)

@@ -35,7 +35,8 @@ from hpo_peft.tracking.recovery import RUN_ID_ATTR
 from hpo_peft.tracking.run_record import RUN_LABEL_ATTR, log_test_result
 from hpo_peft.tracking.run_story import TAG_BEST
 from hpo_peft.tracking.scoring import evaluate_run
-from hpo_peft.study.search_space import searches, train_settings
+from hpo_peft.fewshot.settings import merged_train
+from hpo_peft.study.search_space import searches
 from hpo_peft.tracking.selection import STANDARD_ERROR_ATTR, select_best
 from hpo_peft.study.session import StudyLocation, create_study, open_storage, optimize
 from hpo_peft.tracking.tracker import TAG_KIND, Tracker
@@ -92,7 +93,7 @@ def fixed_defaults(tracker: Tracker, parent_id: str, workspace: Workspace, metho
         return {"selection": FIXED, "val_balanced_accuracy": math.nan, "val_standard_error": math.nan,
                 "test_balanced_accuracy": found[0].data.metrics["test_balanced_accuracy"], "mlflow_run_id": found[0].info.run_id}
     config = workspace.config
-    train_config, options = train_settings(config, method), config.methods.get(method, {})
+    train_config, options = merged_train(config, method), config.methods.get(method, {})
     params = {"method": method, **{f"train.{k}": v for k, v in train_config.model_dump().items()},
               "data.validation": FIXED, "labels_per_class": workspace.plan.labels_per_class}
     run_id = tracker.start_child(parent_id, f"{name} ({FIXED})", params, {TAG_CELL: name, TAG_KIND: "fixed_defaults"})
@@ -100,7 +101,7 @@ def fixed_defaults(tracker: Tracker, parent_id: str, workspace: Workspace, metho
     try:
         outcome = run_trial(workspace, method, options, train_config, progress=False)
         metrics = evaluate_as_trained(outcome.classifier, test, workspace.base.preprocessing, config.data.categories,
-                                      train_config)
+                                      outcome.settings)
         log_test_result(tracker, run_id, metrics)
         status = "FINISHED"
     except KeyboardInterrupt:

@@ -7,6 +7,7 @@ import os
 import random
 import socket
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -142,3 +143,20 @@ def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a run computes and its encoder's autocast dtype (None: fp32), resolved once from a
+    device name and a precision (`train.device`, `train.precision`) and handed down from there."""
+
+    device: torch.device
+    dtype: torch.dtype | None
+
+    @classmethod
+    def of(cls, device: str, precision: str) -> "Placement":
+        where = resolve_device(device)
+        return cls(where, amp_dtype(precision, where))
+
+    def autocast(self):
+        return autocast(self.device, self.dtype)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -12,9 +13,11 @@ from sklearn.metrics import balanced_accuracy_score, confusion_matrix, recall_sc
 from torch import nn
 from torch.nn import functional as F
 
-from hpo_peft.core.config import TrainConfig
 from hpo_peft.data import LabelledImages, Preprocessing
-from hpo_peft.core.runtime import amp_dtype, autocast
+from hpo_peft.core.runtime import autocast
+
+if TYPE_CHECKING:  # settings.py builds on the methods; evaluate only reads the settings it is given
+    from hpo_peft.fewshot.settings import TrialSettings
 
 
 @dataclass
@@ -129,10 +132,9 @@ def evaluate(
 
 
 def evaluate_as_trained(model: nn.Module, data: LabelledImages, prep: Preprocessing, categories: list[str],
-                        train: TrainConfig) -> Metrics:
-    """`evaluate` on the model's device, its encoder under the autocast of `train.precision`."""
-    device = next(model.parameters()).device
-    return evaluate(model, data, prep, categories, train.eval_batch_size, amp_dtype(train.precision, device))
+                        settings: "TrialSettings") -> Metrics:
+    """`evaluate` as the trial ran: its encoder under the trial's autocast, in its evaluation batches."""
+    return evaluate(model, data, prep, categories, settings.train.eval_batch_size, settings.placement.dtype)
 
 
 def pyplot():

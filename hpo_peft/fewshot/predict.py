@@ -26,7 +26,7 @@ from hpo_peft.data import Preprocessing, decode_image, is_csv_text, read_labelle
 from hpo_peft.core.errors import UserError
 from hpo_peft.fewshot.evaluate import predict_logits
 from hpo_peft.models.classifier import BaseModel, ImageClassifier, load_base_model
-from hpo_peft.core.runtime import amp_dtype, resolve_device
+from hpo_peft.fewshot.settings import TrialSettings
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
 DEFAULT_BATCH_SIZE = 64
@@ -70,10 +70,9 @@ def load_predictor(folder: Path, base: BaseModel | None = None, device: str = "a
     metadata = read_metadata(Path(folder), label)
     base = base or load_base_model(base_model_config(metadata))
     classifier, metadata = load_adapter(Path(folder), base, label=label)
-    where = resolve_device(device)
-    classifier.to(where)
-    precision = precision or metadata.get("train", {}).get("precision", "fp32")
-    return Predictor(classifier, metadata, base.preprocessing, amp_dtype(precision, where))
+    settings = TrialSettings.saved(metadata, device, precision)
+    classifier.to(settings.placement.device)
+    return Predictor(classifier, metadata, base.preprocessing, settings.placement.dtype)
 
 
 # images in ------------------------------------------------------------------------------------

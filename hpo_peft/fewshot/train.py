@@ -21,13 +21,7 @@ from hpo_peft.core.config import TrainConfig
 from hpo_peft.data import FewShotSplit, LabelledImages, Preprocessing
 from hpo_peft.fewshot.evaluate import Metrics, compute_metrics, predict_logits
 from hpo_peft.models.classifier import ImageClassifier, encoder_is_frozen
-from hpo_peft.core.runtime import (
-    RandomStream,
-    amp_dtype,
-    autocast,
-    resolve_device,
-    set_seeds,
-)
+from hpo_peft.core.runtime import Placement, RandomStream, set_seeds
 
 
 class NonFiniteLoss(RuntimeError):
@@ -110,17 +104,18 @@ class Training:
     random stream (RandomStream), so a fold draws the same batches and dropout masks as it would alone.
 
     With a frozen encoder only the head trains, on features computed once (by `features`, a shared
-    cache, when given); otherwise the whole classifier runs on the uint8 images."""
+    cache, when given); otherwise the whole classifier runs on the uint8 images. `placement`: the
+    trial's device and autocast (its TrialSettings'); by default resolved from `config`."""
 
     def __init__(self, classifier: ImageClassifier, data: FewShotSplit, prep: Preprocessing, categories: list[str],
                  config: TrainConfig, seed: int, features: Callable[[LabelledImages], torch.Tensor] | None = None,
-                 keep_best: bool = True):
+                 keep_best: bool = True, placement: Placement | None = None):
         self.classifier, self.data, self.categories, self.config = classifier, data, categories, config
         self.blind = data.val is None
         self.keep_best = keep_best and not self.blind  # False: no copy of the best weights (kfold's folds)
         set_seeds(seed)
-        device = resolve_device(config.device)
-        self.device, self.dtype = device, amp_dtype(config.precision, device)
+        self.placement = placement or Placement.of(config.device, config.precision)
+        device, self.dtype = self.placement.device, self.placement.dtype
         classifier.to(device)
         self.named = [(n, p) for n, p in classifier.named_parameters() if p.requires_grad]
         self.optimizer = make_optimizer([p for _, p in self.named], config)
@@ -148,11 +143,11 @@ class Training:
             self.model.train()
             losses = []
             for batch in torch.randperm(len(self.train_inputs), generator=self.order_rng).split(self.config.batch_size):
-                batch = batch.to(self.device)
+                batch = batch.to(self.placement.device)
                 inputs = self.train_inputs[batch]
                 if self.prep is not None:  # images, not features: augmented (train.augment), then normalised
                     inputs = self.prep.normalize(dihedral(inputs) if self.config.augment == "dihedral" else inputs)
-                with autocast(self.device, self.dtype):
+                with self.placement.autocast():
                     logits = self.model(inputs)
                 loss = F.cross_entropy(logits.float(), self.labels[batch])
                 if (penalty := self.classifier.head.penalty()) is not None:
@@ -200,9 +195,11 @@ def train(
     on_epoch: Callable[[EpochMetrics], None] | None = None,
     progress: bool = True,
     features: Callable[[LabelledImages], torch.Tensor] | None = None,
+    placement: Placement | None = None,
 ) -> TrainResult:
     """One run: up to `max_epochs`, stopped `patience` epochs after the best validated one."""
-    return drive([Training(classifier, data, prep, categories, config, seed, features)], config, on_epoch, progress)[0]
+    return drive([Training(classifier, data, prep, categories, config, seed, features, placement=placement)], config,
+                 on_epoch, progress)[0]
 
 
 def drive(runs: list[Training], config: TrainConfig, on_epoch: Callable[[EpochMetrics], None] | None = None,

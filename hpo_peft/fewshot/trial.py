@@ -15,7 +15,7 @@ from hpo_peft.core.config import StudyConfig, TrainConfig
 from hpo_peft.data import FewShotSplit, few_shot_rows, load_few_shot
 from hpo_peft.fewshot.evaluate import Metrics, compute_metrics, predict_logits
 from hpo_peft.fewshot.features import FeatureCache
-from hpo_peft.methods import get_method, method_config
+from hpo_peft.methods import get_method
 from hpo_peft.models.classifier import (
     BaseModel,
     ImageClassifier,
@@ -25,7 +25,8 @@ from hpo_peft.models.classifier import (
     load_base_model,
     text_prototypes,
 )
-from hpo_peft.core.runtime import amp_dtype, resolve_device, set_seeds
+from hpo_peft.core.runtime import Placement, set_seeds
+from hpo_peft.fewshot.settings import TrialSettings
 from hpo_peft.fewshot.train import EpochMetrics, TrainResult, train
 from hpo_peft.fewshot.validation import Runs, Scheme, Trainer, ValidationPlan, make_plan, mean_curve
 
@@ -41,6 +42,11 @@ class Workspace:
     features: FeatureCache
     plan: ValidationPlan  # how trials validate within those labels
 
+    def settings(self, method: str, options: dict[str, Any], train: TrainConfig) -> TrialSettings:
+        """A trial's settings, resolved once before it trains: its options checked against this
+        workspace's model family (one UserError line), its device and autocast."""
+        return TrialSettings.resolve(method, options, train, self.base.family.encoder.module_names)
+
 
 def open_workspace(config: StudyConfig, base: BaseModel | None = None) -> Workspace:
     """Everything a trial needs; `base` may be shared by several workspaces (e.g. per shot count)."""
@@ -48,22 +54,20 @@ def open_workspace(config: StudyConfig, base: BaseModel | None = None) -> Worksp
     if base is None:
         base = load_base_model(config.model)
     prototypes = text_prototypes(base, config.prompts, config.data.categories)
-    device = resolve_device(config.train.device)
-    base.image_encoder().to(device)  # the text tower stays where it is: it is only used above
+    study = Placement.of(config.train.device, config.train.precision)  # the study's; a trial may differ
+    base.image_encoder().to(study.device)  # the text tower stays where it is: it is only used above
     data = load_few_shot(config.data, base.preprocessing)
     features = FeatureCache(
         base.image_encoder(), f"{base.name_or_path}@{base.revision}#{base.fingerprint()}", base.preprocessing,
-        config.train.eval_batch_size, amp_dtype(config.train.precision, device), config.feature_cache,
+        config.train.eval_batch_size, study.dtype, config.feature_cache,
     )
-    return Workspace(config, base, prototypes.to(device), data, features, make_plan(config.data, data))
+    return Workspace(config, base, prototypes.to(study.device), data, features, make_plan(config.data, data))
 
 
 @dataclass
 class TrialOutcome:
     classifier: ImageClassifier  # the adapter the trial keeps
-    method: str
-    method_options: dict[str, Any]
-    train_config: TrainConfig
+    settings: TrialSettings  # what it ran: method, options, training config, device and autocast
     trainable_parameters: int
     training: TrainResult  # holdout: the validated run (with refit too); kfold: the refit on all shots
     validation: Metrics  # the selection score: around holdout's best epoch, or the mean over folds (score_window)
@@ -75,6 +79,18 @@ class TrialOutcome:
     scored_epochs: list[int] = field(default_factory=list)  # kfold: the epoch each fold is scored at
     fold_validations: list[Metrics] = field(default_factory=list)  # kfold: each fold's score (zero-shot, Tip-Adapter too)
     refit: bool = False  # the kept adapter was trained again on all labels (kfold; holdout with data.refit)
+
+    @property
+    def method(self) -> str:
+        return self.settings.method
+
+    @property
+    def method_options(self) -> dict[str, Any]:
+        return self.settings.options.model_dump()
+
+    @property
+    def train_config(self) -> TrainConfig:
+        return self.settings.train
 
     def fold_scores(self) -> list[float]:
         """kfold: each fold's validation balanced accuracy around the epoch it is scored at."""
@@ -117,11 +133,12 @@ def run_trial(
 ) -> TrialOutcome:
     """Train (once for holdout; for kfold, its folds in lockstep, then a refit) and score on validation.
     `on_epoch(metrics)` sees every validated epoch: holdout's, and for kfold each fold's (`metrics.fold`
-    0, 1, ...) then the folds' mean (`fold` None): the study logs them and prunes on the `fold` None ones."""
+    0, 1, ...) then the folds' mean (`fold` None): the study logs them and prunes on the `fold` None ones.
+    The trial's settings are resolved here, once (`Workspace.settings`), before anything trains."""
     started = time.perf_counter()
+    settings = workspace.settings(method_name, method_options, train_config)
     plan, seed = workspace.plan, workspace.config.data.seed
-    method = get_method(method_name)
-    options = method_config(method_name, method_options)
+    method, options, placement = get_method(method_name), settings.options, settings.placement
     categories = workspace.config.data.categories
     prep = workspace.base.preprocessing
     names = class_names(workspace.config.prompts, categories)
@@ -130,37 +147,34 @@ def run_trial(
         set_seeds(seed)  # the same initialisation (e.g. a linear probe's) every run
         return method.prepare(build_classifier(workspace.base, workspace.prototypes, names), options)
 
-    dtype = amp_dtype(train_config.precision, resolve_device(train_config.device))
-
     def features(split):  # the frozen encoder's, in this trial's own precision (method_train.<m>.precision)
-        return workspace.features(split, dtype)
+        return workspace.features(split, placement.dtype)
 
     if not method.trains:  # zero-shot, Tip-Adapter: nothing to fit, score it on each validation split
         classifier = fresh()
         runs = Runs(TrainResult(best=None), classifier)
-        classifier.to(resolve_device(train_config.device))
+        classifier.to(placement.device)
         for split in plan.splits:  # a head built from the shots (Tip-Adapter's cache) sees each split's own
             classifier.head.initialize_from_shots(features(split.train), split.train.labels)
-            logits = predict_logits(classifier.head, features(split.val), None, train_config.eval_batch_size, dtype)
+            logits = predict_logits(classifier.head, features(split.val), None, settings.train.eval_batch_size,
+                                    placement.dtype)
             runs.scores.append(compute_metrics(logits, split.val.labels, categories))
         kept = plan.refit if plan.refit is not None else plan.splits[0].train  # every label the trial may learn from
         classifier.head.initialize_from_shots(features(kept), kept.labels)
     else:  # the scheme's runs (holdout's one, kfold's folds in lockstep, none for fixed) choose the epochs
-        runs = plan.scheme.runs(plan, Trainer(fresh, prep, categories, train_config, seed, features, on_epoch, progress))
+        runs = plan.scheme.runs(plan, Trainer(fresh, prep, categories, settings, seed, features, on_epoch, progress))
     classifier, result = runs.classifier, runs.result
     refits = plan.refit is not None and method.trains
     if refits:  # the runs above chose the epochs; the kept adapter trains on every label, without validation
         classifier = fresh()
         refit = train(classifier, FewShotSplit(plan.refit, None), prep, categories,
-                      train_config.model_copy(update={"max_epochs": runs.selected, "patience": None}), seed,
-                      progress=progress, features=features)
+                      settings.train.model_copy(update={"max_epochs": runs.selected, "patience": None}), seed,
+                      progress=progress, features=features, placement=placement)
         if plan.scheme.refit_is_training:  # kfold, fixed: the refit is the trial's training; holdout keeps its run's
             result = refit
     return TrialOutcome(
         classifier=classifier,
-        method=method_name,
-        method_options=options.model_dump(),
-        train_config=train_config,
+        settings=settings,
         trainable_parameters=count_trainable(classifier),  # after training: a head sized by the shots (Tip-Adapter-F)
         training=result,
         validation=runs.scores[0] if len(runs.scores) == 1 else pooled(runs.scores) if runs.scores else None,

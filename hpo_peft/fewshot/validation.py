@@ -30,9 +30,10 @@ from typing import Any, Callable, ClassVar
 
 import torch
 
-from hpo_peft.core.config import Choices, DataConfig, StudyConfig, TrainConfig
+from hpo_peft.core.config import Choices, DataConfig, StudyConfig
 from hpo_peft.data import FewShotSplit, LabelledImages
 from hpo_peft.fewshot.evaluate import Metrics
+from hpo_peft.fewshot.settings import TrialSettings
 from hpo_peft.fewshot.train import (  # noqa: F401  (the folds' curve and stop rule: re-exported)
     EpochMetrics,
     Training,
@@ -68,7 +69,7 @@ class Trainer:
     fresh: Callable[[], Any]  # () -> a newly prepared classifier, the same initialisation each time
     prep: Any
     categories: list[str]
-    config: TrainConfig
+    settings: TrialSettings  # the trial's, resolved once: training config, device, autocast
     seed: int
     features: Callable | None
     on_epoch: Callable[[EpochMetrics], None] | None = None
@@ -119,8 +120,9 @@ class Holdout(Scheme):
 
     def runs(self, plan: "ValidationPlan", trainer: Trainer) -> Runs:
         classifier = trainer.fresh()
-        result = train(classifier, plan.splits[0], trainer.prep, trainer.categories, trainer.config, trainer.seed,
-                       trainer.on_epoch, trainer.progress, features=trainer.features)
+        result = train(classifier, plan.splits[0], trainer.prep, trainer.categories, trainer.settings.train,
+                       trainer.seed, trainer.on_epoch, trainer.progress, features=trainer.features,
+                       placement=trainer.settings.placement)
         return Runs(result, classifier, scores=[score_window(result.validations, result.best.epoch)],
                     selected=result.best.epoch)
 
@@ -143,9 +145,10 @@ class KFold(Scheme):
         return ValidationPlan(self, splits, shots, config.labels_per_class)
 
     def runs(self, plan: "ValidationPlan", trainer: Trainer) -> Runs:
-        folds = drive([Training(trainer.fresh(), split, trainer.prep, trainer.categories, trainer.config, trainer.seed,
-                                trainer.features, keep_best=False) for split in plan.splits],
-                      trainer.config, trainer.on_epoch, trainer.progress)
+        train, placement = trainer.settings.train, trainer.settings.placement
+        folds = drive([Training(trainer.fresh(), split, trainer.prep, trainer.categories, train, trainer.seed,
+                                trainer.features, keep_best=False, placement=placement) for split in plan.splits],
+                      train, trainer.on_epoch, trainer.progress)
         histories = [f.history for f in folds]
         scored = cross_fitted_epochs(histories)
         return Runs(folds=folds, scores=[score_window(f.validations, e) for f, e in zip(folds, scored)],
@@ -177,7 +180,7 @@ class Fixed(Scheme):
         return ValidationPlan(self, [], data.train, config.labels_per_class)
 
     def runs(self, plan: "ValidationPlan", trainer: Trainer) -> Runs:
-        return Runs(selected=trainer.config.max_epochs)
+        return Runs(selected=trainer.settings.train.max_epochs)
 
 
 SCHEMES: dict[str, Scheme] = {scheme.name: scheme for scheme in (Holdout(), KFold(), Fixed())}

@@ -9,7 +9,7 @@ A trial's training settings, each layer over the one before:
 `train` < shared `search.params` < the method's defaults `method_train.<name>` < `search.methods.<name>`.
 So a method keeps its own defaults (e.g. the course's SGD for black-box adapters) for every key its
 own space does not name; a shared key is only drawn for methods without a default for it, and
-`augment` only for methods whose encoder sees the images (`train_settings`).
+`augment` only for methods whose encoder sees the images (`fewshot.settings.merged_train`).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from hpo_peft.core.config import (
 )
 from hpo_peft.study import identity
 from hpo_peft.core.errors import UserError
+from hpo_peft.fewshot.settings import merged_train
 from hpo_peft.methods import get_method, method_config
 from hpo_peft.study.portfolio import PORTFOLIO
 
@@ -85,14 +86,7 @@ def sample_plan(trial: optuna.Trial, config: StudyConfig) -> TrialPlan:
             train_values[key] = value
         else:
             options[key] = value
-    return TrialPlan(method, method_config(method, options).model_dump(), train_settings(config, method, **train_values))
-
-
-def train_settings(config: StudyConfig, method: str, **values: Any) -> TrainConfig:
-    """`config.train_for(method, **values)`, with `augment` none for a method on frozen features
-    (black-box adapters, zero-shot): they never see an image, so their runs record none."""
-    train = config.train_for(method, **values)
-    return train if get_method(method).trains_encoder else train.model_copy(update={"augment": "none"})
+    return TrialPlan(method, method_config(method, options).model_dump(), merged_train(config, method, **train_values))
 
 
 # a PEFT method's prior settings (the encoder trains): the course's Adam, 1e-3, 20 epochs, batch 32

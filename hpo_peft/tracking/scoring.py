@@ -10,9 +10,9 @@ from hpo_peft.fewshot.artifacts import load_adapter
 from hpo_peft.core.config import StudyConfig
 from hpo_peft.data import LabelledImages
 from hpo_peft.fewshot.evaluate import Metrics, evaluate_as_trained
+from hpo_peft.fewshot.settings import TrialSettings
 from hpo_peft.models.classifier import BaseModel
 from hpo_peft.tracking.run_record import log_test_result
-from hpo_peft.core.runtime import resolve_device
 from hpo_peft.tracking.tracker import Tracker, temporary_folder
 
 
@@ -21,7 +21,8 @@ def evaluate_run(tracker: Tracker, run_id: str, base: BaseModel, test: LabelledI
     with temporary_folder() as tmp:
         classifier, metadata = load_adapter(tracker.download_adapter(run_id, Path(tmp)), base, config.data.categories,
                                             label=f"run {run_id}")  # errors name the run, not the download
-    classifier.to(resolve_device(config.train.device))
-    metrics = evaluate_as_trained(classifier, test, base.preprocessing, config.data.categories, config.train)
+    settings = TrialSettings.saved(metadata, config.train.device)  # as it trained: its own precision
+    classifier.to(settings.placement.device)
+    metrics = evaluate_as_trained(classifier, test, base.preprocessing, config.data.categories, settings)
     log_test_result(tracker, run_id, metrics, test, config)
     return metrics, metadata

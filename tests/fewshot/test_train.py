@@ -81,7 +81,8 @@ def test_augmentation_trains_encoder_methods_on_turned_images_and_black_box_runs
     from conftest import write_demo_config
 
     from hpo_peft.app.commands import prepare_study_config
-    from hpo_peft.study.search_space import sample_plan, train_settings
+    from hpo_peft.fewshot.settings import merged_train
+    from hpo_peft.study.search_space import sample_plan
 
     settings = dict(DEMO_TRAIN, max_epochs=3, patience=None)
     plain = run_trial(demo_workspace, "bias", {}, TrainConfig(**settings), progress=False)
@@ -93,8 +94,8 @@ def test_augmentation_trains_encoder_methods_on_turned_images_and_black_box_runs
 
     config = prepare_study_config(write_demo_config(demo_kit, tmp_path / "c.yaml", train={"augment": "dihedral"}, search={
         "params": {"method": {"choices": ["clap", "lora"]}, "augment": {"choices": ["none", "dihedral"]}}}), [])
-    assert train_settings(config, "lora").augment == "dihedral"
-    assert train_settings(config, "clap").augment == "none"  # features computed once: no image to turn
+    assert merged_train(config, "lora").augment == "dihedral"
+    assert merged_train(config, "clap").augment == "none"  # features computed once: no image to turn
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     for method in ("clap", "lora"):
         study.enqueue_trial({"method": method})

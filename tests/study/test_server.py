@@ -231,6 +231,7 @@ def test_a_slurm_job_array_shares_a_tracking_server_recovers_a_killed_worker_and
     from hpo_peft.fewshot.artifacts import load_adapter
     from hpo_peft.data import load_test
     from hpo_peft.fewshot.evaluate import evaluate_as_trained
+    from hpo_peft.fewshot.settings import TrialSettings
 
     config = write_config("study.yaml", search=SEARCH)
     doomed = subprocess.Popen(cli("study run", config, location, "--n-trials", "1", "--accept-changes", *SLOW),
@@ -290,11 +291,11 @@ def test_a_slurm_job_array_shares_a_tracking_server_recovers_a_killed_worker_and
     assert version.run_id == scored["mlflow_run_id"]
     # ... and the adapter fetched here through the server gives the same test score
     study_config = prepare_study_config(config, [])
-    classifier, _ = load_adapter(download_adapter(location, scored["mlflow_run_id"], tmp_path / "best"),
-                                 demo_workspace.base, study_config.data.categories)
+    classifier, metadata = load_adapter(download_adapter(location, scored["mlflow_run_id"], tmp_path / "best"),
+                                        demo_workspace.base, study_config.data.categories)
     test = load_test(study_config.data, demo_workspace.base.preprocessing)
     again = evaluate_as_trained(classifier, test, demo_workspace.base.preprocessing, study_config.data.categories,
-                                study_config.train)
+                                TrialSettings.saved(metadata, study_config.train.device))
     assert again.balanced_accuracy == pytest.approx(scored["balanced_accuracy"])
 
 
