@@ -47,7 +47,8 @@ from hpo_peft.data import (
 )
 from hpo_peft.core.errors import UserError
 from hpo_peft.fewshot.evaluate import Metrics, compute_metrics
-from hpo_peft.methods import get_method, method_config
+from hpo_peft.fewshot.settings import TrialSettings
+from hpo_peft.methods import get_method
 from hpo_peft.models.classifier import (
     BaseModel,
     ImageClassifier,
@@ -57,7 +58,7 @@ from hpo_peft.models.classifier import (
     load_base_model,
     text_prototypes,
 )
-from hpo_peft.core.runtime import resolve_device, set_seeds
+from hpo_peft.core.runtime import set_seeds
 from hpo_peft.fewshot.train import make_optimizer
 
 COURSE_SEED = 42  # the notebook's `set_seeds(42, ...)`
@@ -267,11 +268,11 @@ def run_course_trial(config: StudyConfig, method: str, on_epoch: EpochHook | Non
     shots, test_rows = course_rows(data)
 
     chosen = get_method(method)
-    options = method_config(method, config.methods.get(method, {}))
-    train_config = config.train_for(method)
-    device = resolve_device(train_config.device)
     if base is None:
         base = load_base_model(config.model)
+    settings = TrialSettings.resolve(method, config.methods.get(method, {}), config.train_for(method),
+                                     base.family.encoder.module_names)
+    options, train_config, device = settings.options, settings.train, settings.placement.device  # fp32 always
     prototypes = text_prototypes(base, config.prompts, data.categories)
     classifier = chosen.prepare_as_notebook(build_classifier(base, prototypes), options).to(device).float()
     trainable = count_trainable(classifier)

@@ -21,6 +21,11 @@
   benchmark: docs/validation-and-selection.md, "A trial's score". The confusion matrix and per-class recall stay the chosen epoch's.
 - `fixed`: too few shots to hold any out (kfold with K = 1): nothing is selected; the method's
   fixed settings train on all K shots for `max_epochs` (what `compare` reports, labelled as such).
+
+`protocol: course` is not a scheme here: it validates and selects nothing, and it draws its shots,
+decodes its images and batches them as the course notebook does (course.py), so it has no plan,
+runs or score to give a trial; its loop stays the notebook's (a DataLoader's batches, the last
+epoch's weights) because its one purpose is to reproduce that run draw for draw.
 """
 
 from __future__ import annotations
