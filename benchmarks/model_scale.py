@@ -37,7 +37,7 @@ QUICK_CONCH = dict(image_size=64, width=64, layers=2, heads=2, patch_size=16, em
 def build(architecture: str, quick: bool):
     from transformers import CLIPConfig, CLIPModel
 
-    from hpo_peft.models import FAMILIES, BaseModel
+    from hpo_peft.models import FAMILIES, BaseVLM
     from hpo_peft.models.conch import conch_architecture
 
     if architecture == "conch":
@@ -49,7 +49,7 @@ def build(architecture: str, quick: bool):
 
     size = vision["image_size"]
     prep = Preprocessing(height=size, width=size, mean=(0.5,) * 3, std=(0.5,) * 3)
-    return BaseModel("plip-architecture", None, CLIPModel(config).eval().requires_grad_(False), None, prep,
+    return BaseVLM("plip-architecture", None, CLIPModel(config).eval().requires_grad_(False), None, prep,
                      FAMILIES["hf_clip"])
 
 

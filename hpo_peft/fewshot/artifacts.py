@@ -30,7 +30,7 @@ import hpo_peft
 from hpo_peft.core.config import PromptConfig, StudyConfig
 from hpo_peft.core.errors import UserError
 from hpo_peft.methods import get_method, method_config
-from hpo_peft.models.classifier import BaseModel, ImageClassifier, build_classifier, class_names
+from hpo_peft.models.classifier import BaseVLM, ImageClassifier, build_classifier, class_names
 
 METADATA_FILE = "hpo_peft_adapter.json"
 HEAD_FILE = "head.safetensors"
@@ -42,7 +42,7 @@ def _metadata_digest(metadata: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
-def base_identity(base: BaseModel) -> dict[str, Any]:
+def base_identity(base: BaseVLM) -> dict[str, Any]:
     return {"name_or_path": base.name_or_path, "revision": base.revision, "fingerprint": base.fingerprint(),
             "family": base.family.name}
 
@@ -66,7 +66,7 @@ def _checksums(folder: Path) -> dict[str, str]:
 def save_adapter(
     folder: Path,
     classifier: ImageClassifier,
-    base: BaseModel,
+    base: BaseVLM,
     method_name: str,
     method_options: dict[str, Any],
     config: StudyConfig,
@@ -154,7 +154,7 @@ def verify_files(folder: Path, metadata: dict[str, Any]) -> None:
             raise UserError(f"{folder / name}: checksum mismatch; the adapter was altered or truncated")
 
 
-def check_base(folder: Path, metadata: dict[str, Any], base: BaseModel) -> None:
+def check_base(folder: Path, metadata: dict[str, Any], base: BaseVLM) -> None:
     """The adapter's base model is this one: same weights, revision and pre-processing."""
     built_for = metadata["base_model"]
     family = built_for.get("family", "hf_clip")  # adapters from before model families were HF CLIP's
@@ -181,7 +181,7 @@ def check_base(folder: Path, metadata: dict[str, Any], base: BaseModel) -> None:
 
 
 def load_adapter(
-    folder: Path, base: BaseModel, categories: list[str] | None = None, label: str | None = None
+    folder: Path, base: BaseVLM, categories: list[str] | None = None, label: str | None = None
 ) -> tuple[ImageClassifier, dict[str, Any]]:
     """Rebuild the trained classifier on `base` from the adapter folder alone; `label`: how errors
     name the adapter (`shown_as`), e.g. `run ID` for one downloaded to a temporary folder."""
@@ -190,7 +190,7 @@ def load_adapter(
         return _load_adapter(folder, base, categories)
 
 
-def _load_adapter(folder: Path, base: BaseModel, categories: list[str] | None) -> tuple[ImageClassifier, dict[str, Any]]:
+def _load_adapter(folder: Path, base: BaseVLM, categories: list[str] | None) -> tuple[ImageClassifier, dict[str, Any]]:
     metadata = _read_metadata(folder)
     verify_files(folder, metadata)
     check_base(folder, metadata, base)

@@ -50,7 +50,7 @@ from hpo_peft.fewshot.evaluate import Metrics, compute_metrics
 from hpo_peft.fewshot.settings import TrialSettings
 from hpo_peft.methods import get_method
 from hpo_peft.models.classifier import (
-    BaseModel,
+    BaseVLM,
     ImageClassifier,
     build_classifier,
     count_trainable,
@@ -258,7 +258,7 @@ def course_rows(data) -> tuple:
 
 
 def run_course_trial(config: StudyConfig, method: str, on_epoch: EpochHook | None = None,
-                     base: BaseModel | None = None) -> CourseResult:
+                     base: BaseVLM | None = None) -> CourseResult:
     """The notebook's experiment for one method: shots from the training table by the course's
     sampler, fixed-epoch training as the course does it, then the whole test table."""
     set_seeds(COURSE_SEED)

@@ -75,14 +75,15 @@ def balanced_accuracy_se(recall: list[float], counts: list[int]) -> float:
 
 
 @torch.inference_mode()
-def predict_logits(
+def forward_in_batches(
     model: nn.Module,
     images: torch.Tensor,
     prep: Preprocessing | None,
     batch_size: int = 256,
     amp_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Outputs (N, C) as float32 on the CPU. uint8 images are normalised batch by batch with
+    """`model` over `images` in batches, without gradients: a classifier's or head's logits, or an
+    encoder's features. Outputs (N, C) as float32 on the CPU. uint8 images are normalised batch by batch with
     `prep`; with `prep=None` the inputs (e.g. cached features) go to the model as they are.
     `amp_dtype` is the encoder's autocast: the head and its logits are fp32 whatever it is
     (`ZeroShotHead`), so the outputs are exact fp32 logits, not up-cast bf16 ones."""
@@ -128,7 +129,7 @@ def evaluate(
     batch_size: int = 256,
     amp_dtype: torch.dtype | None = None,
 ) -> Metrics:
-    return compute_metrics(predict_logits(model, data.images, prep, batch_size, amp_dtype), data.labels, categories)
+    return compute_metrics(forward_in_batches(model, data.images, prep, batch_size, amp_dtype), data.labels, categories)
 
 
 def evaluate_as_trained(model: nn.Module, data: LabelledImages, prep: Preprocessing, categories: list[str],

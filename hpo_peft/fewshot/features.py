@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from hpo_peft.data import LabelledImages, Preprocessing
-from hpo_peft.fewshot.evaluate import predict_logits
+from hpo_peft.fewshot.evaluate import forward_in_batches
 
 _CACHE: dict[tuple, torch.Tensor] = {}
 STUDY_PRECISION = object()  # the autocast dtype the cache was built with (the study's `train.precision`)
@@ -37,7 +37,7 @@ class FeatureCache:
         path = self._file(key)
         if path is not None and path.is_file():
             return torch.load(path, weights_only=True)
-        features = predict_logits(self.encoder, data.images, self.prep, self.batch_size, dtype)
+        features = forward_in_batches(self.encoder, data.images, self.prep, self.batch_size, dtype)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             partial = path.with_suffix(f".tmp{id(features)}")

@@ -3,7 +3,7 @@
 One prediction path for every way in: `hpo-peft predict`, the MLflow pyfunc model and its REST
 server all rebuild the classifier with `artifacts.load_adapter` (checksums, metadata checksum,
 base-model fingerprint, revision, pre-processing, categories), decode images with
-`data.decode_image` and compute logits with `evaluate.predict_logits`, exactly as `evaluate` does;
+`data.decode_image` and compute logits with `evaluate.forward_in_batches`, exactly as `evaluate` does;
 probabilities are the softmax of those fp32 logits. Knows nothing of MLflow.
 """
 
@@ -24,8 +24,8 @@ from hpo_peft.fewshot.artifacts import load_adapter, read_metadata
 from hpo_peft.core.config import ModelConfig
 from hpo_peft.data import Preprocessing, decode_image, is_csv_text, read_labelled_csv, read_table
 from hpo_peft.core.errors import UserError
-from hpo_peft.fewshot.evaluate import predict_logits
-from hpo_peft.models.classifier import BaseModel, ImageClassifier, load_base_model
+from hpo_peft.fewshot.evaluate import forward_in_batches
+from hpo_peft.models.classifier import BaseVLM, ImageClassifier, load_base_model
 from hpo_peft.fewshot.settings import TrialSettings
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
@@ -49,7 +49,7 @@ class Predictor:
         """uint8 (N, 3, H, W) images -> fp32 (N, C) logits: evaluate's own function."""
         if len(images) == 0:
             return torch.empty(0, len(self.categories))
-        return predict_logits(self.classifier, images, self.preprocessing, batch_size, self.amp_dtype)
+        return forward_in_batches(self.classifier, images, self.preprocessing, batch_size, self.amp_dtype)
 
     def probabilities(self, images: torch.Tensor, batch_size: int = DEFAULT_BATCH_SIZE) -> torch.Tensor:
         return torch.softmax(self.logits(images, batch_size), dim=1)
@@ -62,7 +62,7 @@ def base_model_config(metadata: dict[str, Any], name_or_path: str | None = None)
     return ModelConfig(name_or_path=name_or_path or built_for["name_or_path"], revision=built_for.get("revision"))
 
 
-def load_predictor(folder: Path, base: BaseModel | None = None, device: str = "auto",
+def load_predictor(folder: Path, base: BaseVLM | None = None, device: str = "auto",
                    precision: str | None = None, label: str | None = None) -> Predictor:
     """The adapter in `folder` on `base` (default: the base model its metadata names), checked by
     `artifacts.load_adapter`. `precision` defaults to the one the trial trained with; `label` names

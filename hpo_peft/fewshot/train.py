@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from hpo_peft.core.config import TrainConfig
 from hpo_peft.data import FewShotSplit, LabelledImages, Preprocessing
-from hpo_peft.fewshot.evaluate import Metrics, compute_metrics, predict_logits
+from hpo_peft.fewshot.evaluate import Metrics, compute_metrics, forward_in_batches
 from hpo_peft.models.classifier import ImageClassifier, encoder_is_frozen
 from hpo_peft.core.runtime import Placement, RandomStream, set_seeds
 
@@ -124,7 +124,7 @@ class Training:
             self.model, self.prep = classifier, prep
             self.train_inputs, self.val_inputs = data.train.images.to(device), None if self.blind else data.val.images
         else:
-            encode = features or (lambda split: predict_logits(classifier.encoder, split.images, prep,
+            encode = features or (lambda split: forward_in_batches(classifier.encoder, split.images, prep,
                                                                config.eval_batch_size, self.dtype))
             self.model, self.prep = classifier.head, None
             self.train_inputs = encode(data.train).to(device)
@@ -165,7 +165,7 @@ class Training:
             self.result.best = EpochMetrics(epoch, float(np.mean(losses)), None, None)
             self.result.history.append(self.result.best)
             return self.result.best
-        val_logits = predict_logits(self.model, self.val_inputs, self.prep, self.config.eval_batch_size, self.dtype)
+        val_logits = forward_in_batches(self.model, self.val_inputs, self.prep, self.config.eval_batch_size, self.dtype)
         val = compute_metrics(val_logits, self.data.val.labels, self.categories)
         metrics = EpochMetrics(epoch, float(np.mean(losses)), val.loss, val.balanced_accuracy)
         self.result.history.append(metrics)

@@ -13,11 +13,11 @@ import torch
 
 from hpo_peft.core.config import StudyConfig, TrainConfig
 from hpo_peft.data import FewShotSplit, few_shot_rows, load_few_shot
-from hpo_peft.fewshot.evaluate import Metrics, compute_metrics, predict_logits
+from hpo_peft.fewshot.evaluate import Metrics, compute_metrics, forward_in_batches
 from hpo_peft.fewshot.features import FeatureCache
 from hpo_peft.methods import get_method
 from hpo_peft.models.classifier import (
-    BaseModel,
+    BaseVLM,
     ImageClassifier,
     build_classifier,
     class_names,
@@ -36,7 +36,7 @@ class Workspace:
     """What a process loads once and every trial shares (never trained in place)."""
 
     config: StudyConfig
-    base: BaseModel
+    base: BaseVLM
     prototypes: torch.Tensor
     data: FewShotSplit  # the K shots per class (train) and, for holdout, the validation images
     features: FeatureCache
@@ -48,7 +48,7 @@ class Workspace:
         return TrialSettings.resolve(method, options, train, self.base.family.encoder.module_names)
 
 
-def open_workspace(config: StudyConfig, base: BaseModel | None = None) -> Workspace:
+def open_workspace(config: StudyConfig, base: BaseVLM | None = None) -> Workspace:
     """Everything a trial needs; `base` may be shared by several workspaces (e.g. per shot count)."""
     few_shot_rows(config.data)  # bad tables fail before the (slow) model load
     if base is None:
@@ -156,7 +156,7 @@ def run_trial(
         classifier.to(placement.device)
         for split in plan.splits:  # a head built from the shots (Tip-Adapter's cache) sees each split's own
             classifier.head.initialize_from_shots(features(split.train), split.train.labels)
-            logits = predict_logits(classifier.head, features(split.val), None, settings.train.eval_batch_size,
+            logits = forward_in_batches(classifier.head, features(split.val), None, settings.train.eval_batch_size,
                                     placement.dtype)
             runs.scores.append(compute_metrics(logits, split.val.labels, categories))
         kept = plan.refit if plan.refit is not None else plan.splits[0].train  # every label the trial may learn from

@@ -15,5 +15,5 @@ class AffineLN(SelectiveMethod):
     name = "affine_ln"
     Config = AffineLNConfig
 
-    def selects(self, name: str, config: AffineLNConfig, names: ModuleNames) -> bool:
+    def tunes(self, name: str, config: AffineLNConfig, names: ModuleNames) -> bool:
         return bool(re.search(names.block_norms, name) or (config.include_pre_post and re.search(names.outer_norms, name)))

@@ -79,13 +79,13 @@ class SelectiveMethod(Method):
     """Tunes an existing subset of the image encoder, chosen by parameter name; the encoder's
     family says where its modules are (`ModuleNames`)."""
 
-    def selects(self, name: str, config: MethodConfig, names: ModuleNames) -> bool:
+    def tunes(self, name: str, config: MethodConfig, names: ModuleNames) -> bool:
         raise NotImplementedError
 
     def prepare(self, classifier: ImageClassifier, config: MethodConfig) -> ImageClassifier:
         classifier = super().prepare(classifier, config)
         names = classifier.encoder.module_names
         for name, param in classifier.encoder.named_parameters():
-            if self.selects(name, config, names):
+            if self.tunes(name, config, names):
                 param.requires_grad_(True)
         return classifier

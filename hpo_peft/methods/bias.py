@@ -7,5 +7,5 @@ from hpo_peft.methods.base import MethodConfig, SelectiveMethod
 class Bias(SelectiveMethod):
     name = "bias"
 
-    def selects(self, name: str, config: MethodConfig, names) -> bool:
+    def tunes(self, name: str, config: MethodConfig, names) -> bool:
         return name.rpartition(".")[2].endswith("bias")

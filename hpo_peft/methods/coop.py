@@ -35,7 +35,7 @@ from hpo_peft.core.errors import UserError
 from hpo_peft.methods.base import MethodConfig
 from hpo_peft.methods.black_box import FeatureMethod
 from hpo_peft.methods.schedules import cosine_schedule
-from hpo_peft.models.classifier import BaseModel, ImageClassifier, ZeroShotHead
+from hpo_peft.models.classifier import BaseVLM, ImageClassifier, ZeroShotHead
 
 PROMPT_FILE = "prompt_learner.json"
 
@@ -70,7 +70,7 @@ class PromptLearnerHead(ZeroShotHead):
     """Class weights from the text encoder on [prefix][ctx][suffix]; `weight` keeps the zero-shot
     prototypes (frozen: KgCoOp's anchors)."""
 
-    def __init__(self, zero_shot: ZeroShotHead, base: BaseModel, names: list[str], config: CoOpConfig):
+    def __init__(self, zero_shot: ZeroShotHead, base: BaseVLM, names: list[str], config: CoOpConfig):
         super().__init__(zero_shot.weight, zero_shot.logit_scale)
         self.weight.requires_grad_(False)
         family = base.family

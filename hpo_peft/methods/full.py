@@ -7,5 +7,5 @@ class Full(SelectiveMethod):
     name = "full"
     copies_backbone = True  # about 350 MB per trial for PLIP: only the best few are kept by default
 
-    def selects(self, name: str, config: MethodConfig, names) -> bool:
+    def tunes(self, name: str, config: MethodConfig, names) -> bool:
         return True

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 from hpo_peft.core.config import ModelConfig
 from hpo_peft.core.errors import UserError
-from hpo_peft.models.base import BaseModel, Family, FamilyEncoder, ModuleNames
+from hpo_peft.models.base import BaseVLM, Family, FamilyEncoder, ModuleNames
 from hpo_peft.models.conch import Conch
 from hpo_peft.models.hf_clip import HFClip
 from hpo_peft.models.open_clip import OpenClip
 
-__all__ = ["FAMILIES", "BaseModel", "Family", "FamilyEncoder", "ModuleNames", "family_of", "get_family",
+__all__ = ["FAMILIES", "BaseVLM", "Family", "FamilyEncoder", "ModuleNames", "family_of", "get_family",
            "load_base_model"]
 
 FAMILIES: dict[str, Family] = {family.name: family for family in (HFClip(), OpenClip(), Conch())}
@@ -41,5 +41,5 @@ def family_of(config: ModelConfig) -> Family:
     return claims[0] if claims else FAMILIES[DEFAULT_FAMILY]
 
 
-def load_base_model(config: ModelConfig) -> BaseModel:
+def load_base_model(config: ModelConfig) -> BaseVLM:
     return family_of(config).load(config)

@@ -62,22 +62,22 @@ class Family:
         """True: this source is surely of this family; None: the family cannot tell."""
         return None
 
-    def load(self, config: ModelConfig) -> "BaseModel":
+    def load(self, config: ModelConfig) -> "BaseVLM":
         raise NotImplementedError
 
     def image_encoder(self, model: nn.Module) -> FamilyEncoder:
         """The model's own vision modules (shared, not copied) behind a `FamilyEncoder`."""
         raise NotImplementedError
 
-    def encode_text(self, base: "BaseModel", texts: list[str]) -> torch.Tensor:
+    def encode_text(self, base: "BaseVLM", texts: list[str]) -> torch.Tensor:
         """Projected (not normalised) text features, N x D."""
         return self.encode_tokens(base, self.tokenize(base, texts))
 
-    def tokenize(self, base: "BaseModel", texts: list[str]) -> dict[str, torch.Tensor]:
+    def tokenize(self, base: "BaseVLM", texts: list[str]) -> dict[str, torch.Tensor]:
         """The text encoder's inputs (`input_ids` first, N x L), on the text tower's device."""
         raise NotImplementedError
 
-    def encode_tokens(self, base: "BaseModel", tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+    def encode_tokens(self, base: "BaseVLM", tokens: dict[str, torch.Tensor]) -> torch.Tensor:
         """`encode_text` from `tokenize`'s output."""
         raise NotImplementedError
 
@@ -87,11 +87,11 @@ class Family:
         raise UserError(f"model family {self.name} cannot run its text encoder from token embeddings, which "
                         "prompt learning (coop, kgcoop) needs; choose another method")
 
-    def embed_tokens(self, base: "BaseModel", tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+    def embed_tokens(self, base: "BaseVLM", tokens: dict[str, torch.Tensor]) -> torch.Tensor:
         """The token embeddings of `tokens["input_ids"]`, N x L x width."""
         return self.token_embedding_owner(base.clip).token_embedding(tokens["input_ids"])
 
-    def encode_embedded(self, base: "BaseModel", tokens: dict[str, torch.Tensor], embeddings: torch.Tensor) -> torch.Tensor:
+    def encode_embedded(self, base: "BaseVLM", tokens: dict[str, torch.Tensor], embeddings: torch.Tensor) -> torch.Tensor:
         """`encode_tokens`, with `embeddings` (N x L x width) in place of the token embedding of
         `tokens["input_ids"]`: the family's own text encoder (its masks and pooling read the ids), so
         the embeddings of the ids themselves give `encode_tokens` exactly."""
@@ -128,7 +128,7 @@ class GivenEmbeddings(nn.Module):
 
 
 @dataclass
-class BaseModel:
+class BaseVLM:
     """A loaded model of some family: what every trial starts from (copied, never trained in place)."""
 
     name_or_path: str

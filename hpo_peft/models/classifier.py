@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 from hpo_peft.core.config import PromptConfig
-from hpo_peft.models import BaseModel, load_base_model
+from hpo_peft.models import BaseVLM, load_base_model
 
-__all__ = ["BaseModel", "ImageClassifier", "ZeroShotHead", "build_classifier", "class_names", "count_trainable",
+__all__ = ["BaseVLM", "ImageClassifier", "ZeroShotHead", "build_classifier", "class_names", "count_trainable",
            "encoder_is_frozen", "load_base_model", "prompt_texts", "text_prototypes"]
 
 
@@ -75,7 +75,7 @@ def prompt_texts(prompts: PromptConfig, categories: list[str]) -> dict[str, list
 
 
 @torch.no_grad()
-def text_prototypes(base: BaseModel, prompts: PromptConfig, categories: list[str]) -> torch.Tensor:
+def text_prototypes(base: BaseVLM, prompts: PromptConfig, categories: list[str]) -> torch.Tensor:
     """C x D prototypes: mean of the normalised prompt embeddings of each class, renormalised."""
     rows = []
     for texts in prompt_texts(prompts, categories).values():
@@ -92,7 +92,7 @@ def class_names(prompts: PromptConfig, categories: list[str]) -> list[str]:
     return [prompts.descriptions.get(category, [category])[0] for category in categories]
 
 
-def build_classifier(base: BaseModel, prototypes: torch.Tensor, names: list[str] | None = None) -> ImageClassifier:
+def build_classifier(base: BaseVLM, prototypes: torch.Tensor, names: list[str] | None = None) -> ImageClassifier:
     """A fresh, independent copy of the image side with the zero-shot head, all frozen. The base
     model (shared, never trained) and the class names (`class_names`) go along for the methods that
     learn on the text side (prompt learning), which refuse without them."""

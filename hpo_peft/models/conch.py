@@ -26,7 +26,7 @@ from torch import nn
 from hpo_peft.core.config import ModelConfig
 from hpo_peft.data import Preprocessing
 from hpo_peft.core.errors import UserError
-from hpo_peft.models.base import BaseModel, Family, FamilyEncoder, ModuleNames
+from hpo_peft.models.base import BaseVLM, Family, FamilyEncoder, ModuleNames
 
 CONCH_MODEL = "conch_ViT-B-16"
 HUB_PREFIX = "hf_hub:"  # CONCH's own prefix (open_clip spells it hf-hub:)
@@ -115,11 +115,11 @@ def conch_preprocessing(image_size: int = 448) -> Preprocessing:
     return Preprocessing(height=image_size, width=image_size, mean=OPENAI_MEAN, std=OPENAI_STD, resample=3)
 
 
-def conch_architecture(**sizes) -> BaseModel:
+def conch_architecture(**sizes) -> BaseVLM:
     """A random-weight CONCH (or a smaller one of the same shape, for tests) as a base model."""
     model = ConchArchitecture(**sizes).eval().requires_grad_(False)
     name = "conch-architecture" + "".join(f",{k}={v}" for k, v in sorted(sizes.items()))
-    return BaseModel(name, None, model, ContextTokenizer(model.text.context_length),
+    return BaseVLM(name, None, model, ContextTokenizer(model.text.context_length),
                      conch_preprocessing(model.visual.image_size), Conch())
 
 
@@ -148,7 +148,7 @@ class Conch(Family):
             return True  # the layout of MahmoodLab/CONCH on the hub
         return None
 
-    def load(self, config: ModelConfig) -> BaseModel:
+    def load(self, config: ModelConfig) -> BaseVLM:
         checkpoint = _checkpoint(config.name_or_path)
         try:
             from conch.open_clip_custom import create_model_from_pretrained
@@ -161,7 +161,7 @@ class Conch(Family):
                             f"{' '.join(str(err).split())}") from None
         model.eval().requires_grad_(False)
         size = model.visual.image_size[0]
-        return BaseModel(config.name_or_path, config.revision, model, ConchTokenizer(), conch_preprocessing(size), self)
+        return BaseVLM(config.name_or_path, config.revision, model, ConchTokenizer(), conch_preprocessing(size), self)
 
     def image_encoder(self, model: nn.Module) -> ConchEncoder:
         return ConchEncoder(model.visual)
@@ -169,10 +169,10 @@ class Conch(Family):
     def text_device(self, model: nn.Module) -> torch.device:
         return model.logit_scale.device
 
-    def tokenize(self, base: BaseModel, texts: list[str]) -> dict[str, torch.Tensor]:
+    def tokenize(self, base: BaseVLM, texts: list[str]) -> dict[str, torch.Tensor]:
         return {"input_ids": base.processor(texts).to(self.text_device(base.clip))}
 
-    def encode_tokens(self, base: BaseModel, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+    def encode_tokens(self, base: BaseVLM, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
         return base.clip.encode_text(tokens["input_ids"], normalize=False)
 
     def token_embedding_owner(self, model: nn.Module) -> nn.Module:

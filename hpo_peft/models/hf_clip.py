@@ -21,7 +21,7 @@ from transformers import AutoModel, AutoProcessor
 from hpo_peft.core.config import ModelConfig
 from hpo_peft.data import Preprocessing
 from hpo_peft.core.errors import UserError
-from hpo_peft.models.base import BaseModel, Family, FamilyEncoder, ModuleNames
+from hpo_peft.models.base import BaseVLM, Family, FamilyEncoder, ModuleNames
 
 
 class ImageEncoder(FamilyEncoder):
@@ -52,7 +52,7 @@ class HFClip(Family):
             return True
         return None
 
-    def load(self, config: ModelConfig) -> BaseModel:
+    def load(self, config: ModelConfig) -> BaseVLM:
         source = config.name_or_path
         if _looks_like_path(source):
             processor, clip = _load_local(source, config.revision)
@@ -62,7 +62,7 @@ class HFClip(Family):
             if not hasattr(clip, attribute):
                 raise UserError(f"model.name_or_path: model {source!r} is not CLIP-format: it has no {attribute!r}")
         clip.eval().requires_grad_(False)
-        return BaseModel(source, config.revision, clip, processor, preprocessing_of(processor), self)
+        return BaseVLM(source, config.revision, clip, processor, preprocessing_of(processor), self)
 
     def image_encoder(self, model: nn.Module) -> ImageEncoder:
         return ImageEncoder(model.vision_model, model.visual_projection)
@@ -75,12 +75,12 @@ class HFClip(Family):
     def text_device(self, model: nn.Module) -> torch.device:
         return next(model.text_model.parameters()).device
 
-    def tokenize(self, base: BaseModel, texts: list[str]) -> dict[str, torch.Tensor]:
+    def tokenize(self, base: BaseVLM, texts: list[str]) -> dict[str, torch.Tensor]:
         tokens = base.processor.tokenizer(texts, max_length=77, padding=True, truncation=True, return_tensors="pt")
         device = self.text_device(base.clip)
         return {"input_ids": tokens["input_ids"].to(device), "attention_mask": tokens["attention_mask"].to(device)}
 
-    def encode_tokens(self, base: BaseModel, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+    def encode_tokens(self, base: BaseVLM, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
         pooled = base.clip.text_model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]).pooler_output
         return base.clip.text_projection(pooled)
 

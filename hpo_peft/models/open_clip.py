@@ -16,7 +16,7 @@ from torch import nn
 from hpo_peft.core.config import ModelConfig
 from hpo_peft.data import Preprocessing
 from hpo_peft.core.errors import UserError
-from hpo_peft.models.base import RESAMPLE, BaseModel, Family, FamilyEncoder, ModuleNames
+from hpo_peft.models.base import RESAMPLE, BaseVLM, Family, FamilyEncoder, ModuleNames
 
 CONFIG_FILE = "open_clip_config.json"
 HUB_PREFIX, LOCAL_PREFIX = "hf-hub:", "local-dir:"
@@ -56,7 +56,7 @@ class OpenClip(Family):
             return True
         return True if (Path(source).expanduser() / CONFIG_FILE).is_file() else None
 
-    def load(self, config: ModelConfig) -> BaseModel:
+    def load(self, config: ModelConfig) -> BaseVLM:
         import open_clip
 
         name = open_clip_name(config.name_or_path)
@@ -73,15 +73,15 @@ class OpenClip(Family):
                             f"{reason} Without internet, download it once elsewhere (e.g. {DOWNLOAD_HINT}) and set "
                             "model.name_or_path to that folder.") from None
         model.eval().requires_grad_(False)
-        return BaseModel(config.name_or_path, None, model, tokenizer, preprocessing_of(model), self)
+        return BaseVLM(config.name_or_path, None, model, tokenizer, preprocessing_of(model), self)
 
     def image_encoder(self, model: nn.Module) -> OpenClipEncoder:
         return OpenClipEncoder(model.visual)
 
-    def tokenize(self, base: BaseModel, texts: list[str]) -> dict[str, torch.Tensor]:
+    def tokenize(self, base: BaseVLM, texts: list[str]) -> dict[str, torch.Tensor]:
         return {"input_ids": base.processor(texts).to(self.text_device(base.clip))}
 
-    def encode_tokens(self, base: BaseModel, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+    def encode_tokens(self, base: BaseVLM, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
         return base.clip.encode_text(tokens["input_ids"])
 
     def text_device(self, model: nn.Module) -> torch.device:

@@ -3,4 +3,4 @@ samplers, the study's identity, retry and compute budgets, and the checks before
 (`preflight`).
 """
 
-__all__ = ['session', 'search_space', 'portfolio', 'samplers', 'identity', 'budget', 'compute_budget', 'preflight']
+__all__ = ['session', 'search_space', 'portfolio', 'samplers', 'identity', 'trial_budget', 'compute_budget', 'preflight']

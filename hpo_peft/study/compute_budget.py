@@ -21,7 +21,7 @@ from typing import Iterable
 
 import optuna
 
-from hpo_peft.fewshot.validation import SCHEMES
+from hpo_peft.fewshot.validation import Scheme
 from hpo_peft.core import interrupts
 from hpo_peft.core.config import SearchConfig
 from hpo_peft.core.errors import UserError
@@ -110,8 +110,8 @@ class TrialSpending:
     """What one trial spends, from its creation (just before `run_trial`): the objective counts each
     epoch it sees (`saw`), and records them, with the refit's, on the trial and its run once (`record`)."""
 
-    def __init__(self, parent_id: str, scheme: str):
-        self.parent_id, self.scheme, self.epochs, self.seconds = parent_id, SCHEMES[scheme], 0, 0.0
+    def __init__(self, parent_id: str, scheme: Scheme):
+        self.parent_id, self.scheme, self.epochs, self.seconds = parent_id, scheme, 0, 0.0
         self._started, self._recorded = time.perf_counter(), False
 
     def saw(self, metrics) -> None:

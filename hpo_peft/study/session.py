@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import optuna
 
-from hpo_peft.study import budget
+from hpo_peft.study import trial_budget
 from hpo_peft.study import compute_budget
 from hpo_peft.study import identity
 from hpo_peft.core import interrupts
@@ -154,7 +154,7 @@ def existing_study(options: StudyLocation) -> optuna.Study | None:
 def make_objective(workspace: Workspace, config: StudyConfig, tracker: Tracker, parent_id: str, study_name: str,
                    heartbeat: Heartbeat, on_start=None, on_disk_full=None):
     """`config` holds the study's search space; `workspace` the data and model its trials train on;
-    `on_start()` is called once the trial exists (budget.ClaimLock's release); a full disk stops
+    `on_start()` is called once the trial exists (trial_budget.ClaimLock's release); a full disk stops
     the study after the trial it failed, and `on_disk_full(error)` hears of it."""
     def objective(trial: optuna.Trial) -> float:
         with contextlib.ExitStack() as opened:
@@ -164,14 +164,14 @@ def make_objective(workspace: Workspace, config: StudyConfig, tracker: Tracker, 
                 trial.set_user_attr(WORKER_ATTR, worker_identity())
                 heartbeat.attach(trial, None)
                 plan = sample_plan(trial, config)
-                budget = {"data.validation": workspace.plan.scheme.name, "labels_per_class": workspace.plan.labels_per_class,
-                          **({"data.refit": True} if config.data.refit else {})}
+                label_budget = {"data.validation": workspace.plan.scheme.name, "labels_per_class": workspace.plan.labels_per_class,
+                                **({"data.refit": True} if config.data.refit else {})}
                 params = {**defining_params(plan.method, trial.params, plan.train.model_dump(), config.train.model_dump(),
-                                            plan.method_options), **budget}
+                                            plan.method_options), **label_budget}
                 run_id = opened.enter_context(trial_run(tracker, trial, parent_id, study_name, params))
             # a stop held back above is raised here, and trial_run closes the run as KILLED
             heartbeat.attach(trial, run_id)
-            spending = compute_budget.TrialSpending(parent_id, workspace.plan.scheme.name)  # epochs and seconds trained
+            spending = compute_budget.TrialSpending(parent_id, workspace.plan.scheme)  # epochs and seconds trained
 
             def on_epoch(metrics: EpochMetrics) -> None:
                 spending.saw(metrics)  # before pruning: a pruned trial counts the epochs it ran
@@ -253,7 +253,7 @@ def open_stores(config: StudyConfig, options: StudyLocation, accept_changes: boo
 
 def run_study(config: StudyConfig, options: StudyLocation, n_trials: int | None, timeout: float | None,
               jobs: int = 1, accept_changes: bool = False, total: bool = False) -> optuna.Study:
-    """`total` (`study worker`): `n_trials` is the study's total over all workers (budget.py)."""
+    """`total` (`study worker`): `n_trials` is the study's total over all workers (trial_budget.py)."""
     preflight.check_study_data(config)
     check_store(stores.database_url(options.tracking_uri or stores.default_tracking_uri()))  # before the model loads
     if (existing := existing_study(options)) is not None:  # other settings: refused before the model loads
@@ -268,7 +268,7 @@ def run_study(config: StudyConfig, options: StudyLocation, n_trials: int | None,
         print(f"recovered stale trials {recovered}: marked FAIL, queued once more")
     n_trials = n_trials if n_trials is not None else config.search.n_trials
     timeout = timeout if timeout is not None else config.search.timeout
-    if total and (used := budget.usage(study)).used_up(n_trials):  # a late worker: no empty session run
+    if total and (used := trial_budget.usage(study)).used_up(n_trials):  # a late worker: no empty session run
         print(f"the study's budget is used up: {used.ended} of {n_trials} trials ended", flush=True)
         return study
     status, parent_id, monitor, full = "FINISHED", None, None, None
@@ -328,8 +328,8 @@ def work_through_budget(study: optuna.Study, workspace: Workspace, tracker: Trac
         recovered = recover_stale(study, tracker, search.grace_period)
         if recovered:
             print(f"recovered stale trials {recovered}: marked FAIL, queued once more", flush=True)
-        with budget.ClaimLock(options.storage, options.study_name) as claim:  # released once the trial exists
-            used = budget.usage(study)
+        with trial_budget.ClaimLock(options.storage, options.study_name) as claim:  # released once the trial exists
+            used = trial_budget.usage(study)
             if used.used_up(total):
                 print(f"the study's budget is used up: {used.ended} of {total} trials ended", flush=True)
                 return

@@ -11,12 +11,12 @@ from hpo_peft.core.config import StudyConfig
 from hpo_peft.data import LabelledImages
 from hpo_peft.fewshot.evaluate import Metrics, evaluate_as_trained
 from hpo_peft.fewshot.settings import TrialSettings
-from hpo_peft.models.classifier import BaseModel
+from hpo_peft.models.classifier import BaseVLM
 from hpo_peft.tracking.run_record import log_test_result
 from hpo_peft.tracking.tracker import Tracker, temporary_folder
 
 
-def evaluate_run(tracker: Tracker, run_id: str, base: BaseModel, test: LabelledImages,
+def evaluate_run(tracker: Tracker, run_id: str, base: BaseVLM, test: LabelledImages,
                  config: StudyConfig) -> tuple[Metrics, dict]:
     with temporary_folder() as tmp:
         classifier, metadata = load_adapter(tracker.download_adapter(run_id, Path(tmp)), base, config.data.categories,

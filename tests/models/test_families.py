@@ -17,7 +17,7 @@ from hpo_peft.core.config import ModelConfig, StudyConfig, TrainConfig
 from hpo_peft.core.errors import UserError
 from hpo_peft.methods import METHODS, method_config
 from hpo_peft.models.classifier import build_classifier, count_trainable, load_base_model
-from hpo_peft.models import BaseModel, family_of
+from hpo_peft.models import BaseVLM, family_of
 from hpo_peft.models.conch import conch_architecture
 from hpo_peft.tracking.selection import select_best
 
@@ -37,7 +37,7 @@ def open_clip_config(kit) -> dict:
 
 
 @pytest.fixture(scope="module")
-def bases(demo_kit) -> dict[str, BaseModel]:
+def bases(demo_kit) -> dict[str, BaseVLM]:
     return {
         "hf_clip": load_base_model(ModelConfig(name_or_path=str(demo_kit / "model"))),
         "open_clip": load_base_model(ModelConfig(name_or_path=str(demo_kit / "open_clip_model"))),
@@ -130,7 +130,7 @@ def test_fused_lora_is_separate_q_k_v_lora(bases):
     assert not original.requires_grad
 
 
-def _plip_architecture() -> BaseModel:
+def _plip_architecture() -> BaseVLM:
     from transformers import CLIPConfig, CLIPModel
 
     from hpo_peft.models import FAMILIES as REGISTRY
@@ -139,16 +139,16 @@ def _plip_architecture() -> BaseModel:
                                            num_attention_heads=12, image_size=224, patch_size=32),
                         text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                          num_attention_heads=2), projection_dim=512)
-    return BaseModel("plip-architecture", None, CLIPModel(config).eval(), None, None, REGISTRY["hf_clip"])
+    return BaseVLM("plip-architecture", None, CLIPModel(config).eval(), None, None, REGISTRY["hf_clip"])
 
 
-def _quiltnet_architecture() -> BaseModel:
+def _quiltnet_architecture() -> BaseVLM:
     import open_clip
 
     from hpo_peft.models import FAMILIES as REGISTRY
 
     model = open_clip.create_model("ViT-B-32", pretrained=None).eval()  # QuiltNet-B-32's model_cfg
-    return BaseModel("quiltnet-architecture", None, model, None, None, REGISTRY["open_clip"])
+    return BaseVLM("quiltnet-architecture", None, model, None, None, REGISTRY["open_clip"])
 
 
 # trainable parameters besides the 4 x 512 head; LoRA at rank 4 (55,296 x rank on both ViT-B)

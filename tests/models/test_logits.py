@@ -6,7 +6,7 @@ import math
 import torch
 
 from hpo_peft.core.config import TrainConfig
-from hpo_peft.fewshot.evaluate import compute_metrics, predict_logits
+from hpo_peft.fewshot.evaluate import compute_metrics, forward_in_batches
 from hpo_peft.fewshot.features import FeatureCache
 from hpo_peft.methods import METHODS, method_config
 from hpo_peft.methods.black_box import CLAPHead, CLIPAdapterHead, LinearProbeHead
@@ -36,7 +36,7 @@ def test_head_under_bf16_autocast_gives_the_fp32_logits_of_the_same_features():
                 logits = head(features)
         assert logits.dtype == torch.float32
         assert torch.equal(logits, expected)
-        via_eval = predict_logits(head, features, None, amp_dtype=torch.bfloat16)
+        via_eval = forward_in_batches(head, features, None, amp_dtype=torch.bfloat16)
         assert torch.equal(via_eval, expected)
         assert torch.equal(via_eval.argmax(1), expected.argmax(1))
     adapter = CLIPAdapterHead(zero_shot, alpha=0.5, hidden=4)  # its small MLP may run in bf16; the head may not
@@ -57,7 +57,7 @@ def test_a_near_tie_is_not_resolved_towards_the_first_class():
     head, features = near_tie_head_and_features()
     exact = features.double() @ torch.nn.functional.normalize(head.weight.double(), dim=-1).t() * 100.0
     assert exact[0, 1] - exact[0, 0] > 0.01 and exact[1, 0] - exact[1, 1] > 0.01  # less than a bf16 step (0.125)
-    logits = predict_logits(head, features, None, amp_dtype=torch.bfloat16)
+    logits = forward_in_batches(head, features, None, amp_dtype=torch.bfloat16)
     assert logits.dtype == torch.float32
     assert logits.argmax(1).tolist() == [1, 0]
     assert torch.allclose(logits.double(), exact, atol=1e-4)

@@ -21,6 +21,7 @@ from hpo_peft.study.samplers import make_pruner
 from hpo_peft.study.search_space import clip, portfolio_entries, race_entries, searches
 from hpo_peft.study.session import StudyLocation, create_study, load_study, run_study
 from hpo_peft.fewshot.train import EpochMetrics
+from hpo_peft.fewshot.validation import SCHEMES
 
 HEAD = {  # zs_linear_probe: a head on cached features, a second a trial; every trial trains 2 epochs
     "n_trials": 4,
@@ -51,14 +52,14 @@ def test_epochs_are_counted_per_fold_and_refit_not_for_the_folds_mean():
     class Outcome:
         refit, selected_epoch = True, 3
 
-    kfold = compute_budget.TrialSpending("parent", "kfold")
+    kfold = compute_budget.TrialSpending("parent", SCHEMES["kfold"])
     for epoch in (1, 2, 3, 4):
         for fold in (0, 1, 2):
             kfold.saw(EpochMetrics(epoch, 1.0, 1.0, 50.0, fold=fold))
         kfold.saw(EpochMetrics(epoch, 1.0, 1.0, 50.0))  # the folds' mean trained nothing
     kfold.refit(Outcome())
     assert kfold.epochs == 4 * 3 + 3
-    holdout = compute_budget.TrialSpending("parent", "holdout")
+    holdout = compute_budget.TrialSpending("parent", SCHEMES["holdout"])
     for epoch in (1, 2):
         holdout.saw(EpochMetrics(epoch, 1.0, 1.0, 50.0))
     assert holdout.epochs == 2

@@ -72,7 +72,7 @@ def evaluated(chosen):
 @pytest.fixture(scope="module")
 def test_images(chosen):
     """The demo kit's test split: paths, labels, and the probabilities computed here, in this
-    process, through `load_adapter` and `evaluate`'s own `predict_logits`."""
+    process, through `load_adapter` and `evaluate`'s own `forward_in_batches`."""
     from hpo_peft.data import read_table
 
     table = chosen["kit"] / "sicapv2/partition/Test/Test.xlsx"
@@ -85,14 +85,14 @@ def test_images(chosen):
 def reference(chosen, evaluated, test_images, demo_workspace):
     from hpo_peft.fewshot.artifacts import load_adapter
     from hpo_peft.data import load_image
-    from hpo_peft.fewshot.evaluate import predict_logits
+    from hpo_peft.fewshot.evaluate import forward_in_batches
     from hpo_peft.tracking.tracker import Tracker
 
     folder = Tracker(chosen["uri"], "chosen", create=False).download_adapter(evaluated["mlflow_run_id"], chosen["tmp"] / "ref")
     classifier, _ = load_adapter(folder, demo_workspace.base)
     prep = demo_workspace.base.preprocessing
     images = torch.stack([load_image(p, prep) for p in test_images["paths"]])
-    return torch.softmax(predict_logits(classifier, images, prep), dim=1).double().numpy()
+    return torch.softmax(forward_in_batches(classifier, images, prep), dim=1).double().numpy()
 
 
 def test_evaluate_logs_and_registers_a_pyfunc_model(chosen, evaluated):

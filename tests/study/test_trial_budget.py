@@ -9,7 +9,7 @@ import pytest
 import sqlalchemy
 from optuna.trial import TrialState, create_trial
 
-from hpo_peft.study.budget import ClaimLock, usage
+from hpo_peft.study.trial_budget import ClaimLock, usage
 from hpo_peft.tracking.recovery import RETRY_OF_ATTR
 
 
@@ -43,7 +43,7 @@ def test_the_last_place_is_claimed_under_a_postgresql_advisory_lock(postgres_url
     engine = sqlalchemy.create_engine(postgres_url, poolclass=sqlalchemy.pool.NullPool)
 
     def others_can_take(study_name: str) -> bool:
-        from hpo_peft.study.budget import lock_key
+        from hpo_peft.study.trial_budget import lock_key
 
         with engine.connect() as other:
             taken = other.execute(sqlalchemy.text("SELECT pg_try_advisory_lock(:k)"), {"k": lock_key(study_name)}).scalar()

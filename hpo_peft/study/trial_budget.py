@@ -87,7 +87,8 @@ def _file_lock(path: Path):
 
 
 def lock_key(study_name: str) -> int:
-    """The study's PostgreSQL advisory lock (a signed 64-bit number)."""
+    """The study's PostgreSQL advisory lock (a signed 64-bit number); the key's text keeps the
+    module's former name, so workers of an older version share the same lock."""
     return int.from_bytes(hashlib.sha256(f"hpo_peft.study.budget:{study_name}".encode()).digest()[:8], "big", signed=True)
 
 
