@@ -10,8 +10,11 @@ painter (`hpo_peft.demo_kit.tissue`), drawn at 128 px from image streams the dem
   CLIP architecture with random weights, never trained: zero-shot is chance, only training learns.
 - `five-class-pretrained`: the demo's four classes and stroma, five classes; the base model is the
   demo kit's pre-trained tiny CLIP (zero-shot above chance on its four classes, none on stroma).
+- `four-class-untrained`: the demo's four classes, lightly blended (up to 20 %) and noisier, on the
+  tiny CLIP architecture with random weights of its own: a second kit where only training learns,
+  so a prior learned without one untrained kit still sees another.
 
-    python benchmarks/kits.py            # builds both under local_data/bench-kits/ (idempotent)
+    python benchmarks/kits.py            # builds them under local_data/bench-kits/ (idempotent)
 """
 
 from __future__ import annotations
@@ -51,6 +54,8 @@ KITS = {
                                      48, 48, 700, 0.4, 18.0, False, 100_000),
     "five-class-pretrained": KitSpec("five-class-pretrained", {"NC": "NC", "G3": "G3", "G4": "G4", "G5": "G5",
                                                                "stroma": None}, 48, 48, 400, 0.0, 0.0, True, 200_000),
+    "four-class-untrained": KitSpec("four-class-untrained", {"NC": "NC", "G3": "G3", "G4": "G4", "G5": "G5"},
+                                    48, 48, 500, 0.2, 10.0, False, 300_000),
 }
 
 

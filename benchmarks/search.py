@@ -204,7 +204,7 @@ def run_grid(kit_name: str, seed: int, unseen_per_class: int, lock: Path | None,
             f"unseen {score.balanced_accuracy:.2f}, {trained} epochs, {outcome.seconds:.1f} s")
 
 
-KIT_NAMES = ["demo-kit", "three-class-untrained", "five-class-pretrained"]
+KIT_NAMES = ["demo-kit", "three-class-untrained", "five-class-pretrained", "four-class-untrained"]
 UNSEEN_PER_CLASS = {"demo-kit": 500}  # the generated kits' unseen folders are drawn with the kit (kits.py)
 
 
