@@ -106,7 +106,7 @@ def _write_model(spec: KitSpec, out: Path, demo: Path) -> None:
     processor = tiny_clip.make_processor(out / "model")
     with torch.random.fork_rng():
         torch.manual_seed(spec.stream)
-        model = tiny_clip._make_model(processor.tokenizer)  # the demo's architecture, random weights
+        model = tiny_clip.make_model(processor.tokenizer)  # the demo's architecture, random weights
     tiny_clip.save_quietly(model.eval(), processor, out / "model", progress=False)
 
 

@@ -76,7 +76,7 @@ def make_processor(tok_folder: Path):
     return CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
 
-def _make_model(tokenizer):
+def make_model(tokenizer):
     """A new tiny CLIP (two-layer towers of width 64) sized for ``tokenizer``'s vocabulary."""
     from transformers import CLIPConfig, CLIPModel
 
@@ -212,7 +212,7 @@ def pretrain_model(tokenizer, pixels: torch.Tensor, labels: torch.Tensor, progre
     ``pixels``/``labels`` (from ``pretrain_images``); returns it (in eval mode) and a summary."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
-        model = _make_model(tokenizer)
+        model = make_model(tokenizer)
         with tqdm(total=PRETRAIN_MAX_STEPS, desc="demo kit: pre-training", unit="step",
                   disable=not progress) as bar:
             info = _pretrain(model, tokenizer, pixels, labels, bar)

@@ -34,11 +34,11 @@ class TrialSettings:
     placement: Placement
 
     @classmethod
-    def resolve(cls, method: str, options: dict[str, Any] | MethodConfig, train: TrainConfig,
+    def resolve(cls, method: str, options: dict[str, Any] | None, train: TrainConfig,
                 names: ModuleNames | None = None) -> "TrialSettings":
         """Options validated (UserError naming `methods.<method>.<key>`) and, given the loaded
         family's module names, refused in one line where the family cannot run them."""
-        checked = method_config(method, options.model_dump() if isinstance(options, MethodConfig) else options)
+        checked = method_config(method, options)
         if names is not None:
             get_method(method).check_family(checked, names)
         return cls(method, checked, train, Placement.of(train.device, train.precision))
