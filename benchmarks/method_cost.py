@@ -52,6 +52,7 @@ def rows_to_run() -> list[str]:
 def measure(rows: list[str], model_dir: Path, epochs: int, device: str, repeats: int) -> dict:
     from hpo_peft.app.commands import prepare_study_config
     from hpo_peft.methods import get_method
+    from hpo_peft.core.runtime import Placement
     from hpo_peft.fewshot.settings import merged_train
     from hpo_peft.fewshot.trial import open_workspace, run_trial
 
@@ -65,7 +66,7 @@ def measure(rows: list[str], model_dir: Path, epochs: int, device: str, repeats:
     split = workspace.plan.splits[0]
     started = time.perf_counter()
     for images in (split.train, split.val):  # the frozen encoder's features, once per process (features.py)
-        workspace.features(images)
+        workspace.features(images, Placement.of(config.train.device, config.train.precision).dtype)
     sync(device)
     cache_s = time.perf_counter() - started
     log(f"workspace {workspace_s:.1f} s, feature cache fill {cache_s:.1f} s "

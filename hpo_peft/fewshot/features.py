@@ -15,17 +15,15 @@ from hpo_peft.data import LabelledImages, Preprocessing
 from hpo_peft.fewshot.evaluate import forward_in_batches
 
 _CACHE: dict[tuple, torch.Tensor] = {}
-STUDY_PRECISION = object()  # the autocast dtype the cache was built with (the study's `train.precision`)
 
 
 class FeatureCache:
     def __init__(self, encoder: nn.Module, identity: str, prep: Preprocessing, batch_size: int = 256,
-                 amp_dtype: torch.dtype | None = None, directory: Path | None = None):
+                 directory: Path | None = None):
         self.encoder = encoder
         self.identity = identity
         self.prep = prep
         self.batch_size = batch_size
-        self.amp_dtype = amp_dtype
         self.directory = directory
 
     def _file(self, key: tuple) -> Path | None:
@@ -45,10 +43,9 @@ class FeatureCache:
             partial.replace(path)  # atomic: a concurrent reader never sees half a file
         return features
 
-    def __call__(self, data: LabelledImages, amp_dtype: torch.dtype | None | object = STUDY_PRECISION) -> torch.Tensor:
-        """L2-normalised features (N, D), float32, on the encoder's device; computed under `amp_dtype`
-        (a trial's own precision, e.g. `method_train.<m>.precision`), by default the study's."""
-        dtype = self.amp_dtype if amp_dtype is STUDY_PRECISION else amp_dtype
+    def __call__(self, data: LabelledImages, dtype: torch.dtype | None) -> torch.Tensor:
+        """L2-normalised features (N, D), float32, on the encoder's device; computed under autocast
+        `dtype` (None: fp32), the trial's own (its TrialSettings' placement)."""
         pixels = hashlib.sha256(data.images.contiguous().cpu().numpy().tobytes()).hexdigest()[:16]
         # names alone may repeat across datasets (an hf split names its images train/0, train/1, ...)
         key = (self.identity, tuple(data.names), pixels, self.prep, str(dtype))

@@ -115,7 +115,7 @@ class Training:
         self.keep_best = keep_best and not self.blind  # False: no copy of the best weights (kfold's folds)
         set_seeds(seed)
         self.placement = placement or Placement.of(config.device, config.precision)
-        device, self.dtype = self.placement.device, self.placement.dtype
+        device = self.placement.device
         classifier.to(device)
         self.named = [(n, p) for n, p in classifier.named_parameters() if p.requires_grad]
         self.optimizer = make_optimizer([p for _, p in self.named], config)
@@ -125,7 +125,7 @@ class Training:
             self.train_inputs, self.val_inputs = data.train.images.to(device), None if self.blind else data.val.images
         else:
             encode = features or (lambda split: forward_in_batches(classifier.encoder, split.images, prep,
-                                                               config.eval_batch_size, self.dtype))
+                                                               config.eval_batch_size, self.placement.dtype))
             self.model, self.prep = classifier.head, None
             self.train_inputs = encode(data.train).to(device)
             self.val_inputs = None if self.blind else encode(data.val)
@@ -165,7 +165,8 @@ class Training:
             self.result.best = EpochMetrics(epoch, float(np.mean(losses)), None, None)
             self.result.history.append(self.result.best)
             return self.result.best
-        val_logits = forward_in_batches(self.model, self.val_inputs, self.prep, self.config.eval_batch_size, self.dtype)
+        val_logits = forward_in_batches(self.model, self.val_inputs, self.prep, self.config.eval_batch_size,
+                                        self.placement.dtype)
         val = compute_metrics(val_logits, self.data.val.labels, self.categories)
         metrics = EpochMetrics(epoch, float(np.mean(losses)), val.loss, val.balanced_accuracy)
         self.result.history.append(metrics)

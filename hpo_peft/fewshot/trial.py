@@ -25,7 +25,7 @@ from hpo_peft.models.classifier import (
     load_base_model,
     text_prototypes,
 )
-from hpo_peft.core.runtime import Placement, set_seeds
+from hpo_peft.core.runtime import resolve_device, set_seeds
 from hpo_peft.fewshot.settings import TrialSettings
 from hpo_peft.fewshot.train import EpochMetrics, TrainResult, train
 from hpo_peft.fewshot.validation import Runs, Scheme, Trainer, ValidationPlan, make_plan, mean_curve
@@ -54,14 +54,14 @@ def open_workspace(config: StudyConfig, base: BaseVLM | None = None) -> Workspac
     if base is None:
         base = load_base_model(config.model)
     prototypes = text_prototypes(base, config.prompts, config.data.categories)
-    study = Placement.of(config.train.device, config.train.precision)  # the study's; a trial may differ
-    base.image_encoder().to(study.device)  # the text tower stays where it is: it is only used above
+    device = resolve_device(config.train.device)  # the study's; a trial's settings may name their own
+    base.image_encoder().to(device)  # the text tower stays where it is: it is only used above
     data = load_few_shot(config.data, base.preprocessing)
     features = FeatureCache(
         base.image_encoder(), f"{base.name_or_path}@{base.revision}#{base.fingerprint()}", base.preprocessing,
-        config.train.eval_batch_size, study.dtype, config.feature_cache,
+        config.train.eval_batch_size, directory=config.feature_cache,
     )
-    return Workspace(config, base, prototypes.to(study.device), data, features, make_plan(config.data, data))
+    return Workspace(config, base, prototypes.to(device), data, features, make_plan(config.data, data))
 
 
 @dataclass

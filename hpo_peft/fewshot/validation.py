@@ -150,10 +150,10 @@ class KFold(Scheme):
         return ValidationPlan(self, splits, shots, config.labels_per_class)
 
     def runs(self, plan: "ValidationPlan", trainer: Trainer) -> Runs:
-        train, placement = trainer.settings.train, trainer.settings.placement
-        folds = drive([Training(trainer.fresh(), split, trainer.prep, trainer.categories, train, trainer.seed,
+        config, placement = trainer.settings.train, trainer.settings.placement
+        folds = drive([Training(trainer.fresh(), split, trainer.prep, trainer.categories, config, trainer.seed,
                                 trainer.features, keep_best=False, placement=placement) for split in plan.splits],
-                      train, trainer.on_epoch, trainer.progress)
+                      config, trainer.on_epoch, trainer.progress)
         histories = [f.history for f in folds]
         scored = cross_fitted_epochs(histories)
         return Runs(folds=folds, scores=[score_window(f.validations, e) for f, e in zip(folds, scored)],

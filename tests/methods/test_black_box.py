@@ -97,9 +97,9 @@ def test_feature_cache_on_disk_serves_a_later_process(demo_workspace, monkeypatc
         return features.FeatureCache(demo_workspace.base.image_encoder(), "demo", demo_workspace.base.preprocessing,
                                      directory=tmp_path / "cache")
 
-    first = fresh_cache()(demo_workspace.data.train)
+    first = fresh_cache()(demo_workspace.data.train, None)
     assert calls == [64] and len(list((tmp_path / "cache").glob("*.pt"))) == 1
-    second = fresh_cache()(demo_workspace.data.train)
+    second = fresh_cache()(demo_workspace.data.train, None)
     assert calls == [64]  # read from disk, no backbone forward
     assert torch.equal(first, second)
 

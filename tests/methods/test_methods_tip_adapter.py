@@ -46,7 +46,7 @@ def test_tip_adapter_f_trains_n_times_k_by_d_keys_and_round_trips(demo_workspace
     n_k, dim = len(ws.data.train.labels), ws.prototypes.shape[1]
     assert outcome.trainable_parameters == n_k * dim == 4 * 16 * 32
     assert [n for n, p in outcome.classifier.named_parameters() if p.requires_grad] == ["head.keys"]
-    features = ws.features(ws.data.train)
+    features = ws.features(ws.data.train, outcome.settings.placement.dtype)
     assert not torch.allclose(outcome.classifier.head.keys, features)  # trained away from the shots' features
     folder = save_adapter(tmp_path / "f", outcome.classifier, ws.base, "tip_adapter_f", outcome.method_options, ws.config)
     loaded, metadata = load_adapter(folder, ws.base)
@@ -65,7 +65,7 @@ def test_tip_adapter_is_a_zero_epoch_trial_scored_on_validation(demo_workspace, 
     assert same.validation.balanced_accuracy == zero_shot.validation.balanced_accuracy
     assert cached.training.history == [] and cached.trainable_parameters == 0
     head = cached.classifier.head
-    assert torch.equal(head.keys, ws.features(ws.data.train)) and head.values.shape == (64, 4)
+    assert torch.equal(head.keys, ws.features(ws.data.train, cached.settings.placement.dtype)) and head.values.shape == (64, 4)
     folder = save_adapter(tmp_path / "t", cached.classifier, ws.base, "tip_adapter", cached.method_options, ws.config)
     loaded, _ = load_adapter(folder, ws.base)
     pixels = ws.base.preprocessing.normalize(ws.data.val.images.to(ws.prototypes.device))

@@ -72,8 +72,8 @@ def test_encoder_features_and_the_feature_cache_are_fp32_unit_vectors_under_bf16
         features = base.image_encoder()(pixels)
     assert features.dtype == torch.float32
     assert torch.allclose(features.norm(dim=-1), torch.ones(len(features)), atol=1e-6)
-    cache = FeatureCache(base.image_encoder(), "test_logits-bf16", base.preprocessing, amp_dtype=torch.bfloat16)
-    cached = cache(demo_workspace.data.val)
+    cache = FeatureCache(base.image_encoder(), "test_logits-bf16", base.preprocessing)
+    cached = cache(demo_workspace.data.val, torch.bfloat16)
     assert cached.dtype == torch.float32
     assert torch.allclose(cached.norm(dim=-1), torch.ones(len(cached)), atol=1e-6)
 
