@@ -145,7 +145,10 @@ def run_strategy(cells: list[Cell], name: str, n_trials: int, seed: int, portfol
     pruner = make_pruner(config)
     if within:
         pruner = WithinMethodPruner(pruner)
-    study = optuna.create_study(direction="maximize", sampler=make_sampler(config), pruner=pruner)
+    # named: Hyperband assigns a trial's bracket from a hash of the study's name and the trial's number, so an
+    # unnamed study (a random name) would replay differently in every process
+    study = optuna.create_study(study_name=f"replay {name}, seed {seed}", direction="maximize",
+                                sampler=make_sampler(config), pruner=pruner)
     for params in first_trials(first, [entry(k) for k in portfolio or []]):
         study.enqueue_trial({k: v for k, v in params.items()
                              if k in ("method", "learning_rate", "max_epochs", "lora.rank", "lora.b_init")})
@@ -182,7 +185,7 @@ def run_strategy(cells: list[Cell], name: str, n_trials: int, seed: int, portfol
         if cell is not None and (best is None or (cell.selection, -cell.val_loss) > (best.selection, -best.val_loss)):
             best = cell
         out.append({"pick_unseen": best.unseen if best else None, "epochs": spent, "seconds": seconds,
-                    "method": row["method"], "state": row["state"]})
+                    "method": row["method"], "state": row["state"], "cell": cell})
     return out
 
 

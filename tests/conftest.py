@@ -34,6 +34,7 @@ def demo_kit(tmp_path_factory) -> Path:
 # benchmark chose its default (tests check mechanisms on them; test_search checks the shipped default)
 TEST_SEARCH = {"sampler": {"name": "tpe", "n_startup_trials": 4},
                "pruner": {"name": "median", "n_startup_trials": 2, "n_warmup_steps": 4}, "start": "sampler",
+               "ensemble": 1,  # evaluate scores the best trial (tests/tracking/test_ensemble.py: the top trials)
                "enqueue": [{"method": "lora", "learning_rate": 0.001, "max_epochs": 20, "lora.rank": 4, "lora.b_init": "zeros"}]}
 
 

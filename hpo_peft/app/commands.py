@@ -11,6 +11,7 @@ from pathlib import Path
 from hpo_peft.core.config import StudyConfig
 from hpo_peft.core.config_file import load_config
 from hpo_peft.core.errors import UserError
+from hpo_peft.fewshot.evaluate import format_confusion
 
 
 def prepare_config(path: Path, overrides: list[str], method: str | None = None, study: bool = False) -> StudyConfig:
@@ -29,14 +30,6 @@ def prepare_config(path: Path, overrides: list[str], method: str | None = None, 
 
         build_demo_kit(config.demo_kit)
     return config
-
-
-def format_confusion(confusion: list[list[int]], categories: list[str]) -> str:
-    width = max(6, *(len(c) + 1 for c in categories))
-    lines = ["true\\pred".ljust(10) + "".join(c.rjust(width) for c in categories)]
-    for category, row in zip(categories, confusion):
-        lines.append(category.ljust(10) + "".join(str(v).rjust(width) for v in row))
-    return "\n".join(lines)
 
 
 def run_single_trial(path: Path, overrides: list[str], method: str | None, save: Path | None, as_json: bool) -> None:
@@ -233,6 +226,8 @@ def best_command(path: Path, overrides: list[str], options: dict, as_json: bool)
     error = f" ± {logged['test_standard_error']:.2f}" if "test_standard_error" in logged else ""
     print(f"test balanced accuracy: {f'{test:.2f}%{error} (validation - test gap {best.value - test:+.2f})' if test is not None else 'not evaluated yet (hpo-peft evaluate)'}")
     print(f"parameters: {best.params}")
+    if config.search.ensemble > 1:
+        print(f"search.ensemble={config.search.ensemble}: `evaluate` scores the study's top trials as one model")
     print(f"MLflow run: {run_id}")
     print_ui_links(where, run_id, summary["mlflow_ui"])
 
@@ -250,22 +245,29 @@ def evaluate_command(
     from hpo_peft.tracking.run_story import OBJECTIVE, OBJECTIVE_SE
     from hpo_peft.core import stores
     from hpo_peft.tracking.scoring import evaluate_run
-    from hpo_peft.study.session import StudyLocation, best_and_corrected
+    from hpo_peft.study.session import StudyLocation, best_and_corrected, load_study
+    from hpo_peft.tracking.ensemble_run import ensemble_line, ensemble_run
     from hpo_peft.tracking.tracker import Tracker
 
     config = prepare_config(path, overrides)
     where = StudyLocation.of(config, **options)
-    corrected = None  # only for the study's own choice
-    if run_id is None:
+    corrected, members = None, None  # only for the study's own choice
+    study_choice = run_id is None
+    if study_choice:
         best, corrected = best_and_corrected(where)
         run_id = best.user_attrs.get(RUN_ID_ATTR)
         if run_id is None:
             raise UserError(f"the best trial of study {where.study_name!r} has no MLflow run")
     tracker = Tracker(where.tracking_uri, experiment=where.study_name, create=False)
-    tracker.check_has_adapter(run_id)
     if (db := stores.sqlite_path(tracker.uri)) is not None:  # it records the test score: say so before the model loads
         stores.check_writable(db.parent, "the MLflow store", "evaluate records the test score on the trial's run "
                               "(`study best` and `predict` read a read-only store)")
+    if study_choice and config.search.ensemble > 1:  # the study's choice: its top trials as one model
+        built = ensemble_run(tracker, where.study_name, load_study(where).get_trials(deepcopy=False),
+                             config.search.ensemble)
+        if built is not None:
+            (run_id, members), corrected = built, None
+    tracker.check_has_adapter(run_id)
     base = load_base_model(config.model)
     test = load_test(config.data, base.preprocessing)
     metrics, metadata = evaluate_run(tracker, run_id, base, test, config)
@@ -274,6 +276,8 @@ def evaluate_command(
     result = {"mlflow_run_id": run_id, "method": metadata["method"], "val_balanced_accuracy": selection,
               "val_balanced_accuracy_se": selection_se, "val_balanced_accuracy_corrected": corrected,
               **metrics.as_dict(), "mlflow_ui": ui_links(where, run_id)}
+    if members:
+        result.update(ensemble_trials=[t.number for t in members], members_selection=[t.value for t in members])
     from hpo_peft.tracking.pyfunc_model import log_adapter_model, register_model
 
     result["model_uri"] = log_adapter_model(tracker, run_id)  # the adapter as an MLflow pyfunc model
@@ -288,6 +292,8 @@ def evaluate_command(
         print(f"run {run_id} ({metadata['method']['name']}): test balanced accuracy {metrics.balanced_accuracy:.2f}% "
               f"± {metrics.standard_error:.2f} (standard error, {sum(map(sum, metrics.confusion))} test images"
               f"{metrics.over_classes('the test table')})")
+        if members:
+            print(ensemble_line(members))
         if selection is not None:
             gap = selection - metrics.balanced_accuracy
             both = math.hypot(selection_se or 0.0, metrics.standard_error)  # the two scores' images are independent

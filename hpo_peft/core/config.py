@@ -191,6 +191,9 @@ class SearchConfig(Strict):
     # which completed trials keep their adapter artifacts (retention.py): `all`, or `best:N` (the N
     # best trials); default (null): every PEFT adapter, and the best 3 full fine-tunings
     keep_adapters: str | None = None
+    # the study's model: its top N trials by selection score, their class probabilities averaged
+    # (fewshot/ensemble.py; built by `evaluate`); 1: the best trial alone
+    ensemble: int = Field(1, ge=1, le=20)
     # trials a new study runs first (Optuna's enqueue_trial), e.g. known-good settings:
     # {parameter: value} named as the space names them (method, learning_rate, lora.rank); the
     # parameters a trial draws that an entry leaves out are sampled as usual

@@ -87,9 +87,14 @@ def save_adapter(
         "prompts": config.prompts.model_dump(),
         "preprocessing": asdict(base.preprocessing),
         "logit_scale": float(base.logit_scale),
-        "files": _checksums(folder),
         **(extra or {}),
     }
+    return seal(folder, metadata)
+
+
+def seal(folder: Path, metadata: dict[str, Any]) -> Path:
+    """Write `metadata` into `folder` with a sha256 of every other file in it and its own checksum."""
+    metadata = {**metadata, "files": _checksums(folder)}
     metadata["metadata_sha256"] = _metadata_digest(metadata)
     (folder / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
     share_as_umask(folder)
@@ -192,6 +197,9 @@ def load_adapter(
 
 def _load_adapter(folder: Path, base: BaseVLM, categories: list[str] | None) -> tuple[ImageClassifier, dict[str, Any]]:
     metadata = _read_metadata(folder)
+    if metadata["method"].get("name") == "ensemble":  # fewshot/ensemble.py: several adapters, no one classifier
+        raise UserError(f"{folder}: a study's ensemble of {len(metadata['method']['config']['members'])} adapters, "
+                        "not one; load it with hpo_peft.fewshot.predict.load_predictor (or hpo-peft predict)")
     verify_files(folder, metadata)
     check_base(folder, metadata, base)
     if categories is not None and list(categories) != metadata["categories"]:

@@ -138,6 +138,14 @@ def evaluate_as_trained(model: nn.Module, data: LabelledImages, prep: Preprocess
     return evaluate(model, data, prep, categories, settings.train.eval_batch_size, settings.placement.dtype)
 
 
+def format_confusion(confusion: list[list[int]], categories: list[str]) -> str:
+    width = max(6, *(len(c) + 1 for c in categories))
+    lines = ["true\\pred".ljust(10) + "".join(c.rjust(width) for c in categories)]
+    for category, row in zip(categories, confusion):
+        lines.append(category.ljust(10) + "".join(str(v).rjust(width) for v in row))
+    return "\n".join(lines)
+
+
 def pyplot():
     """matplotlib's pyplot on the file-only Agg backend: figures are saved or logged, never shown."""
     import matplotlib

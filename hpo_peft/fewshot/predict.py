@@ -20,7 +20,8 @@ import torch
 from PIL import UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from hpo_peft.fewshot.artifacts import load_adapter, read_metadata
+from hpo_peft.fewshot import ensemble
+from hpo_peft.fewshot.artifacts import load_adapter, read_metadata, shown_as
 from hpo_peft.core.config import ModelConfig
 from hpo_peft.data import Preprocessing, decode_image, is_csv_text, read_labelled_csv, read_table
 from hpo_peft.core.errors import UserError
@@ -63,12 +64,16 @@ def base_model_config(metadata: dict[str, Any], name_or_path: str | None = None)
 
 
 def load_predictor(folder: Path, base: BaseVLM | None = None, device: str = "auto",
-                   precision: str | None = None, label: str | None = None) -> Predictor:
+                   precision: str | None = None, label: str | None = None) -> "Predictor | ensemble.EnsemblePredictor":
     """The adapter in `folder` on `base` (default: the base model its metadata names), checked by
     `artifacts.load_adapter`. `precision` defaults to the one the trial trained with; `label` names
     the adapter in errors (`artifacts.shown_as`)."""
     metadata = read_metadata(Path(folder), label)
     base = base or load_base_model(base_model_config(metadata))
+    if ensemble.is_ensemble(metadata):  # the study's top trials: each member on the same base model
+        with shown_as(Path(folder), label):
+            members = ensemble.member_folders(Path(folder), metadata)
+        return ensemble.EnsemblePredictor([load_predictor(m, base, device, precision, label) for m in members], metadata)
     classifier, metadata = load_adapter(Path(folder), base, label=label)
     settings = TrialSettings.saved(metadata, device, precision)
     classifier.to(settings.placement.device)

@@ -12,7 +12,7 @@ into its ranges, the method's prior settings for keys an entry leaves out. Learn
 a starting point for a search, not a recipe for PLIP-sized models.
 """
 
-SOURCE = "benchmarks/results/search-2026-12-07-4-kits-grid210-a.md"
+SOURCE = "benchmarks/results/search-2026-12-07-4-kits-grid210-b.md"
 
 PORTFOLIO: list[dict] = [  # in the order they run
     {"method": "lora", "learning_rate": 0.004, "max_epochs": 30, "rank": 64, "b_init": "random"},

@@ -234,7 +234,7 @@ def optimize(study: optuna.Study, workspace: Workspace, tracker: Tracker, parent
             catch=(Exception,),  # a failing trial is recorded as FAIL and the study goes on
             show_progress_bar=False,  # Optuna logs one line per trial instead
             callbacks=[best_marker(tracker, parent_id),  # the best tag moves as better trials appear
-                       retention.callback(tracker, config.search.keep_adapters),  # adapters that fit on a disk
+                       retention.callback(tracker, config.search.keep_adapters, config.search.ensemble),  # adapters that fit on a disk
                        *compute_budget.callbacks(config.search.budget, parent_id)],  # no new trial once spent
         )
     if full:

@@ -243,17 +243,22 @@ def describe_version(tracker: Tracker, name: str, version: int, run_id: str) -> 
     tracker.client.update_model_version(name, str(version), description=text)
 
 
-def _selection_key(tracker: Tracker, run_id: str) -> tuple[float, float] | None:
-    """A trial run's place in the selection (selection.py): higher score, then lower validation loss."""
+def _selection_key(tracker: Tracker, run_id: str) -> tuple[float, float, int] | None:
+    """A run's place in the selection (selection.py): higher score, then lower validation loss; a
+    study's ensemble (ensemble_run.py) ranks just ahead of its best member."""
+    from hpo_peft.tracking.ensemble_run import TAG_TOP_RUN
     from hpo_peft.tracking.run_story import OBJECTIVE
 
     try:
-        metrics = tracker.client.get_run(run_id).data.metrics
+        run = tracker.client.get_run(run_id)
     except MlflowException:
         return None
-    if OBJECTIVE not in metrics:
+    if top := run.data.tags.get(TAG_TOP_RUN):
+        key = _selection_key(tracker, top)
+        return None if key is None else (key[0], key[1], 0)
+    if OBJECTIVE not in run.data.metrics:
         return None
-    return -metrics[OBJECTIVE], metrics.get("final_val_loss", float("inf"))
+    return -run.data.metrics[OBJECTIVE], run.data.metrics.get("final_val_loss", float("inf")), 1
 
 
 def _score(value: float | None) -> str:

@@ -5,7 +5,8 @@
 - default (null): every PEFT adapter is kept, and of the methods whose adapter is a whole copy of
   the vision tower (full fine-tuning, ~350 MB per trial for PLIP) only the best 3.
 
-Never dropped: the study's best trial, and any trial whose run has a registered model version.
+Never dropped: the study's best trial, its top `search.ensemble` trials (the members of the study's
+ensemble, ensemble.py), and any trial whose run has a registered model version.
 Applied after every trial (an Optuna callback), so a long study never holds more than it keeps.
 A dropped adapter is deleted through MLflow's artifact repository and the run is tagged
 `hpo_peft.adapter_dropped` with the reason; `evaluate` and `predict` then say so.
@@ -30,9 +31,9 @@ DEFAULT_BACKBONE_COPIES = 3
 
 
 def adapters_to_drop(trials: list[FrozenTrial], policy: str | None,
-                     copies_backbone: Callable[[FrozenTrial], bool]) -> dict[int, str]:
+                     copies_backbone: Callable[[FrozenTrial], bool], ensemble: int = 1) -> dict[int, str]:
     """Trial number -> why its adapter goes, for the completed trials the policy does not keep.
-    The best trial is never among them."""
+    The best `ensemble` trials (at least the best one) are never among them."""
     completed = sorted((t for t in trials if t.state == TrialState.COMPLETE), key=selection_key)
     if policy == "all" or not completed:
         return {}
@@ -45,7 +46,8 @@ def adapters_to_drop(trials: list[FrozenTrial], policy: str | None,
         what = f"search.keep_adapters={policy}: this trial ranks"
     drop = {t.number: f"{what} {rank} of {len(ranked)} by the selection score"
             for rank, t in enumerate(ranked, start=1) if rank > keep}
-    drop.pop(completed[0].number, None)
+    for trial in completed[:max(1, ensemble)]:
+        drop.pop(trial.number, None)
     return drop
 
 
@@ -70,7 +72,7 @@ def drop_adapter(tracker: Tracker, run_id: str, reason: str) -> bool:
     return True
 
 
-def enforce(study: optuna.Study, tracker: Tracker, policy: str | None) -> list[int]:
+def enforce(study: optuna.Study, tracker: Tracker, policy: str | None, ensemble: int = 1) -> list[int]:
     """Apply the policy to the study's trials now; returns the trial numbers whose adapter went."""
     if policy == "all":
         return []
@@ -84,16 +86,16 @@ def enforce(study: optuna.Study, tracker: Tracker, policy: str | None) -> list[i
         return name in METHODS and METHODS[name].copies_backbone
 
     dropped = []
-    for number, reason in adapters_to_drop(trials, policy, copies_backbone).items():
+    for number, reason in adapters_to_drop(trials, policy, copies_backbone, ensemble).items():
         if run_ids[number] and drop_adapter(tracker, run_ids[number], reason):
             dropped.append(number)
     return dropped
 
 
-def callback(tracker: Tracker, policy: str | None):
+def callback(tracker: Tracker, policy: str | None, ensemble: int = 1):
     """`study.optimize(callbacks=[...])`: the policy applied after each trial that completed."""
     def after_trial(study: optuna.Study, trial: FrozenTrial) -> None:
         if trial.state == TrialState.COMPLETE:
-            enforce(study, tracker, policy)
+            enforce(study, tracker, policy, ensemble)
 
     return after_trial

@@ -81,18 +81,24 @@ def test_saved_settings_are_the_ones_the_adapter_trained_with():
 def test_evaluate_scores_a_stored_trial_in_the_precision_it_trained_in(monkeypatch, demo_kit):
     """Not the study's `train.precision`: a trial with `method_train.<m>.precision: bf16` in an fp32
     study is evaluated under bf16, as it trained and as predict runs it."""
+    from hpo_peft.fewshot import predict
     from hpo_peft.tracking import scoring
 
     config = StudyConfig.model_validate(demo_config_dict(demo_kit))
     assert config.train.precision != "bf16"
-    saved = {"method": {"name": "bias", "config": {}}, "train": merged_train(config, "bias", precision="bf16").model_dump()}
-    got = {}
+    saved = {"method": {"name": "bias", "config": {}}, "categories": list(config.data.categories),
+             "train": merged_train(config, "bias", precision="bf16").model_dump()}
+    built = {}
 
     class Classifier(torch.nn.Linear):
         pass
 
-    monkeypatch.setattr(scoring, "load_adapter", lambda *a, **k: (Classifier(1, 1), saved))
-    monkeypatch.setattr(scoring, "evaluate_as_trained", lambda *a: got.setdefault("settings", a[-1]))
+    monkeypatch.setattr(scoring, "read_metadata", lambda *a, **k: saved)
+    monkeypatch.setattr(predict, "read_metadata", lambda *a, **k: saved)
+    monkeypatch.setattr(predict, "load_adapter", lambda *a, **k: (Classifier(1, 1), saved))
+    real = scoring.load_predictor
+    monkeypatch.setattr(scoring, "load_predictor", lambda *a, **k: built.setdefault("predictor", real(*a, **k)))
+    monkeypatch.setattr(scoring, "compute_metrics", lambda *a: None)
     monkeypatch.setattr(scoring, "log_test_result", lambda *a: None)
 
     class Tracker:
@@ -102,5 +108,8 @@ def test_evaluate_scores_a_stored_trial_in_the_precision_it_trained_in(monkeypat
     class Base:
         preprocessing = None
 
-    scoring.evaluate_run(Tracker(), "run", Base(), None, config)
-    assert got["settings"].placement.dtype is torch.bfloat16
+    class Test:
+        images, labels = torch.zeros(0, 3, 2, 2, dtype=torch.uint8), torch.zeros(0, dtype=torch.long)
+
+    scoring.evaluate_run(Tracker(), "run", Base(), Test(), config)
+    assert built["predictor"].amp_dtype is torch.bfloat16

@@ -237,6 +237,23 @@ def test_every_shipped_study_starts_samples_and_prunes_as_the_benchmark_chose(na
     assert search["pruner"] == {k: v for k, v in chosen["pruner"].items() if k != "max_resource"}
 
 
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_shipped_study_takes_the_ensemble_size_the_benchmark_chose(name):
+    """benchmarks/search_ensemble.py measured the top trials as one model under the chosen strategy
+    (the result portfolio.SOURCE names) and chose a size by its rule."""
+    import json
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[2]
+    result = json.loads((root / "benchmarks/results/search-ensemble-2026-12-07.json").read_text())
+    search = yaml.safe_load((root / "studies" / name).read_text())["search"]
+    assert result["chosen_size"] > 1  # it measured better than the best trial alone
+    assert search["ensemble"] == result["chosen_size"]
+    strategy = next(iter(result["kits"].values()))["median_below_oracle"]
+    assert benchmark_result()["chosen"] in strategy  # measured under the shipped strategy
+
+
 # Hyperband on epochs --------------------------------------------------------------------------------
 def test_hyperband_takes_its_resources_from_the_epochs_a_trial_can_train(demo_kit):
     config = StudyConfig.model_validate(demo_config_dict(demo_kit, {"pruner": {"name": "hyperband"}}))

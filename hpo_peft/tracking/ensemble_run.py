@@ -1,0 +1,98 @@
+"""The study's ensemble as an MLflow run (`search.ensemble: N`, fewshot/ensemble.py).
+
+`evaluate` builds it when it scores the study's choice: the top N completed trials by the selection
+order (`selection.ranks`, tie-breaks included) whose adapters are kept, downloaded, put side by side
+in one ensemble folder and logged as the adapter of a new run named `ensemble of top N: trials a, b, c`
+in the study's experiment. The run is made once per set of members (tagged with them); a later
+`evaluate` with the same top trials scores the same run. Its adapter goes everywhere a trial's goes:
+the pyfunc model, the registry, `predict`, the REST server.
+
+The ensemble has no validation score of its own: it was never scored on images that chose nothing
+but its members were ranked on; its run records the members' selection scores (their mean and
+range), and the test score once `evaluate` has it.
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+from optuna.trial import FrozenTrial, TrialState
+
+from hpo_peft.core import interrupts
+from hpo_peft.fewshot.ensemble import save_ensemble
+from hpo_peft.tracking.recovery import RUN_ID_ATTR
+from hpo_peft.tracking.selection import selection_key
+from hpo_peft.tracking.tracker import TAG_DROPPED, TAG_KIND, TAG_STUDY, Tracker, temporary_folder
+
+KIND = "ensemble"
+TAG_MEMBERS = "hpo_peft.ensemble_trials"  # the members' trial numbers, in rank order: "3,7,9"
+TAG_TOP_RUN = "hpo_peft.ensemble_top_run"  # the best member's run: the registry ranks the ensemble by it
+BUDGET_PARAMS = ("labels_per_class", "data.validation", "data.refit", "data.shots", "data.seed")  # the members' own
+
+
+def members(tracker: Tracker, trials: list[FrozenTrial], size: int) -> list[FrozenTrial]:
+    """The top `size` completed trials, in the selection's order, that still have their adapter."""
+    ranked = sorted((t for t in trials if t.state == TrialState.COMPLETE and t.user_attrs.get(RUN_ID_ATTR)),
+                    key=selection_key)
+    chosen = []
+    for trial in ranked:
+        if len(chosen) == size:
+            break
+        if TAG_DROPPED not in tracker.get_run(trial.user_attrs[RUN_ID_ATTR]).data.tags:
+            chosen.append(trial)
+    return chosen
+
+
+def ensemble_run(tracker: Tracker, study_name: str, trials: list[FrozenTrial], size: int) -> tuple[str, list[FrozenTrial]] | None:
+    """The run holding the study's top `size` trials as one model, and its members; made if there is
+    none for these members yet. None with fewer than two members (the best trial is the model)."""
+    chosen = members(tracker, trials, size)
+    if len(chosen) < 2:
+        return None
+    numbers = ",".join(str(t.number) for t in chosen)
+    found = tracker.find_finished({TAG_KIND: KIND, TAG_STUDY: study_name, TAG_MEMBERS: numbers})
+    if found:
+        return found[0].info.run_id, chosen
+    scores = [t.value for t in chosen]
+    with temporary_folder() as tmp:
+        folders = []
+        for trial in chosen:
+            run_id = trial.user_attrs[RUN_ID_ATTR]
+            folder = tracker.download_adapter(run_id, Path(tmp) / f"trial-{trial.number}")
+            folders.append((folder, {"trial": trial.number, "run_id": run_id, "selection": trial.value,
+                                     "label": f"run {run_id}"}))
+        folder = save_ensemble(Path(tmp) / "ensemble", folders)
+        with interrupts.deferred():  # no half-made run: created, filled and closed together
+            top = chosen[0].user_attrs[RUN_ID_ATTR]
+            run = tracker.client.create_run(tracker.experiment_id,
+                                            run_name=f"ensemble of top {len(chosen)}: trials {numbers.replace(',', ', ')}",
+                                            tags={TAG_KIND: KIND, TAG_STUDY: study_name, TAG_MEMBERS: numbers,
+                                                  TAG_TOP_RUN: top})
+            run_id = run.info.run_id
+            budget = {k: v for k, v in tracker.get_run(top).data.params.items() if k in BUDGET_PARAMS}
+            tracker.log_params(run_id, {**budget, "method": KIND, "ensemble.size": len(chosen), "ensemble.trials": numbers,
+                                        "ensemble.methods": ",".join(str(t.params.get("method", "?")) for t in chosen)})
+            tracker.log_metrics(run_id, {"members_selection_mean": statistics.mean(scores),
+                                         "members_selection_min": min(scores), "members_selection_max": max(scores)})
+            tracker.log_adapter(run_id, folder)
+            tracker.describe(run_id, note=describe(chosen))
+            tracker.end_run(run_id, "FINISHED")
+    return run_id, chosen
+
+
+def describe(chosen: list[FrozenTrial]) -> str:
+    rows = "\n".join(f"| {place} | {t.number} | {t.params.get('method', '?')} | {t.value:.2f} |"
+                     for place, t in enumerate(chosen, start=1))
+    return (f"The study's top {len(chosen)} trials by selection score as one model: their class probabilities "
+            "averaged, the prediction the most probable class. It has no validation score of its own (its members "
+            "were ranked on the images that would score it).\n\n| rank | trial | method | selection score |\n"
+            f"|---|---|---|---|\n{rows}\n")
+
+
+def ensemble_line(chosen: list[FrozenTrial]) -> str:
+    """What `evaluate` says of the ensemble it scored."""
+    scores = [t.value for t in chosen]
+    return (f"the study's top {len(chosen)} trials as one model (search.ensemble): trials "
+            f"{', '.join(str(t.number) for t in chosen)}, selection scores {min(scores):.2f} to {max(scores):.2f}; "
+            f"it has no validation score of its own (the best trial alone: --run-id {chosen[0].user_attrs[RUN_ID_ATTR]})")
