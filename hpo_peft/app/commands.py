@@ -183,9 +183,9 @@ def run_study_command(path: Path, overrides: list[str], options: dict, n_trials:
         print(spend.line(session))
 
 
-def selection_line(score: float, standard_error: float | None) -> str:
+def selection_line(score: float, standard_error: float | None, what: str = "around the chosen epoch") -> str:
     spread = f" ± {standard_error:.2f} (standard error from the validation images)" if standard_error else ""
-    return f"selection score (validation balanced accuracy around the chosen epoch) {score:.2f}%{spread}"
+    return f"selection score (validation balanced accuracy {what}) {score:.2f}%{spread}"
 
 
 def corrected_line(corrected: float) -> str:
@@ -298,7 +298,8 @@ def evaluate_command(
             gap = selection - metrics.balanced_accuracy
             both = math.hypot(selection_se or 0.0, metrics.standard_error)  # the two scores' images are independent
             spread = f" ({abs(gap) / both:.1f} standard errors of the difference)" if selection_se and both else ""
-            print(f"{selection_line(selection, selection_se)}; validation - test gap {gap:+.2f} points{spread}")
+            what = "of the members' mean probabilities" if members else "around the chosen epoch"
+            print(f"{selection_line(selection, selection_se, what)}; validation - test gap {gap:+.2f} points{spread}")
         if corrected is not None:
             print(corrected_line(corrected) + f"; minus test {corrected - metrics.balanced_accuracy:+.2f} points")
         print(metrics.recall_line())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -27,6 +27,10 @@ class Metrics:
     per_class_recall: dict[str, float]  # percent; NaN: the class has no image (None in `as_dict`)
     confusion: list[list[int]]  # rows: true class, columns: predicted class
     categories: list[str]
+    # the class probabilities behind the score (N, C), and the true labels (N,): an ensemble's
+    # out-of-fold score averages its members' (selection.ensemble_score); not in `as_dict`
+    probabilities: torch.Tensor | None = field(default=None, compare=False, repr=False)
+    labels: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
     @property
     def standard_error(self) -> float:
@@ -118,6 +122,8 @@ def compute_metrics(logits: torch.Tensor, labels: torch.Tensor, categories: list
         per_class_recall={c: 100.0 * float(r) if sum(row) else math.nan for c, r, row in zip(categories, recall, confusion)},
         confusion=confusion,
         categories=list(categories),
+        probabilities=torch.softmax(logits, dim=1),
+        labels=labels,
     )
 
 

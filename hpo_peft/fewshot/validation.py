@@ -252,8 +252,11 @@ def cross_fitted_epochs(histories: list[list[EpochMetrics]]) -> list[int]:
 def score_window(validations: list[Metrics], epoch: int) -> Metrics:
     """The score of a run at `epoch` (1-based): balanced accuracy and loss averaged over that epoch
     and SCORE_RADIUS epochs either side among its validated epochs; per-class recall and confusion
-    matrix are `epoch`'s own."""
+    matrix are `epoch`'s own; the class probabilities are the window's mean (an ensemble's
+    out-of-fold score averages its members', tracking/selection.py)."""
     window = validations[max(0, epoch - 1 - SCORE_RADIUS):epoch + SCORE_RADIUS]
+    probabilities = [m.probabilities for m in window if m.probabilities is not None]
     return replace(validations[epoch - 1],
                    balanced_accuracy=float(sum(m.balanced_accuracy for m in window) / len(window)),
-                   loss=float(sum(m.loss for m in window) / len(window)))
+                   loss=float(sum(m.loss for m in window) / len(window)),
+                   probabilities=torch.stack(probabilities).mean(dim=0) if len(probabilities) == len(window) else None)

@@ -45,10 +45,12 @@ from hpo_peft.study.samplers import make_pruner, make_sampler
 from hpo_peft.study.search_space import check_settings, check_space, first_trials, sample_plan
 from hpo_peft.tracking.selection import (
     FOLD_SCORES_ATTR,
+    VAL_PREDICTIONS_ATTR,
     STANDARD_ERROR_ATTR,
     TRAINABLE_ATTR,
     VAL_LOSS_ATTR,
     corrected_score,
+    val_predictions,
     select_best,
 )
 from hpo_peft.tracking.tracker import TAG_ERROR, Tracker, check_store
@@ -199,6 +201,8 @@ def make_objective(workspace: Workspace, config: StudyConfig, tracker: Tracker, 
                 trial.set_user_attr(STANDARD_ERROR_ATTR, outcome.validation.standard_error)  # the parent's, when best
                 if outcome.fold_validations:  # kfold, a method that trains or not
                     trial.set_user_attr(FOLD_SCORES_ATTR, outcome.fold_scores())  # for corrected_score
+                if (record := val_predictions(outcome.fold_validations or [outcome.validation])) is not None:
+                    trial.set_user_attr(VAL_PREDICTIONS_ATTR, record)  # an ensemble's score (ensemble_run.py)
             except Exception as err:
                 release_accelerator_memory()  # e.g. after CUDA out-of-memory, for the next trial
                 if stores.disk_full(err) is not None and on_disk_full is not None:

@@ -7,9 +7,11 @@ in the study's experiment. The run is made once per set of members (tagged with 
 `evaluate` with the same top trials scores the same run. Its adapter goes everywhere a trial's goes:
 the pyfunc model, the registry, `predict`, the REST server.
 
-The ensemble has no validation score of its own: it was never scored on images that chose nothing
-but its members were ranked on; its run records the members' selection scores (their mean and
-range), and the test score once `evaluate` has it.
+Its validation score is scored as a trial's is (`selection.ensemble_score`): on each fold, the
+members' class probabilities (each a model that never trained on that fold) averaged, the balanced
+accuracy of their arg-max, the mean over folds. Like the best trial's, it flatters: the members
+were chosen on the same images. The run records it as its objective, beside the members' selection
+scores (their mean and range), and the test score once `evaluate` has it.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from optuna.trial import FrozenTrial, TrialState
 from hpo_peft.core import interrupts
 from hpo_peft.fewshot.ensemble import save_ensemble
 from hpo_peft.tracking.recovery import RUN_ID_ATTR
-from hpo_peft.tracking.selection import selection_key
+from hpo_peft.tracking.run_story import OBJECTIVE
+from hpo_peft.tracking.selection import ensemble_score, selection_key
 from hpo_peft.tracking.tracker import TAG_DROPPED, TAG_KIND, TAG_STUDY, Tracker, temporary_folder
 
 KIND = "ensemble"
@@ -73,8 +76,10 @@ def ensemble_run(tracker: Tracker, study_name: str, trials: list[FrozenTrial], s
             budget = {k: v for k, v in tracker.get_run(top).data.params.items() if k in BUDGET_PARAMS}
             tracker.log_params(run_id, {**budget, "method": KIND, "ensemble.size": len(chosen), "ensemble.trials": numbers,
                                         "ensemble.methods": ",".join(str(t.params.get("method", "?")) for t in chosen)})
+            own = ensemble_score(chosen)  # None: a member without out-of-fold predictions
             tracker.log_metrics(run_id, {"members_selection_mean": statistics.mean(scores),
-                                         "members_selection_min": min(scores), "members_selection_max": max(scores)})
+                                         "members_selection_min": min(scores), "members_selection_max": max(scores),
+                                         **({OBJECTIVE: own} if own is not None else {})})
             tracker.log_adapter(run_id, folder)
             tracker.describe(run_id, note=describe(chosen))
             tracker.end_run(run_id, "FINISHED")
@@ -85,8 +90,9 @@ def describe(chosen: list[FrozenTrial]) -> str:
     rows = "\n".join(f"| {place} | {t.number} | {t.params.get('method', '?')} | {t.value:.2f} |"
                      for place, t in enumerate(chosen, start=1))
     return (f"The study's top {len(chosen)} trials by selection score as one model: their class probabilities "
-            "averaged, the prediction the most probable class. It has no validation score of its own (its members "
-            "were ranked on the images that would score it).\n\n| rank | trial | method | selection score |\n"
+            "averaged, the prediction the most probable class. Its selection score is scored as a trial's: the "
+            "members' out-of-fold probabilities averaged on each fold (chosen on the same images, it flatters as the "
+            "best trial's does).\n\n| rank | trial | method | selection score |\n"
             f"|---|---|---|---|\n{rows}\n")
 
 
@@ -94,5 +100,5 @@ def ensemble_line(chosen: list[FrozenTrial]) -> str:
     """What `evaluate` says of the ensemble it scored."""
     scores = [t.value for t in chosen]
     return (f"the study's top {len(chosen)} trials as one model (search.ensemble): trials "
-            f"{', '.join(str(t.number) for t in chosen)}, selection scores {min(scores):.2f} to {max(scores):.2f}; "
-            f"it has no validation score of its own (the best trial alone: --run-id {chosen[0].user_attrs[RUN_ID_ATTR]})")
+            f"{', '.join(str(t.number) for t in chosen)}, their selection scores {min(scores):.2f} to {max(scores):.2f} "
+            f"(the best trial alone: --run-id {chosen[0].user_attrs[RUN_ID_ATTR]})")

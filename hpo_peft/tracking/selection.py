@@ -25,6 +25,7 @@ VAL_LOSS_ATTR = "val_loss"
 TRAINABLE_ATTR = "trainable_parameters"
 FOLD_SCORES_ATTR = "fold_scores"  # kfold: the trial's validation balanced accuracy on each fold
 STANDARD_ERROR_ATTR = "standard_error"  # the score's binomial standard error (evaluate.balanced_accuracy_se)
+VAL_PREDICTIONS_ATTR = "val_predictions"  # per fold (holdout: its one split): the validation labels and class probabilities
 
 
 def selection_key(trial: FrozenTrial) -> tuple:
@@ -57,3 +58,32 @@ def corrected_score(trials: Iterable[FrozenTrial], best: FrozenTrial) -> float |
         return None
     bias = sum(max(r[k] for r in rows) - mine[k] for k in range(len(mine))) / len(mine)
     return best.value - bias
+
+
+def val_predictions(scores: list) -> dict | None:
+    """A trial's validation predictions as a trial attribute: per fold, the labels and the class
+    probabilities its score was computed from (`Metrics`, averaged over the score window), rounded
+    to 4 decimals; None when a score has none."""
+    if not scores or any(m is None or m.probabilities is None or m.labels is None for m in scores):
+        return None
+    return {"labels": [m.labels.tolist() for m in scores],
+            "probabilities": [[[round(float(p), 4) for p in row] for row in m.probabilities] for m in scores]}
+
+
+def ensemble_score(trials: Iterable[FrozenTrial]) -> float | None:
+    """The trials' class probabilities averaged on each fold's validation images, the balanced
+    accuracy of their arg-max, and its mean over folds: the ensemble's score as a trial's is scored
+    (each member a model that never trained on the fold). None unless every trial has the same
+    folds' predictions. Like any selection score it flatters the members it chose."""
+    from sklearn.metrics import balanced_accuracy_score
+
+    records = [t.user_attrs.get(VAL_PREDICTIONS_ATTR) for t in trials]
+    if not records or any(r is None or r["labels"] != records[0]["labels"] for r in records):
+        return None
+    scores = []
+    for fold, labels in enumerate(records[0]["labels"]):
+        members = [r["probabilities"][fold] for r in records]
+        mean = [[sum(m[row][c] for m in members) for c in range(len(members[0][row]))] for row in range(len(labels))]
+        predicted = [max(range(len(row)), key=row.__getitem__) for row in mean]
+        scores.append(100.0 * balanced_accuracy_score(labels, predicted))
+    return sum(scores) / len(scores)

@@ -113,8 +113,14 @@ def test_evaluate_scores_the_mean_of_the_top_trials_probabilities(study, evaluat
 
 
 def test_a_second_evaluate_scores_the_same_ensemble_run(study, evaluated):
-    again = run_json(["evaluate", str(study["path"]), *study["options"]])
-    assert again["mlflow_run_id"] == evaluated["mlflow_run_id"]
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert main(["evaluate", str(study["path"]), *study["options"]]) == 0
+    printed = out.getvalue()
+    assert f"run {evaluated['mlflow_run_id']} (ensemble)" in printed
+    assert "the study's top 3 trials as one model" in printed
+    assert (f"selection score (validation balanced accuracy of the members' mean probabilities) "
+            f"{evaluated['val_balanced_accuracy']:.2f}%") in printed
     runs = MlflowClient(study["uri"]).search_runs(
         [MlflowClient(study["uri"]).get_experiment_by_name("top3").experiment_id],
         filter_string="tags.`hpo_peft.run_kind` = 'ensemble'")
@@ -196,3 +202,44 @@ def test_load_adapter_says_an_ensemble_is_several_adapters(study, evaluated, dem
     folder = Tracker(study["uri"], "top3", create=False).download_adapter(evaluated["mlflow_run_id"], tmp_path)
     with pytest.raises(UserError, match="ensemble of 3 adapters, not one; load it with .*load_predictor"):
         load_adapter(folder, demo_workspace.base)
+
+
+def test_every_trial_records_its_validation_predictions(study, demo_workspace):
+    """Per validation split (holdout's one, kfold's folds) the labels, the workspace's own, and each
+    image's class probabilities, which sum to one."""
+    from hpo_peft.tracking.selection import VAL_PREDICTIONS_ATTR
+
+    records = [t.user_attrs[VAL_PREDICTIONS_ATTR] for t in study["study"].get_trials() if t.state.name == "COMPLETE"]
+    folds = [split.val.labels.tolist() for split in demo_workspace.plan.splits]
+    assert len(records) == 4 and sum(map(len, folds)) > 0
+    for record in records:
+        assert record["labels"] == folds
+        for fold, labels in zip(record["probabilities"], folds):
+            assert len(fold) == len(labels)
+            assert all(abs(sum(row) - 1) < 1e-3 for row in fold)
+
+
+def test_the_ensemble_run_records_its_out_of_fold_score(study, evaluated):
+    from hpo_peft.tracking.selection import ensemble_score, ranks
+
+    trials = study["study"].get_trials()
+    order = ranks(trials)
+    top = sorted((t for t in trials if t.number in order), key=lambda t: order[t.number])[:3]
+    assert evaluated["val_balanced_accuracy"] == pytest.approx(ensemble_score(top), abs=1e-4)  # display rounding
+
+
+def test_the_ensemble_score_averages_probabilities_per_fold():
+    """Two folds of two images, classes 0 and 1. Alone, member a is right on fold 0 only and b on
+    fold 1 only; averaged, the surer member wins each image."""
+    from optuna.trial import create_trial
+
+    from hpo_peft.tracking.selection import VAL_PREDICTIONS_ATTR, ensemble_score
+
+    labels = [[0, 1], [0, 1]]
+    a = {"labels": labels, "probabilities": [[[0.9, 0.1], [0.2, 0.8]], [[0.4, 0.6], [0.6, 0.4]]]}
+    b = {"labels": labels, "probabilities": [[[0.3, 0.7], [0.6, 0.4]], [[0.8, 0.2], [0.1, 0.9]]]}
+    trial = lambda record: create_trial(value=50.0, user_attrs={VAL_PREDICTIONS_ATTR: record})  # noqa: E731
+    assert ensemble_score([trial(a)]) == 50.0  # fold 0: 100, fold 1: 0
+    assert ensemble_score([trial(a), trial(b)]) == 100.0  # fold 0 (0.6, 0.4), (0.4, 0.6); fold 1 (0.6, 0.4), (0.35, 0.65)
+    other = {"labels": [[1, 0], [0, 1]], "probabilities": b["probabilities"]}
+    assert ensemble_score([trial(a), trial(other)]) is None  # not the same folds
