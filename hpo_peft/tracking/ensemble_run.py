@@ -24,12 +24,14 @@ from optuna.trial import FrozenTrial, TrialState
 from hpo_peft.core import interrupts
 from hpo_peft.fewshot.ensemble import save_ensemble
 from hpo_peft.tracking.recovery import RUN_ID_ATTR
-from hpo_peft.tracking.run_story import OBJECTIVE
+from hpo_peft.tracking.run_story import OBJECTIVE, RANK
 from hpo_peft.tracking.selection import ensemble_score, selection_key
 from hpo_peft.tracking.tracker import TAG_DROPPED, TAG_KIND, TAG_STUDY, Tracker, temporary_folder
 
 KIND = "ensemble"
 TAG_MEMBERS = "hpo_peft.ensemble_trials"  # the members' trial numbers, in rank order: "3,7,9"
+TAG_SUPERSEDED = "hpo_peft.ensemble_superseded_by"  # an earlier ensemble: the run of the study's newer top trials
+SUPERSEDED = 1_000_000  # an earlier ensemble's selection_rank: below every trial
 TAG_TOP_RUN = "hpo_peft.ensemble_top_run"  # the best member's run: the registry ranks the ensemble by it
 BUDGET_PARAMS = ("labels_per_class", "data.validation", "data.refit", "data.shots", "data.seed")  # the members' own
 
@@ -57,6 +59,7 @@ def ensemble_run(tracker: Tracker, study_name: str, trials: list[FrozenTrial], s
     found = tracker.find_finished({TAG_KIND: KIND, TAG_STUDY: study_name, TAG_MEMBERS: numbers})
     if found:
         return found[0].info.run_id, chosen
+    earlier = tracker.find_finished({TAG_KIND: KIND, TAG_STUDY: study_name})  # other members: superseded below
     scores = [t.value for t in chosen]
     with temporary_folder() as tmp:
         folders = []
@@ -79,10 +82,14 @@ def ensemble_run(tracker: Tracker, study_name: str, trials: list[FrozenTrial], s
             own = ensemble_score(chosen)  # None: a member without out-of-fold predictions
             tracker.log_metrics(run_id, {"members_selection_mean": statistics.mean(scores),
                                          "members_selection_min": min(scores), "members_selection_max": max(scores),
+                                         RANK: 0,  # the study's model: above its trials in the rank-sorted table
                                          **({OBJECTIVE: own} if own is not None else {})})
             tracker.log_adapter(run_id, folder)
             tracker.describe(run_id, note=describe(chosen))
             tracker.end_run(run_id, "FINISHED")
+            for run in earlier:  # below every trial in the rank-sorted table, and said why
+                tracker.log_metrics(run.info.run_id, {RANK: SUPERSEDED})
+                tracker.set_tags(run.info.run_id, {TAG_SUPERSEDED: run_id})
     return run_id, chosen
 
 

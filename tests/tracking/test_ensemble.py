@@ -106,6 +106,7 @@ def test_evaluate_scores_the_mean_of_the_top_trials_probabilities(study, evaluat
     assert run.data.tags["hpo_peft.run_kind"] == "ensemble"
     assert run.info.run_name == "ensemble of top 3: trials " + ", ".join(str(n) for n, _ in ranked[:3])
     assert run.data.params["labels_per_class"]  # the label budget travels with the model
+    assert run.data.metrics["selection_rank"] == 0  # above the trials (rank 1 on) in the table the links sort
     mean = members_mean(study, demo_workspace, test_split, [run_id for _, run_id in ranked[:3]])
     expected = 100 * balanced_accuracy_score(test_split.labels.numpy(), mean.argmax(dim=1).numpy())
     assert evaluated["balanced_accuracy"] == pytest.approx(expected, abs=1e-9)
@@ -243,3 +244,17 @@ def test_the_ensemble_score_averages_probabilities_per_fold():
     assert ensemble_score([trial(a), trial(b)]) == 100.0  # fold 0 (0.6, 0.4), (0.4, 0.6); fold 1 (0.6, 0.4), (0.35, 0.65)
     other = {"labels": [[1, 0], [0, 1]], "probabilities": b["probabilities"]}
     assert ensemble_score([trial(a), trial(other)]) is None  # not the same folds
+
+
+def test_a_new_set_of_members_supersedes_the_earlier_ensemble(study, evaluated):
+    """Other top trials (here: another size) make a new run; the earlier one sinks below every
+    trial in the rank-sorted table and names its successor. Last in the module: it adds a run."""
+    from hpo_peft.tracking.ensemble_run import SUPERSEDED, TAG_SUPERSEDED, ensemble_run
+    from hpo_peft.tracking.tracker import Tracker
+
+    tracker = Tracker(study["uri"], "top3", create=False)
+    new_id, members = ensemble_run(tracker, "top3", study["study"].get_trials(), 2)
+    assert new_id != evaluated["mlflow_run_id"] and len(members) == 2
+    old = MlflowClient(study["uri"]).get_run(evaluated["mlflow_run_id"])
+    assert old.data.metrics["selection_rank"] == SUPERSEDED and old.data.tags[TAG_SUPERSEDED] == new_id
+    assert MlflowClient(study["uri"]).get_run(new_id).data.metrics["selection_rank"] == 0
