@@ -63,6 +63,20 @@ def write_demo_config(kit: Path, path: Path, **changes) -> Path:
     return path
 
 
+def run_demo_study(kit: Path, tmp: Path, name: str, search: dict, n_trials: int) -> dict:
+    """A small study of the demo config with `search`, its stores in `tmp`: what the tracking
+    tests' module fixtures share (config path, MLflow URI, the study, the CLI's store options)."""
+    from hpo_peft.app.commands import prepare_study_config
+    from hpo_peft.study.session import StudyLocation, run_study
+
+    path = write_demo_config(kit, tmp / "study.yaml", search=search)
+    uri = "sqlite:///" + str(tmp / "mlflow.db")
+    where = StudyLocation(name, storage=str(tmp / "optuna.journal"), tracking_uri=uri)
+    study = run_study(prepare_study_config(path, []), where, n_trials=n_trials, timeout=None)
+    options = ["--study-name", name, "--storage", where.storage, "--tracking-uri", uri]
+    return {"path": path, "uri": uri, "tmp": tmp, "study": study, "options": options, "kit": kit}
+
+
 @pytest.fixture
 def write_config(demo_kit, tmp_path):
     """write_config(**sections) -> path of a demo config with those top-level sections replaced/merged."""

@@ -29,18 +29,9 @@ SEARCH = {
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory, demo_kit):
-    from conftest import write_demo_config
+    from conftest import run_demo_study
 
-    from hpo_peft.app.commands import prepare_study_config
-    from hpo_peft.study.session import StudyLocation, run_study
-
-    tmp = tmp_path_factory.mktemp("ensemble")
-    path = write_demo_config(demo_kit, tmp / "study.yaml", search=SEARCH)
-    uri = "sqlite:///" + str(tmp / "mlflow.db")
-    where = StudyLocation("top3", storage=str(tmp / "optuna.journal"), tracking_uri=uri)
-    study = run_study(prepare_study_config(path, []), where, n_trials=4, timeout=None)
-    options = ["--study-name", "top3", "--storage", where.storage, "--tracking-uri", uri]
-    return {"path": path, "uri": uri, "tmp": tmp, "study": study, "options": options, "kit": demo_kit}
+    return run_demo_study(demo_kit, tmp_path_factory.mktemp("ensemble"), "top3", SEARCH, n_trials=4)
 
 
 def run_json(args: list[str]) -> dict:

@@ -45,18 +45,9 @@ def fresh_env(uri: str) -> dict:
 @pytest.fixture(scope="module")
 def chosen(tmp_path_factory, demo_kit):
     """A 3-trial study (`keep_adapters: best:2`), then `evaluate --register` on its best trial."""
-    from conftest import write_demo_config
+    from conftest import run_demo_study
 
-    from hpo_peft.app.commands import prepare_study_config
-    from hpo_peft.study.session import StudyLocation, run_study
-
-    tmp = tmp_path_factory.mktemp("predict")
-    path = write_demo_config(demo_kit, tmp / "study.yaml", search=SEARCH)
-    uri = "sqlite:///" + str(tmp / "mlflow.db")
-    where = StudyLocation("chosen", storage=str(tmp / "optuna.journal"), tracking_uri=uri)
-    study = run_study(prepare_study_config(path, []), where, n_trials=3, timeout=None)
-    options = ["--study-name", "chosen", "--storage", where.storage, "--tracking-uri", uri]
-    return {"path": path, "uri": uri, "tmp": tmp, "study": study, "options": options, "kit": demo_kit}
+    return run_demo_study(demo_kit, tmp_path_factory.mktemp("predict"), "chosen", SEARCH, n_trials=3)
 
 
 @pytest.fixture(scope="module")
