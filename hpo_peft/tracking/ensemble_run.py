@@ -22,7 +22,8 @@ from pathlib import Path
 from optuna.trial import FrozenTrial, TrialState
 
 from hpo_peft.core import interrupts
-from hpo_peft.fewshot.ensemble import save_ensemble
+from hpo_peft.fewshot.artifacts import read_metadata
+from hpo_peft.fewshot.ensemble import members_of, save_ensemble
 from hpo_peft.tracking.recovery import RUN_ID_ATTR
 from hpo_peft.tracking.run_story import OBJECTIVE, RANK
 from hpo_peft.tracking.selection import ensemble_score, selection_key
@@ -69,6 +70,7 @@ def ensemble_run(tracker: Tracker, study_name: str, trials: list[FrozenTrial], s
             folders.append((folder, {"trial": trial.number, "run_id": run_id, "selection": trial.value,
                                      "label": f"run {run_id}"}))
         folder = save_ensemble(Path(tmp) / "ensemble", folders)
+        methods = [m["method"]["name"] for m in members_of(read_metadata(folder))]  # a fixed method is no param
         with interrupts.deferred():  # no half-made run: created, filled and closed together
             top = chosen[0].user_attrs[RUN_ID_ATTR]
             run = tracker.client.create_run(tracker.experiment_id,
@@ -78,14 +80,14 @@ def ensemble_run(tracker: Tracker, study_name: str, trials: list[FrozenTrial], s
             run_id = run.info.run_id
             budget = {k: v for k, v in tracker.get_run(top).data.params.items() if k in BUDGET_PARAMS}
             tracker.log_params(run_id, {**budget, "method": KIND, "ensemble.size": len(chosen), "ensemble.trials": numbers,
-                                        "ensemble.methods": ",".join(str(t.params.get("method", "?")) for t in chosen)})
+                                        "ensemble.methods": ",".join(methods)})
             own = ensemble_score(chosen)  # None: a member without out-of-fold predictions
             tracker.log_metrics(run_id, {"members_selection_mean": statistics.mean(scores),
                                          "members_selection_min": min(scores), "members_selection_max": max(scores),
                                          RANK: 0,  # the study's model: above its trials in the rank-sorted table
                                          **({OBJECTIVE: own} if own is not None else {})})
             tracker.log_adapter(run_id, folder)
-            tracker.describe(run_id, note=describe(chosen))
+            tracker.describe(run_id, note=describe(chosen, methods))
             tracker.end_run(run_id, "FINISHED")
             for run in earlier:  # below every trial in the rank-sorted table, and said why
                 tracker.log_metrics(run.info.run_id, {RANK: SUPERSEDED})
@@ -93,9 +95,9 @@ def ensemble_run(tracker: Tracker, study_name: str, trials: list[FrozenTrial], s
     return run_id, chosen
 
 
-def describe(chosen: list[FrozenTrial]) -> str:
-    rows = "\n".join(f"| {place} | {t.number} | {t.params.get('method', '?')} | {t.value:.2f} |"
-                     for place, t in enumerate(chosen, start=1))
+def describe(chosen: list[FrozenTrial], methods: list[str]) -> str:
+    rows = "\n".join(f"| {place} | {t.number} | {method} | {t.value:.2f} |"
+                     for place, (t, method) in enumerate(zip(chosen, methods), start=1))
     return (f"The study's top {len(chosen)} trials by selection score as one model: their class probabilities "
             "averaged, the prediction the most probable class. Its selection score is scored as a trial's: the "
             "members' out-of-fold probabilities averaged on each fold (chosen on the same images, it flatters as the "

@@ -98,6 +98,8 @@ def test_evaluate_scores_the_mean_of_the_top_trials_probabilities(study, evaluat
     assert run.info.run_name == "ensemble of top 3: trials " + ", ".join(str(n) for n, _ in ranked[:3])
     assert run.data.params["labels_per_class"]  # the label budget travels with the model
     assert run.data.metrics["selection_rank"] == 0  # above the trials (rank 1 on) in the table the links sort
+    methods = [t.params["method"] for t in sorted(study["study"].get_trials(), key=lambda t: t.number)]
+    assert run.data.params["ensemble.methods"] == ",".join(methods[n] for n, _ in ranked[:3])
     mean = members_mean(study, demo_workspace, test_split, [run_id for _, run_id in ranked[:3]])
     expected = 100 * balanced_accuracy_score(test_split.labels.numpy(), mean.argmax(dim=1).numpy())
     assert evaluated["balanced_accuracy"] == pytest.approx(expected, abs=1e-9)
