@@ -43,6 +43,8 @@ def test_defaults_are_the_course_settings(tmp_path):
         ({**BASE, "compare": {"seeds": [1, 2, 2]}}, "compare.seeds: 2 is listed more than once in [1, 2, 2]"),
         ({**BASE, "compare": {"shots": [4, 1, 4]}}, "compare.shots: 4 is listed more than once"),
         ({**BASE, "compare": {"methods": ["clap", "clap"]}}, "compare.methods: 'clap' is listed more than once"),
+        ({**BASE, "search": {"ensemble": 0}}, "search.ensemble: Input should be greater than or equal to 1"),
+        ({**BASE, "search": {"ensemble": "top"}}, "search.ensemble: Input should be a valid integer"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path, raw, key):
