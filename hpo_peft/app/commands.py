@@ -254,7 +254,8 @@ def evaluate_command(
     corrected, members = None, None  # only for the study's own choice
     study_choice = run_id is None
     if study_choice:
-        best, corrected = best_and_corrected(where)
+        trials = load_study(where).get_trials(deepcopy=False)  # read once: the best trial, and the ensemble's members
+        best, corrected = best_and_corrected(where, trials)
         run_id = best.user_attrs.get(RUN_ID_ATTR)
         if run_id is None:
             raise UserError(f"the best trial of study {where.study_name!r} has no MLflow run")
@@ -263,8 +264,7 @@ def evaluate_command(
         stores.check_writable(db.parent, "the MLflow store", "evaluate records the test score on the trial's run "
                               "(`study best` and `predict` read a read-only store)")
     if study_choice and config.search.ensemble > 1:  # the study's choice: its top trials as one model
-        built = ensemble_run(tracker, where.study_name, load_study(where).get_trials(deepcopy=False),
-                             config.search.ensemble)
+        built = ensemble_run(tracker, where.study_name, trials, config.search.ensemble)
         if built is not None:
             (run_id, members), corrected = built, None
     tracker.check_has_adapter(run_id)

@@ -35,6 +35,7 @@ from hpo_peft.models.classifier import BaseVLM, ImageClassifier, build_classifie
 METADATA_FILE = "hpo_peft_adapter.json"
 HEAD_FILE = "head.safetensors"
 FORMAT_VERSION = 2  # 2: the metadata has its own checksum; the fingerprint covers the whole vision tower
+ENSEMBLE_METHOD = "ensemble"  # the method name of a study's ensemble folder (ensemble.py): several adapters
 
 
 def _metadata_digest(metadata: dict[str, Any]) -> str:
@@ -197,7 +198,7 @@ def load_adapter(
 
 def _load_adapter(folder: Path, base: BaseVLM, categories: list[str] | None) -> tuple[ImageClassifier, dict[str, Any]]:
     metadata = _read_metadata(folder)
-    if metadata["method"].get("name") == "ensemble":  # fewshot/ensemble.py: several adapters, no one classifier
+    if metadata["method"].get("name") == ENSEMBLE_METHOD:  # several adapters, no one classifier
         raise UserError(f"{folder}: a study's ensemble of {len(metadata['method']['config']['members'])} adapters, "
                         "not one; load it with hpo_peft.fewshot.predict.load_predictor (or hpo-peft predict)")
     verify_files(folder, metadata)

@@ -29,14 +29,13 @@ import torch
 
 import hpo_peft
 from hpo_peft.core.errors import UserError
-from hpo_peft.fewshot.artifacts import FORMAT_VERSION, METADATA_FILE, read_metadata, seal, verify_files
+from hpo_peft.fewshot.artifacts import ENSEMBLE_METHOD, FORMAT_VERSION, METADATA_FILE, read_metadata, seal, verify_files
 
-METHOD_NAME = "ensemble"
 MEMBER_PREFIX = "member-"
 
 
 def is_ensemble(metadata: dict[str, Any]) -> bool:
-    return metadata.get("method", {}).get("name") == METHOD_NAME
+    return metadata.get("method", {}).get("name") == ENSEMBLE_METHOD
 
 
 def members_of(metadata: dict[str, Any]) -> list[dict[str, Any]]:
@@ -65,7 +64,7 @@ def save_ensemble(folder: Path, members: list[tuple[Path, dict[str, Any]]]) -> P
         "format_version": FORMAT_VERSION,
         "hpo_peft_version": hpo_peft.__version__,
         "base_model": first["base_model"],
-        "method": {"name": METHOD_NAME, "config": {"members": listed}},
+        "method": {"name": ENSEMBLE_METHOD, "config": {"members": listed}},
         "categories": first["categories"],
         "preprocessing": first.get("preprocessing"),
     }

@@ -63,18 +63,19 @@ def base_model_config(metadata: dict[str, Any], name_or_path: str | None = None)
     return ModelConfig(name_or_path=name_or_path or built_for["name_or_path"], revision=built_for.get("revision"))
 
 
-def load_predictor(folder: Path, base: BaseVLM | None = None, device: str = "auto",
-                   precision: str | None = None, label: str | None = None) -> "Predictor | ensemble.EnsemblePredictor":
+def load_predictor(folder: Path, base: BaseVLM | None = None, device: str = "auto", precision: str | None = None,
+                   label: str | None = None, categories: list[str] | None = None) -> "Predictor | ensemble.EnsemblePredictor":
     """The adapter in `folder` on `base` (default: the base model its metadata names), checked by
-    `artifacts.load_adapter`. `precision` defaults to the one the trial trained with; `label` names
-    the adapter in errors (`artifacts.shown_as`)."""
+    `artifacts.load_adapter` (and against `categories`, when given). `precision` defaults to the one
+    the trial trained with; `label` names the adapter in errors (`artifacts.shown_as`)."""
     metadata = read_metadata(Path(folder), label)
     base = base or load_base_model(base_model_config(metadata))
     if ensemble.is_ensemble(metadata):  # the study's top trials: each member on the same base model
         with shown_as(Path(folder), label):
             members = ensemble.member_folders(Path(folder), metadata)
-        return ensemble.EnsemblePredictor([load_predictor(m, base, device, precision, label) for m in members], metadata)
-    classifier, metadata = load_adapter(Path(folder), base, label=label)
+        return ensemble.EnsemblePredictor([load_predictor(m, base, device, precision, label, categories)
+                                           for m in members], metadata)
+    classifier, metadata = load_adapter(Path(folder), base, categories, label=label)
     settings = TrialSettings.saved(metadata, device, precision)
     classifier.to(settings.placement.device)
     return Predictor(classifier, metadata, base.preprocessing, settings.placement.dtype)

@@ -400,9 +400,10 @@ def run_workers(config: StudyConfig, options: StudyLocation, parent_id: str, n_t
         print(f"workers ended abnormally: {failed} (their trials are recovered by the next `study run`)")
 
 
-def best_and_corrected(options: StudyLocation) -> tuple[optuna.trial.FrozenTrial, float | None]:
-    """The best trial, and (kfold) its score corrected for being the best of the study's trials."""
-    trials = load_study(options).get_trials(deepcopy=False)
+def best_and_corrected(options: StudyLocation, trials: list | None = None) -> tuple[optuna.trial.FrozenTrial, float | None]:
+    """The best trial, and (kfold) its score corrected for being the best of the study's trials
+    (`trials`: the study's, when the caller has loaded them)."""
+    trials = load_study(options).get_trials(deepcopy=False) if trials is None else trials
     best = select_best(trials)
     if best is None:
         raise UserError(f"study {options.study_name!r} has no completed trial yet")

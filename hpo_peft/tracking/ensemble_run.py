@@ -19,14 +19,14 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import FrozenTrial
 
 from hpo_peft.core import interrupts
 from hpo_peft.fewshot.artifacts import read_metadata
 from hpo_peft.fewshot.ensemble import members_of, save_ensemble
 from hpo_peft.tracking.recovery import RUN_ID_ATTR
 from hpo_peft.tracking.run_story import OBJECTIVE, RANK
-from hpo_peft.tracking.selection import ensemble_score, selection_key
+from hpo_peft.tracking.selection import ensemble_score, ranked
 from hpo_peft.tracking.tracker import TAG_DROPPED, TAG_KIND, TAG_STUDY, Tracker, temporary_folder
 
 KIND = "ensemble"
@@ -39,10 +39,8 @@ BUDGET_PARAMS = ("labels_per_class", "data.validation", "data.refit", "data.shot
 
 def members(tracker: Tracker, trials: list[FrozenTrial], size: int) -> list[FrozenTrial]:
     """The top `size` completed trials, in the selection's order, that still have their adapter."""
-    ranked = sorted((t for t in trials if t.state == TrialState.COMPLETE and t.user_attrs.get(RUN_ID_ATTR)),
-                    key=selection_key)
     chosen = []
-    for trial in ranked:
+    for trial in (t for t in ranked(trials) if t.user_attrs.get(RUN_ID_ATTR)):
         if len(chosen) == size:
             break
         if TAG_DROPPED not in tracker.get_run(trial.user_attrs[RUN_ID_ATTR]).data.tags:

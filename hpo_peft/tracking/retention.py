@@ -24,7 +24,7 @@ from optuna.trial import FrozenTrial, TrialState
 from hpo_peft.core import interrupts
 from hpo_peft.methods import METHODS
 from hpo_peft.tracking.recovery import RUN_ID_ATTR
-from hpo_peft.tracking.selection import selection_key
+from hpo_peft.tracking.selection import ranked
 from hpo_peft.tracking.tracker import ADAPTER_PATH, TAG_DROPPED, Tracker
 
 DEFAULT_BACKBONE_COPIES = 3
@@ -34,18 +34,18 @@ def adapters_to_drop(trials: list[FrozenTrial], policy: str | None,
                      copies_backbone: Callable[[FrozenTrial], bool], ensemble: int = 1) -> dict[int, str]:
     """Trial number -> why its adapter goes, for the completed trials the policy does not keep.
     The best `ensemble` trials (at least the best one) are never among them."""
-    completed = sorted((t for t in trials if t.state == TrialState.COMPLETE), key=selection_key)
+    completed = ranked(trials)
     if policy == "all" or not completed:
         return {}
     if policy is None:
-        ranked, keep = [t for t in completed if copies_backbone(t)], DEFAULT_BACKBONE_COPIES
+        counted, keep = [t for t in completed if copies_backbone(t)], DEFAULT_BACKBONE_COPIES
         what = (f"search.keep_adapters default: only the best {keep} full fine-tunings (whole vision tower) "
                 f"keep their adapter; this one ranks")
     else:
-        ranked, keep = completed, int(policy.split(":", 1)[1])
+        counted, keep = completed, int(policy.split(":", 1)[1])
         what = f"search.keep_adapters={policy}: this trial ranks"
-    drop = {t.number: f"{what} {rank} of {len(ranked)} by the selection score"
-            for rank, t in enumerate(ranked, start=1) if rank > keep}
+    drop = {t.number: f"{what} {rank} of {len(counted)} by the selection score"
+            for rank, t in enumerate(counted, start=1) if rank > keep}
     for trial in completed[:max(1, ensemble)]:
         drop.pop(trial.number, None)
     return drop

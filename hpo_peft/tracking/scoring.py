@@ -8,9 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from hpo_peft.core.config import StudyConfig
-from hpo_peft.core.errors import UserError
 from hpo_peft.data import LabelledImages
-from hpo_peft.fewshot.artifacts import read_metadata
 from hpo_peft.fewshot.evaluate import Metrics, compute_metrics
 from hpo_peft.fewshot.predict import load_predictor
 from hpo_peft.models.classifier import BaseVLM
@@ -20,12 +18,9 @@ from hpo_peft.tracking.tracker import Tracker, temporary_folder
 
 def evaluate_run(tracker: Tracker, run_id: str, base: BaseVLM, test: LabelledImages,
                  config: StudyConfig) -> tuple[Metrics, dict]:
-    label = f"run {run_id}"  # errors name the run, not the download
-    with temporary_folder() as tmp:
-        folder = tracker.download_adapter(run_id, Path(tmp))
-        if (found := read_metadata(folder, label)["categories"]) != list(config.data.categories):
-            raise UserError(f"{label}: adapter categories {found} differ from the config's {list(config.data.categories)}")
-        predictor = load_predictor(folder, base, config.train.device, label=label)  # each adapter in its own precision
+    with temporary_folder() as tmp:  # errors name the run, not the download; each adapter in its own precision
+        predictor = load_predictor(tracker.download_adapter(run_id, Path(tmp)), base, config.train.device,
+                                   label=f"run {run_id}", categories=config.data.categories)
     logits = predictor.logits(test.images, config.train.eval_batch_size)
     metrics = compute_metrics(logits, test.labels, config.data.categories)
     log_test_result(tracker, run_id, metrics, test, config)

@@ -39,11 +39,14 @@ def select_best(trials: Iterable[FrozenTrial]) -> FrozenTrial | None:
     return min(completed, key=selection_key) if completed else None
 
 
+def ranked(trials: Iterable[FrozenTrial]) -> list[FrozenTrial]:
+    """The completed trials in the selection's order, `select_best`'s pick first, tie-breaks included."""
+    return sorted((t for t in trials if t.state == TrialState.COMPLETE), key=selection_key)
+
+
 def ranks(trials: Iterable[FrozenTrial]) -> dict[int, int]:
-    """Trial number -> its place in the selection, 1 being `select_best`'s pick: every completed
-    trial, in the same order, tie-breaks included (the run table sorts by it)."""
-    completed = sorted((t for t in trials if t.state == TrialState.COMPLETE), key=selection_key)
-    return {t.number: place for place, t in enumerate(completed, start=1)}
+    """Trial number -> its place in the selection, 1 being `select_best`'s pick (the run table sorts by it)."""
+    return {t.number: place for place, t in enumerate(ranked(trials), start=1)}
 
 
 def corrected_score(trials: Iterable[FrozenTrial], best: FrozenTrial) -> float | None:
@@ -75,15 +78,12 @@ def ensemble_score(trials: Iterable[FrozenTrial]) -> float | None:
     accuracy of their arg-max, and its mean over folds: the ensemble's score as a trial's is scored
     (each member a model that never trained on the fold). None unless every trial has the same
     folds' predictions. Like any selection score it flatters the members it chose."""
+    import numpy as np
     from sklearn.metrics import balanced_accuracy_score
 
     records = [t.user_attrs.get(VAL_PREDICTIONS_ATTR) for t in trials]
     if not records or any(r is None or r["labels"] != records[0]["labels"] for r in records):
         return None
-    scores = []
-    for fold, labels in enumerate(records[0]["labels"]):
-        members = [r["probabilities"][fold] for r in records]
-        mean = [[sum(m[row][c] for m in members) for c in range(len(members[0][row]))] for row in range(len(labels))]
-        predicted = [max(range(len(row)), key=row.__getitem__) for row in mean]
-        scores.append(100.0 * balanced_accuracy_score(labels, predicted))
-    return sum(scores) / len(scores)
+    means = [np.mean([r["probabilities"][fold] for r in records], axis=0) for fold in range(len(records[0]["labels"]))]
+    scores = [100.0 * balanced_accuracy_score(labels, mean.argmax(axis=1)) for labels, mean in zip(records[0]["labels"], means)]
+    return float(np.mean(scores))

@@ -93,7 +93,6 @@ def test_evaluate_scores_a_stored_trial_in_the_precision_it_trained_in(monkeypat
     class Classifier(torch.nn.Linear):
         pass
 
-    monkeypatch.setattr(scoring, "read_metadata", lambda *a, **k: saved)
     monkeypatch.setattr(predict, "read_metadata", lambda *a, **k: saved)
     monkeypatch.setattr(predict, "load_adapter", lambda *a, **k: (Classifier(1, 1), saved))
     real = scoring.load_predictor
