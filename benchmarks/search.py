@@ -154,20 +154,36 @@ def kit_setup(kit_name: str, seed: int, unseen_per_class: int) -> tuple[list[str
     return kits.overrides(kit_name, seed), {"test_dir": "unseen"}
 
 
-def run_grid(kit_name: str, seed: int, unseen_per_class: int, lock: Path | None, limit: int | None = None) -> None:
-    """Every grid configuration for one seed; resumable (cells already in the table are kept)."""
-    import fcntl
-
+def open_kit(kit_name: str, seed: int, unseen_per_class: int):
+    """The scenario's config on the kit, its workspace (model and few-shot data) and its unseen images."""
     from hpo_peft.app.commands import prepare_study_config
     from hpo_peft.data import load_test
-    from hpo_peft.fewshot.evaluate import evaluate_as_trained
-    from hpo_peft.fewshot.settings import merged_train
-    from hpo_peft.fewshot.trial import open_workspace, run_trial
+    from hpo_peft.fewshot.trial import open_workspace
 
     overrides, unseen_update = kit_setup(kit_name, seed, unseen_per_class)
     config = prepare_study_config(DEMO, [*overrides, *SCENARIO])
     workspace = open_workspace(config)
-    unseen = load_test(config.data.model_copy(update=unseen_update), workspace.base.preprocessing)
+    return config, workspace, load_test(config.data.model_copy(update=unseen_update), workspace.base.preprocessing)
+
+
+def cell_settings(config, method: str, learning_rate: float, max_epochs: int, rank: int | None, b_init: str | None):
+    """A grid cell's method options and training settings, as a study's trial would merge them."""
+    from hpo_peft.fewshot.settings import merged_train
+
+    options = dict(config.methods.get(method, {}))
+    if rank is not None:
+        options.update(rank=rank, b_init=b_init)
+    return options, merged_train(config, method, learning_rate=learning_rate, max_epochs=max_epochs, patience=PATIENCE)
+
+
+def run_grid(kit_name: str, seed: int, unseen_per_class: int, lock: Path | None, limit: int | None = None) -> None:
+    """Every grid configuration for one seed; resumable (cells already in the table are kept)."""
+    import fcntl
+
+    from hpo_peft.fewshot.evaluate import evaluate_as_trained
+    from hpo_peft.fewshot.trial import run_trial
+
+    config, workspace, unseen = open_kit(kit_name, seed, unseen_per_class)
     cells = load_cells(kit_name, seed)
     done = {c.key() for c in cells}
     todo = [c for c in configurations() if config_key(c) not in done]
@@ -175,11 +191,7 @@ def run_grid(kit_name: str, seed: int, unseen_per_class: int, lock: Path | None,
     log(f"{kit_name} seed {seed}: {len(done)} cells stored, {len(todo)} to train, {len(unseen.labels)} unseen images")
     handle = None
     for number, cfg in enumerate(todo, 1):
-        options = dict(config.methods.get(cfg["method"], {}))
-        if cfg["rank"] is not None:
-            options.update(rank=cfg["rank"], b_init=cfg["b_init"])
-        train = merged_train(config, cfg["method"], learning_rate=cfg["learning_rate"],
-                               max_epochs=cfg["max_epochs"], patience=PATIENCE)
+        options, train = cell_settings(config, **cfg)
         curve, folds = [], [[] for _ in range(FOLDS)]
 
         def on_epoch(metrics) -> None:

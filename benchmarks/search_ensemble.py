@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import fcntl
 import json
-import platform
 import statistics
 from datetime import datetime
 from pathlib import Path
@@ -27,8 +26,7 @@ from pathlib import Path
 import torch
 from sklearn.metrics import balanced_accuracy_score
 
-from search import (DEMO, KIT_NAMES, PATIENCE, RESULTS, ROOT, SCENARIO, UNSEEN_PER_CLASS, Cell, kit_setup,
-                    load_cells, log)
+from search import KIT_NAMES, RESULTS, ROOT, UNSEEN_PER_CLASS, Cell, cell_settings, load_cells, log, open_kit
 from search_replay import learn_portfolio, run_strategy
 
 def shipped_strategy() -> str:
@@ -55,14 +53,7 @@ class Members:
         self.workspace = self.unseen = self.config = None
 
     def _open(self) -> None:
-        from hpo_peft.app.commands import prepare_study_config
-        from hpo_peft.data import load_test
-        from hpo_peft.fewshot.trial import open_workspace
-
-        overrides, update = kit_setup(self.kit, self.seed, UNSEEN_PER_CLASS.get(self.kit, 0))
-        self.config = prepare_study_config(DEMO, [*overrides, *SCENARIO])
-        self.workspace = open_workspace(self.config)
-        self.unseen = load_test(self.config.data.model_copy(update=update), self.workspace.base.preprocessing)
+        self.config, self.workspace, self.unseen = open_kit(self.kit, self.seed, UNSEEN_PER_CLASS.get(self.kit, 0))
 
     def labels(self) -> torch.Tensor:
         key = ("labels",)
@@ -81,16 +72,11 @@ class Members:
 
     def _train(self, cell: Cell) -> torch.Tensor:
         from hpo_peft.fewshot.evaluate import compute_metrics, forward_in_batches
-        from hpo_peft.fewshot.settings import merged_train
         from hpo_peft.fewshot.trial import run_trial
 
         if self.workspace is None:
             self._open()
-        options = dict(self.config.methods.get(cell.method, {}))
-        if cell.rank is not None:
-            options.update(rank=cell.rank, b_init=cell.b_init)
-        train = merged_train(self.config, cell.method, learning_rate=cell.learning_rate, max_epochs=cell.max_epochs,
-                             patience=PATIENCE)
+        options, train = cell_settings(self.config, *cell.key())
         with open(self.lock or "/dev/null", "a") as handle:
             if self.lock:
                 fcntl.flock(handle, fcntl.LOCK_EX)  # other heavy jobs on this machine take turns
@@ -135,12 +121,6 @@ def kit_report(kit: str, seeds: list[int], portfolio: list[tuple], lock: Path | 
     return {"per_seed": per_seed, "median_below_oracle": summary}
 
 
-def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    return f"{cpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, CPU fp32"
-
-
 def chosen_size(reports: dict) -> int:
     """The size the shipped studies take: most of the issue's distance goals met by the default strategy
     (within 6 points at 12 trials, within 3 at 24, per kit), then the lowest mean distance at 12 and 24."""
@@ -151,10 +131,13 @@ def chosen_size(reports: dict) -> int:
 
 
 def write(reports: dict, seeds: list[int], stem: Path) -> None:
-    size = chosen_size(reports)
+    from harness import machine_info
+
+    info, size = machine_info("cpu"), chosen_size(reports)
     stem.with_suffix(".json").write_text(json.dumps({"kits": reports, "chosen_size": size}, indent=2, default=str))
     lines = [f"# The top trials as one model: ensembles against the oracle, on {len(reports)} kits", "",
-             f"- date: {datetime.now().isoformat(timespec='seconds')}; machine: {machine()}",
+             f"- date: {info['date']}; commit {info['commit']}; machine: {info['cpu']}, {info['cores']} cores, "
+             f"{info['torch_threads']} torch threads, torch {info['versions'].get('torch')}, CPU fp32",
              f"- tables: results/search-table/*-grid210-seed{{{','.join(map(str, seeds))}}}.json (search.py grid); "
              f"strategies replayed as search_replay.py does, the portfolio learned leave-one-kit-out",
              "- cells: median over seeds of (oracle - the unseen balanced accuracy of the mean class probabilities "
