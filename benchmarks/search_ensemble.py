@@ -65,14 +65,19 @@ class Members:
 
     def __call__(self, cell: Cell) -> torch.Tensor:
         if cell.key() not in self.logits:
-            self.logits[cell.key()] = self._train(cell)
-            CACHE.mkdir(parents=True, exist_ok=True)
-            torch.save(self.logits, self.path)
+            self._train(cell)
         return self.logits[cell.key()]
 
-    def _train(self, cell: Cell) -> torch.Tensor:
+    def validation(self, cell: Cell) -> dict:
+        """The cell's validation predictions as a study records them (`selection.val_predictions`)."""
+        if ("val", *cell.key()) not in self.logits:
+            self._train(cell)
+        return self.logits[("val", *cell.key())]
+
+    def _train(self, cell: Cell) -> None:
         from hpo_peft.fewshot.evaluate import compute_metrics, forward_in_batches
         from hpo_peft.fewshot.trial import run_trial
+        from hpo_peft.tracking.selection import val_predictions
 
         if self.workspace is None:
             self._open()
@@ -88,7 +93,10 @@ class Members:
             raise SystemExit(f"{self.kit} seed {self.seed} {cell.key()}: unseen {again:.4f}, the table holds "
                              f"{cell.unseen:.4f}: not the run the table stored")
         log(f"  {self.kit} seed {self.seed} {cell.key()}: unseen {again:.2f}")
-        return logits
+        self.logits[cell.key()] = logits
+        self.logits[("val", *cell.key())] = val_predictions(outcome.fold_validations or [outcome.validation])
+        CACHE.mkdir(parents=True, exist_ok=True)
+        torch.save(self.logits, self.path)
 
 
 def top(cells: list[Cell], k: int) -> list[Cell]:
