@@ -16,6 +16,7 @@ from hpo_peft.study import search_space
 from hpo_peft.app.cli import main
 from hpo_peft.app.commands import prepare_study_config
 from hpo_peft.core.config import Choices, Range, StudyConfig
+from hpo_peft.core.config_file import load_config
 from hpo_peft.tracking.recovery import RUN_ID_ATTR
 from hpo_peft.study.samplers import make_pruner
 from hpo_peft.study.search_space import clip, portfolio_entries, race_entries, searches
@@ -225,6 +226,14 @@ def test_the_shipped_portfolio_is_the_one_the_benchmark_learned():
     assert portfolio.PORTFOLIO == benchmark_result()["portfolio_all_kits"]
 
 
+def pruning_result() -> dict:
+    """benchmarks/search_pruning.py: the pruner swept after the chosen start and sampler, scored by the
+    study's model (its top trials as one)."""
+    import json
+
+    return json.loads((Path(__file__).resolve().parents[2] / "benchmarks/results/search-pruning-2026-12-07.json").read_text())
+
+
 @pytest.mark.parametrize("name", SHIPPED)
 def test_every_shipped_study_starts_samples_and_prunes_as_the_benchmark_chose(name):
     import yaml
@@ -233,8 +242,24 @@ def test_every_shipped_study_starts_samples_and_prunes_as_the_benchmark_chose(na
     search = yaml.safe_load((Path(__file__).resolve().parents[2] / "studies" / name).read_text())["search"]
     assert search.get("start", "sampler") == chosen["start"]
     assert search["sampler"] == {k: v for k, v in chosen["sampler"].items() if k != "seed"}
-    # Hyperband's max_resource comes from each space's epochs (make_pruner); the rest as benchmarked
-    assert search["pruner"] == {k: v for k, v in chosen["pruner"].items() if k != "max_resource"}
+    assert search["pruner"] == pruning_result()["chosen_pruner"]
+
+
+def test_the_chosen_pruner_meets_every_goal_it_was_chosen_by():
+    """The sweep's pick met the issue's four goals on every kit and sampler-seed set, with more goals
+    than the pruner shipped before it, and it is what make_pruner builds from demo.yaml."""
+    from optuna.pruners import PercentilePruner
+
+    result = pruning_result()
+    goals = result["goals"][result["chosen"]]
+    assert all(all(g.values()) for sets in goals.values() for g in sets)
+    ranks = result["ranks"]
+    assert ranks[result["chosen"]] == min(ranks.values())
+    assert ranks[result["chosen"]][0] < ranks["median, warm-up 4"][0]  # more goals than the former pruner
+    config = load_config(Path(__file__).resolve().parents[2] / "studies" / "demo.yaml")
+    pruner = make_pruner(config)
+    assert isinstance(pruner, PercentilePruner)
+    assert (pruner._percentile, pruner._n_startup_trials, pruner._n_warmup_steps) == (40.0, 2, 2)
 
 
 @pytest.mark.parametrize("name", SHIPPED)
@@ -251,7 +276,8 @@ def test_every_shipped_study_takes_the_ensemble_size_the_benchmark_chose(name):
     assert result["chosen_size"] > 1  # it measured better than the best trial alone
     assert search["ensemble"] == result["chosen_size"]
     strategy = next(iter(result["kits"].values()))["median_below_oracle"]
-    assert benchmark_result()["chosen"] in strategy  # measured under the shipped strategy
+    assert benchmark_result()["chosen"] in strategy  # measured under the start and sampler shipped
+    assert search["ensemble"] == pruning_result()["chosen_size"]  # and again under the pruner shipped
 
 
 # Hyperband on epochs --------------------------------------------------------------------------------
