@@ -1,7 +1,8 @@
 """The study's top trials as one model: how far an ensemble of the k best trials (by selection
 score, as `select_best` ranks them) lands from each kit's oracle, against the single best trial.
 
-Over the search benchmark's tables (`search.py grid`), a strategy's study is replayed as
+Over the search benchmark's tables (`search.py grid`), a strategy's study (by default the search the
+shipped studies set, read from demo.yaml; `--strategy chosen`: the search benchmark's pick) is replayed as
 search_replay.py does; after n trials its completed trials are ranked by selection score (ties: the
 lower validation loss) and the top k (k = 1 is today's pick) are trained again as the package trains
 them, each trial's folds and refit, and the refits' class probabilities (the softmax of their fp32
@@ -11,7 +12,7 @@ same unseen images, per seed). The member logits are kept in local_data/search-l
 Trained cells are checked against the table: the same configuration and seed gives the stored
 unseen score again (the runs are deterministic on the CPU), else the benchmark stops.
 
-    python benchmarks/search_ensemble.py --lock /tmp/heavy.lock
+    python benchmarks/search_ensemble.py --lock /tmp/heavy.lock --tag shipped
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from pathlib import Path
 import torch
 from sklearn.metrics import balanced_accuracy_score
 
-from search import KIT_NAMES, RESULTS, ROOT, UNSEEN_PER_CLASS, Cell, cell_settings, load_cells, log, open_kit
+from search import (DEMO, KIT_NAMES, RESULTS, ROOT, STRATEGIES, UNSEEN_PER_CLASS, Cell, cell_settings, load_cells, log,
+                    open_kit)
 from search_replay import learn_portfolio, run_strategy
 
 def shipped_strategy() -> str:
@@ -36,9 +38,22 @@ def shipped_strategy() -> str:
     return json.loads((ROOT / SOURCE).with_suffix(".json").read_text())["chosen"]
 
 
-STRATEGY = shipped_strategy()
+def shipped_settings() -> tuple[str, dict]:
+    """The shipped studies' search as demo.yaml sets it (start, sampler, pruner), registered as a replay
+    strategy: its name and the settings."""
+    import yaml
+
+    search = yaml.safe_load(DEMO.read_text())["search"]
+    settings = {"start": search.get("start", "sampler"), "sampler": search["sampler"], "pruner": search["pruner"]}
+    pruner = ", ".join(f"{k} {v}" for k, v in search["pruner"].items() if k != "name")
+    name = f"shipped: {settings['start']}, then {search['sampler']['name']} + {search['pruner']['name']} ({pruner})"
+    STRATEGIES[name] = (search["sampler"], search["pruner"], {"portfolio": "portfolio", "race": "race"}.get(settings["start"], "none"))
+    return name, settings
+
+
+STRATEGY = shipped_strategy()  # the search benchmark's pick: search_members.py and search_pruning.py start from it
 BASELINE = "random"
-TRIALS = [4, 8, 12, 16, 24]
+TRIALS = [4, 8, 12, 16, 24, 32, 48]
 SIZES = [1, 3, 5]
 CACHE = ROOT / "local_data" / "search-logits"
 
@@ -108,41 +123,44 @@ def ensemble_score(members: Members, cells: list[Cell]) -> float:
     return 100.0 * balanced_accuracy_score(members.labels().numpy(), probabilities.argmax(dim=1).numpy())
 
 
-def kit_report(kit: str, seeds: list[int], portfolio: list[tuple], lock: Path | None) -> dict:
+def kit_report(kit: str, seeds: list[int], portfolio: list[tuple], lock: Path | None, strategy: str) -> dict:
     per_seed = {}
     for seed in seeds:
         table, members = load_cells(kit, seed), Members(kit, seed, lock)
         oracle = max(c.unseen for c in table)
         rows = {"oracle": oracle, "exhaustive": {k: oracle - ensemble_score(members, top(table, k)) for k in SIZES}}
-        for name in (STRATEGY, BASELINE):
+        for name in (strategy, BASELINE):
             replay = run_strategy(table, name, max(TRIALS), seed, portfolio)
             rows[name] = {n: {k: oracle - ensemble_score(members, top([r["cell"] for r in replay[:n] if r["cell"]], k))
                               for k in SIZES} for n in TRIALS if any(r["cell"] for r in replay[:n])}
+            rows[f"{name}: epochs"] = {n: replay[n - 1]["epochs"] for n in TRIALS}
         per_seed[seed] = rows
         log(f"{kit} seed {seed}: exhaustive " + ", ".join(f"top {k} {v:.1f}" for k, v in rows["exhaustive"].items()))
     def med(get) -> float:
         values = [v for v in (get(r) for r in per_seed.values()) if v is not None]
         return statistics.median(values) if values else None
     summary = {"exhaustive": {k: med(lambda r: r["exhaustive"][k]) for k in SIZES}}
-    for name in (STRATEGY, BASELINE):
+    for name in (strategy, BASELINE):
         summary[name] = {n: {k: med(lambda r: r[name].get(n, {}).get(k)) for k in SIZES} for n in TRIALS}
-    return {"per_seed": per_seed, "median_below_oracle": summary}
+    epochs = {name: {n: med(lambda r: r[f"{name}: epochs"][n]) for n in TRIALS} for name in (strategy, BASELINE)}
+    return {"per_seed": per_seed, "median_below_oracle": summary, "median_epochs": epochs}
 
 
-def chosen_size(reports: dict) -> int:
+def chosen_size(reports: dict, strategy: str) -> int:
     """The size the shipped studies take: most of the issue's distance goals met by the default strategy
     (within 6 points at 12 trials, within 3 at 24, per kit), then the lowest mean distance at 12 and 24."""
     def rank(k: int) -> tuple:
-        cells = [(r["median_below_oracle"][STRATEGY][n][k], n) for r in reports.values() for n in (12, 24)]
+        cells = [(r["median_below_oracle"][strategy][n][k], n) for r in reports.values() for n in (12, 24)]
         return (-sum(v <= (6 if n == 12 else 3) for v, n in cells), statistics.mean(v for v, _ in cells))
     return min(SIZES, key=rank)
 
 
-def write(reports: dict, seeds: list[int], stem: Path) -> None:
+def write(reports: dict, seeds: list[int], stem: Path, strategy: str, settings: dict | None) -> None:
     from harness import machine_info
 
-    info, size = machine_info("cpu"), chosen_size(reports)
-    stem.with_suffix(".json").write_text(json.dumps({"kits": reports, "chosen_size": size}, indent=2, default=str))
+    info, size = machine_info("cpu"), chosen_size(reports, strategy)
+    stem.with_suffix(".json").write_text(json.dumps({"kits": reports, "chosen_size": size, "strategy": strategy,
+                                                     "settings": settings}, indent=2, default=str))
     lines = [f"# The top trials as one model: ensembles against the oracle, on {len(reports)} kits", "",
              f"- date: {info['date']}; commit {info['commit']}; machine: {info['cpu']}, {info['cores']} cores, "
              f"{info['torch_threads']} torch threads, torch {info['versions'].get('torch')}, CPU fp32",
@@ -150,24 +168,27 @@ def write(reports: dict, seeds: list[int], stem: Path) -> None:
              f"strategies replayed as search_replay.py does, the portfolio learned leave-one-kit-out",
              "- cells: median over seeds of (oracle - the unseen balanced accuracy of the mean class probabilities "
              "of the top k completed trials by selection score), points; k = 1 is the single pick; "
-             "negative: the ensemble beats every single configuration of the grid", ""]
-    lines += [f"Chosen for the shipped studies (`search.ensemble`): {size} (most goals met by `{STRATEGY}`: within 6 "
+             "negative: the ensemble beats every single configuration of the grid; epochs: trained by n trials "
+             "(every fold's and the refit's, pruned trials' as far as they ran), median", ""]
+    lines += [f"Chosen for the shipped studies (`search.ensemble`): {size} (most goals met by `{strategy}`: within 6 "
               "points at 12 trials and within 3 at 24 on each kit; then the lowest mean distance at 12 and 24)", ""]
     for kit, report in reports.items():
-        summary = report["median_below_oracle"]
-        lines += [f"## {kit}", "", "| strategy | trials | " + " | ".join(f"top {k}" for k in SIZES) + " |",
-                  "|---|---|" + "---|" * len(SIZES)]
-        lines.append("| exhaustive (all 210) | 210 | " + " | ".join(f"{summary['exhaustive'][k]:.1f}" for k in SIZES) + " |")
-        for name in (STRATEGY, BASELINE):
+        summary, epochs = report["median_below_oracle"], report.get("median_epochs", {})
+        lines += [f"## {kit}", "", "| strategy | trials | " + " | ".join(f"top {k}" for k in SIZES) + " | epochs |",
+                  "|---|---|" + "---|" * (len(SIZES) + 1)]
+        lines.append("| exhaustive (all 210) | 210 | " + " | ".join(f"{summary['exhaustive'][k]:.1f}" for k in SIZES) + " | |")
+        for name in (strategy, BASELINE):
             for n in TRIALS:
                 cells = [summary[name][n][k] for k in SIZES]
-                lines.append(f"| {name} | {n} | " + " | ".join("-" if v is None else f"{v:.1f}" for v in cells) + " |")
+                spent = epochs.get(name, {}).get(n)
+                lines.append(f"| {name} | {n} | " + " | ".join("-" if v is None else f"{v:.1f}" for v in cells)
+                             + f" | {'' if spent is None else f'{spent:.0f}'} |")
         lines.append("")
     lines.append(f"![ensembles against the oracle]({stem.name}.png)")
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
-def plot(reports: dict, path: Path) -> None:
+def plot(reports: dict, path: Path, strategy: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -176,10 +197,10 @@ def plot(reports: dict, path: Path) -> None:
     figure, axes = plt.subplots(1, len(reports), figsize=(5 * len(reports), 4), squeeze=False)
     for ax, (kit, report) in zip(axes[0], reports.items()):
         summary = report["median_below_oracle"]
-        for name, style in ((STRATEGY, "-"), (BASELINE, ":")):
+        for name, style in ((strategy, "-"), (BASELINE, ":")):
             for k, colour in zip(SIZES, ("tab:grey", "tab:blue", "tab:green")):
                 ax.plot(TRIALS, [summary[name][n][k] for n in TRIALS], style, color=colour, marker="o", markersize=3,
-                        label=f"{name}, {'best trial' if k == 1 else f'top {k}'}")
+                        label=f"{name.split(' (')[0]}, {'best trial' if k == 1 else f'top {k}'}")
         ax.axhline(0, color="black", linewidth=0.8)
         ax.set_title(kit)
         ax.set_xlabel("trials")
@@ -195,15 +216,19 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
     parser.add_argument("--kits", nargs="+", default=KIT_NAMES, choices=KIT_NAMES)
     parser.add_argument("--lock", type=Path, default=None, help="a lock file shared with other heavy jobs")
+    parser.add_argument("--strategy", choices=["shipped", "chosen"], default="shipped",
+                        help="shipped: the search demo.yaml sets; chosen: the search benchmark's pick (its first run)")
+    parser.add_argument("--tag", default="", help="appended to the result's name")
     args = parser.parse_args()
+    strategy, settings = shipped_settings() if args.strategy == "shipped" else (STRATEGY, None)
     tables = {kit: [load_cells(kit, s) for s in args.seeds] for kit in KIT_NAMES}
     reports = {}
     for kit in args.kits:
         portfolio = learn_portfolio([t for other in KIT_NAMES if other != kit for t in tables[other]])
-        reports[kit] = kit_report(kit, args.seeds, portfolio, args.lock)
-    stem = RESULTS / f"search-ensemble-{datetime.now().date().isoformat()}"
-    write(reports, args.seeds, stem)
-    plot(reports, stem.with_suffix(".png"))
+        reports[kit] = kit_report(kit, args.seeds, portfolio, args.lock, strategy)
+    stem = RESULTS / f"search-ensemble-{datetime.now().date().isoformat()}{'-' + args.tag if args.tag else ''}"
+    write(reports, args.seeds, stem, strategy, settings)
+    plot(reports, stem.with_suffix(".png"), strategy)
     log(f"written {stem.with_suffix('.md')}")
 
 
