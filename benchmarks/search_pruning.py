@@ -108,17 +108,33 @@ def rank(all_runs: dict, name: str, size: int) -> tuple:
     return (-met, mean, epochs)
 
 
-def write(all_runs: dict, seeds: list[int], stem: Path) -> dict:
+def leave_one_kit_out(all_runs: dict) -> dict:
+    """Per kit: the pruner the rule picks on the other kits' runs alone, and how it does on this kit
+    (goals met of 4 x sampler-seed sets, distance at 12 and 24 trials)."""
+    out = {}
+    for kit in all_runs:
+        others = {k: v for k, v in all_runs.items() if k != kit}
+        pick = min(VARIANTS, key=lambda name: rank(others, name, SIZE))
+        mine = {kit: all_runs[kit]}
+        out[kit] = {"chosen": pick, "goals": -rank(mine, pick, SIZE)[0],
+                    "distance": [summary(all_runs[kit], pick, n, SIZE) for n in TRIALS]}
+    return out
+
+
+def write(all_runs: dict, seeds: list[int], stem: Path, measured: dict | None = None) -> dict:
+    """The report and JSON; `measured` (date, commit) when rewritten from saved runs."""
     from harness import machine_info
 
-    info = machine_info("cpu")
+    info = {**machine_info("cpu"), **(measured or {})}
     ranks = {name: rank(all_runs, name, SIZE) for name in VARIANTS}
     chosen = min(VARIANTS, key=ranks.get)
     sizes = {k: rank(all_runs, chosen, k) for k in SIZES}
     chosen_size = min(SIZES, key=lambda k: sizes[k][:2])
     result = {"chosen": chosen, "chosen_pruner": VARIANTS[chosen], "chosen_size": chosen_size,
               "ranks": {n: list(r) for n, r in ranks.items()}, "size_ranks": {k: list(r) for k, r in sizes.items()},
-              "goals": {n: goals(all_runs, n, SIZE) for n in [FOLDS, *VARIANTS]}, "runs": all_runs}
+              "goals": {n: goals(all_runs, n, SIZE) for n in [FOLDS, *VARIANTS]},
+              "leave_one_kit_out": leave_one_kit_out(all_runs), "date": info["date"], "commit": info["commit"],
+              "runs": all_runs}
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str))
     kits = list(all_runs)
     lines = [f"# The pruner for the study's model (its top {SIZE} trials as one), on {len(kits)} kits", "",
@@ -144,6 +160,11 @@ def write(all_runs: dict, seeds: list[int], stem: Path) -> dict:
         met, mean, _ = rank(all_runs, name, SIZE)
         label = f"**{name}**" if name == chosen else name + (" (shipped before)" if VARIANTS.get(name) == SHIPPED_PRUNER else "")
         lines.append(f"| {label} | {-met} | {mean:.2f} | " + " | ".join(cells) + " |")
+    lines += ["", "Leave one kit out: the pruner the rule picks on the other three kits, and how it does on the kit "
+              f"left out (goals met of {4 * len(OFFSETS)}; distance at 12 / 24 trials):", "",
+              "| kit left out | picked on the others | goals met | distance |", "|---|---|---|---|"]
+    for kit, row in result["leave_one_kit_out"].items():
+        lines.append(f"| {kit} | {row['chosen']} | {row['goals']} | " + " / ".join(f"{d:.1f}" for d in row["distance"]) + " |")
     lines += ["", "Goals per kit and sampler-seed set (y/n: within 6 at 12, within 3 at 24, epochs at 24 <= former "
               "default, ahead of random at 12):", "", "| pruner | " + " | ".join(kits) + " |", "|---|" + "---|" * len(kits)]
     for name in [FOLDS, *VARIANTS]:
@@ -159,11 +180,27 @@ def write(all_runs: dict, seeds: list[int], stem: Path) -> dict:
     return result
 
 
+def _keys(tree):
+    """The saved runs with their numeric keys (offsets, seeds, trials, sizes) as numbers again."""
+    if not isinstance(tree, dict):
+        return tree
+    return {int(k) if k.isdigit() else k: _keys(v) for k, v in tree.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
     parser.add_argument("--lock", type=Path, default=None, help="a lock file shared with other heavy jobs")
+    parser.add_argument("--rewrite", type=Path, default=None, help="a result's JSON: its report written again from its runs")
     args = parser.parse_args()
+    if args.rewrite:
+        saved = json.loads(args.rewrite.read_text())
+        header = args.rewrite.with_suffix(".md").read_text().split("- date: ")[1]  # the first report's own line
+        measured = {"date": saved.get("date") or header.split(";")[0],
+                    "commit": saved.get("commit") or header.split("commit ")[1].split(";")[0]}
+        result = write(_keys(saved["runs"]), args.seeds, args.rewrite.with_suffix(""), measured)
+        log(f"rewritten {args.rewrite.with_suffix('.md')}: chosen {result['chosen']}")
+        return
     tables = {kit: [load_cells(kit, s) for s in args.seeds] for kit in KIT_NAMES}
     all_runs = {}
     for kit in KIT_NAMES:
