@@ -18,9 +18,10 @@ Full precision stays in the JSON artifacts (`validation_metrics.json`, `test_met
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from hpo_peft.fewshot.validation import SCHEMES, Scheme
+if TYPE_CHECKING:  # the validation schemes pull in the training stack: imported where they are used
+    from hpo_peft.fewshot.validation import Scheme
 
 OBJECTIVE = "objective_val_balanced_accuracy"  # on every completed trial == Optuna's value; on the parent: the best
 OBJECTIVE_SE = "objective_standard_error"  # its binomial standard error from the validation images (evaluate.py)
@@ -114,10 +115,14 @@ def defining_params(method: str, sampled: dict[str, Any], train: dict[str, Any],
 
 # descriptions (mlflow.note.content) ------------------------------------------------------------
 def _budget(data) -> str:
+    from hpo_peft.fewshot.validation import SCHEMES
+
     return SCHEMES[data.validation].budget(data)
 
 
 def objective_line(data) -> str:
+    from hpo_peft.fewshot.validation import SCHEMES
+
     mean = SCHEMES[data.validation].score_note()
     return (f"`{OBJECTIVE}`: balanced accuracy (%) on the validation images at the selected epoch{mean}, "
             "maximised; ties go to the lower validation loss, then fewer trainable parameters, then the earlier trial")

@@ -117,15 +117,22 @@ def test_three_commands_start_together_in_an_empty_folder(write_config, tmp_path
 @pytest.mark.slow
 def test_mlflow_stores_created_by_many_processes_at_once(tmp_path):
     """The schema race itself, without model loading in between: 4 processes open a new SQLite
-    store at the same instant, in 3 fresh folders."""
+    store at the same instant, in 3 fresh folders. Each process says when it has imported MLflow;
+    the 4 are let go together once every one has (however long a busy machine takes)."""
     code = ("import sys, time, pathlib\nfrom hpo_peft.tracking.tracker import Tracker\n"
+            "pathlib.Path(sys.argv[3]).touch()\n"
             "go = pathlib.Path(sys.argv[2])\nwhile not go.exists(): time.sleep(0.01)\n"
             "Tracker('sqlite:///' + sys.argv[1], experiment='x').experiment_id\n")
     for round_ in range(3):
         db, go = tmp_path / f"r{round_}" / "mlflow.db", tmp_path / f"go{round_}"
-        processes = [subprocess.Popen([sys.executable, "-c", code, str(db), str(go)], stderr=subprocess.PIPE, text=True)
-                     for _ in range(4)]
-        time.sleep(4)  # every process has imported MLflow and waits
+        ready = [tmp_path / f"ready{round_}-{n}" for n in range(4)]
+        processes = [subprocess.Popen([sys.executable, "-c", code, str(db), str(go), str(r)], stderr=subprocess.PIPE,
+                                      text=True) for r in ready]
+        deadline = time.monotonic() + 300
+        while not all(r.exists() for r in ready):
+            assert all(p.poll() is None for p in processes), "a process ended before the start"
+            assert time.monotonic() < deadline, "the processes did not import MLflow in 5 minutes"
+            time.sleep(0.05)
         go.touch()
         for process in processes:
             _, err = process.communicate(timeout=120)
