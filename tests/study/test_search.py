@@ -268,7 +268,7 @@ def test_the_chosen_pruner_meets_every_goal_it_was_chosen_by():
 def test_every_shipped_study_takes_the_ensemble_size_the_benchmark_chose(name):
     """benchmarks/search_ensemble.py measured the top trials as one model under the search the shipped
     studies set (start, sampler and pruner, read from demo.yaml) and chose a size by its rule; the
-    pruning sweep checked the size again under each pruner."""
+    pruning sweep checked the size again under the pruner it chose."""
     import json
 
     import yaml
