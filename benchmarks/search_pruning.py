@@ -33,7 +33,7 @@ from search import KIT_NAMES, RESULTS, STRATEGIES, TODAY, load_cells, log
 from search_ensemble import STRATEGY, Members, ensemble_score, top
 from search_replay import learn_portfolio, run_strategy
 
-SAMPLER, SHIPPED_PRUNER, FIRST = STRATEGIES[STRATEGY]
+SAMPLER, FORMER_PRUNER, FIRST = STRATEGIES[STRATEGY]  # the search benchmark's pick: its pruner is the one shipped before
 SIZES = [1, 3, 5]
 SIZE = json.loads((RESULTS / "search-ensemble-2026-12-07.json").read_text())["chosen_size"]
 OFFSETS = [0, 1, 2]
@@ -158,7 +158,7 @@ def write(all_runs: dict, seeds: list[int], stem: Path, measured: dict | None = 
         cells = [f"{summary(r, name, 12, SIZE):.1f} / {summary(r, name, 24, SIZE):.1f} [{summary(r, name, 24, 'epochs'):.0f}]"
                  for r in all_runs.values()]
         met, mean, _ = rank(all_runs, name, SIZE)
-        label = f"**{name}**" if name == chosen else name + (" (shipped before)" if VARIANTS.get(name) == SHIPPED_PRUNER else "")
+        label = f"**{name}**" if name == chosen else name + (" (shipped before)" if VARIANTS.get(name) == FORMER_PRUNER else "")
         lines.append(f"| {label} | {-met} | {mean:.2f} | " + " | ".join(cells) + " |")
     lines += ["", "Leave one kit out: the pruner the rule picks on the other three kits, and how it does on the kit "
               f"left out (goals met of {4 * len(OFFSETS)}; distance at 12 / 24 trials):", "",
