@@ -38,6 +38,11 @@ FORMAT_VERSION = 2  # 2: the metadata has its own checksum; the fingerprint cove
 ENSEMBLE_METHOD = "ensemble"  # the method name of a study's ensemble folder (ensemble.py): several adapters
 
 
+def is_ensemble(metadata: dict[str, Any]) -> bool:
+    """Whether an adapter folder's metadata is a study's ensemble (ensemble.py) rather than one adapter."""
+    return metadata.get("method", {}).get("name") == ENSEMBLE_METHOD
+
+
 def _metadata_digest(metadata: dict[str, Any]) -> str:
     body = {k: v for k, v in metadata.items() if k != "metadata_sha256"}
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
@@ -198,7 +203,7 @@ def load_adapter(
 
 def _load_adapter(folder: Path, base: BaseVLM, categories: list[str] | None) -> tuple[ImageClassifier, dict[str, Any]]:
     metadata = _read_metadata(folder)
-    if metadata["method"].get("name") == ENSEMBLE_METHOD:  # several adapters, no one classifier
+    if is_ensemble(metadata):  # several adapters, no one classifier
         raise UserError(f"{folder}: a study's ensemble of {len(metadata['method']['config']['members'])} adapters, "
                         "not one; load it with hpo_peft.fewshot.predict.load_predictor (or hpo-peft predict)")
     verify_files(folder, metadata)

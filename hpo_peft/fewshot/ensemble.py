@@ -34,10 +34,6 @@ from hpo_peft.fewshot.artifacts import ENSEMBLE_METHOD, FORMAT_VERSION, METADATA
 MEMBER_PREFIX = "member-"
 
 
-def is_ensemble(metadata: dict[str, Any]) -> bool:
-    return metadata.get("method", {}).get("name") == ENSEMBLE_METHOD
-
-
 def members_of(metadata: dict[str, Any]) -> list[dict[str, Any]]:
     """The members as the metadata lists them: folder, trial, run id, method, selection score."""
     return list(metadata["method"]["config"]["members"])

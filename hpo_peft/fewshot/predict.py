@@ -21,7 +21,7 @@ from PIL import UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from hpo_peft.fewshot import ensemble
-from hpo_peft.fewshot.artifacts import load_adapter, read_metadata, shown_as
+from hpo_peft.fewshot.artifacts import is_ensemble, load_adapter, read_metadata, shown_as
 from hpo_peft.core.config import ModelConfig
 from hpo_peft.data import Preprocessing, decode_image, is_csv_text, read_labelled_csv, read_table
 from hpo_peft.core.errors import UserError
@@ -70,7 +70,7 @@ def load_predictor(folder: Path, base: BaseVLM | None = None, device: str = "aut
     the trial trained with; `label` names the adapter in errors (`artifacts.shown_as`)."""
     metadata = read_metadata(Path(folder), label)
     base = base or load_base_model(base_model_config(metadata))
-    if ensemble.is_ensemble(metadata):  # the study's top trials: each member on the same base model
+    if is_ensemble(metadata):  # the study's top trials: each member on the same base model
         with shown_as(Path(folder), label):
             members = ensemble.member_folders(Path(folder), metadata)
         return ensemble.EnsemblePredictor([load_predictor(m, base, device, precision, label, categories)
